@@ -1,0 +1,61 @@
+"""Loads the compiled extension (`mars._C`) and the Triton kernels, and registers with
+`torch.library` what C++ does not: fake (meta) implementations, so the ops trace under
+`torch.compile`, and the Triton launchers as custom ops. Records why a backend is missing.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+C_ERROR: str | None = None
+try:
+    from . import _C  # noqa: F401  (loading it runs TORCH_LIBRARY(mars, ...))
+except ImportError as exc:  # not built: `pip install --no-build-isolation .`
+    C_ERROR = f"compiled extension mars._C not importable ({exc}); build it with " \
+              "`pip install --no-build-isolation .`"
+
+TRITON_ERROR: str | None = None
+try:
+    import triton  # noqa: F401
+except ImportError:
+    TRITON_ERROR = "triton is not installed (pip install 'mars[triton]')"
+
+HAS_C = C_ERROR is None
+HAS_TRITON = TRITON_ERROR is None
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _advantage_fake_impl(rewards, num_groups):
+    """Shapes of (advantages [B], mean [G], std [G], count [G], gain [G])."""
+    adv = rewards.new_empty(rewards.shape, dtype=torch.float32)
+    mean, std, gain = (rewards.new_empty((num_groups,), dtype=torch.float32) for _ in range(3))
+    return adv, mean, std, rewards.new_empty((num_groups,), dtype=torch.long), gain
+
+
+if HAS_C:
+    @torch.library.register_fake("mars::mono_anchored_advantage")
+    def _advantage_fake(rewards, group_index, anchor_rewards, anchor_index, num_groups,
+                        norm_by_std, eps, unbiased, singleton_raw):
+        return _advantage_fake_impl(rewards, num_groups)
+
+
+if HAS_TRITON:
+    @torch.library.custom_op("mars::mono_anchored_advantage_triton", mutates_args=())
+    def advantage_triton(rewards: torch.Tensor, group_index: torch.Tensor,
+                         anchor_rewards: torch.Tensor, anchor_index: torch.Tensor,
+                         num_groups: int, norm_by_std: bool, eps: float, unbiased: bool,
+                         singleton_raw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor]:
+        from mars_kernels.advantage import mono_anchored_advantage
+        return mono_anchored_advantage(rewards, group_index, anchor_rewards, anchor_index,
+                                       num_groups, norm_by_std, eps, unbiased, singleton_raw)
+
+    @advantage_triton.register_fake
+    def _advantage_triton_fake(rewards, group_index, anchor_rewards, anchor_index, num_groups,
+                               norm_by_std, eps, unbiased, singleton_raw):
+        return _advantage_fake_impl(rewards, num_groups)

@@ -1,0 +1,71 @@
+"""Which backend runs an op: `mars.backends()` and the "auto" resolution."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _ext
+
+NAMES = ("reference", "cpu", "cuda", "triton")
+
+
+class Backend(NamedTuple):
+    available: bool
+    reason: str  # why it is missing, or what it runs on
+
+
+def _cuda_built() -> tuple[bool, str]:
+    if not _ext.HAS_C:
+        return False, _ext.C_ERROR
+    try:
+        from . import _build_info as info
+    except ImportError:
+        return False, "no build record (mars/_build_info.py); rebuild the extension"
+    if not info.CUDA_BUILT:
+        return False, f"CUDA kernels not compiled: {info.CUDA_SKIPPED_BECAUSE}"
+    return True, f"compiled for {info.CUDA_ARCH_LIST or 'the build machine'}"
+
+
+def backends() -> dict[str, Backend]:
+    """Each backend of this install: available or not, and why.
+
+    >>> mars.backends()["cuda"]
+    Backend(available=False, reason='no GPU visible (torch.cuda.is_available() is False)')
+    """
+    gpu = torch.cuda.is_available()
+    cuda_ok, cuda_why = _cuda_built()
+    if cuda_ok and not gpu:
+        cuda_ok, cuda_why = False, f"compiled ({cuda_why}) but no GPU visible " \
+                                   "(torch.cuda.is_available() is False)"
+    if not _ext.HAS_TRITON:
+        triton = Backend(False, _ext.TRITON_ERROR)
+    elif gpu:
+        triton = Backend(True, "GPU")
+    elif _ext.triton_interpret():
+        triton = Backend(True, "CPU through the interpreter (TRITON_INTERPRET=1)")
+    else:
+        triton = Backend(False, "no GPU; set TRITON_INTERPRET=1 to run the Triton kernels on CPU")
+    return {
+        "reference": Backend(True, "plain PyTorch, any device"),
+        "cpu": Backend(_ext.HAS_C, "C++ kernels" if _ext.HAS_C else _ext.C_ERROR),
+        "cuda": Backend(cuda_ok, cuda_why),
+        "triton": triton,
+    }
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend that will run on `device`; raises for an unknown or missing one."""
+    if backend not in NAMES + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
+    table = backends()
+    if backend == "auto":
+        order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+        return next(b for b in order if table[b].available)
+    if not table[backend].available:
+        raise RuntimeError(f"backend {backend!r} is not available: {table[backend].reason}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    return backend

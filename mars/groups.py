@@ -1,0 +1,141 @@
+"""Group labels -> dense indices, and the input checks every advantage backend shares.
+
+Labels may be an int tensor, or a list / numpy array of str or int. They are factorised
+once (`torch.unique` for tensors, `np.unique` otherwise), never by a Python loop over rows.
+Anchors are matched to their group by label, never by position.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class Groups(NamedTuple):
+    """Dense layout of a batch's groups.
+
+    index:        [B] int64, group of each rollout row, in [0, num_groups)
+    anchor_index: [K] int64, group of each anchor
+    num_groups:   number of distinct labels in group_ids
+    labels:       the distinct labels, in the order of their dense index (tensor or ndarray)
+    """
+    index: torch.Tensor
+    anchor_index: torch.Tensor
+    num_groups: int
+    labels: object
+
+
+def _as_label_array(labels, name: str):
+    """A tensor stays a tensor (ints only); anything else becomes a 1-D numpy array."""
+    if isinstance(labels, torch.Tensor):
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer or string labels, got a {labels.dtype} tensor")
+        if labels.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+        return labels
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind not in "iuUSO" and arr.size:
+        raise ValueError(f"{name} must hold integer or string labels, got numpy dtype {arr.dtype}")
+    if arr.dtype.kind == "O" and arr.size:
+        kinds = {type(x) for x in arr.tolist()}
+        if not (kinds <= {str} or all(issubclass(k, (int, np.integer)) for k in kinds)):
+            raise ValueError(f"{name} mixes label types {sorted(k.__name__ for k in kinds)}; "
+                             "use all str or all int")
+        arr = arr.astype(str) if str in kinds else arr.astype(np.int64)
+    return arr
+
+
+def _kind(arr) -> str:
+    if isinstance(arr, torch.Tensor):
+        return "int"
+    return "str" if arr.dtype.kind in "USO" else "int"
+
+
+def factorize(group_ids, anchor_group_ids, num_rows: int, num_anchors: int, device) -> Groups:
+    """Dense group indices for rows and anchors; raises ValueError naming the bad argument."""
+    ids = _as_label_array(group_ids, "group_ids")
+    if len(ids) != num_rows:
+        raise ValueError(f"group_ids has {len(ids)} labels for {num_rows} rewards")
+    aids = _as_label_array(anchor_group_ids if anchor_group_ids is not None else [], "anchor_group_ids")
+    if len(aids) != num_anchors:
+        raise ValueError(f"anchor_group_ids has {len(aids)} labels for {num_anchors} anchor_rewards")
+    if num_anchors and _kind(ids) != _kind(aids):
+        raise ValueError(f"anchor_group_ids holds {_kind(aids)} labels but group_ids holds "
+                         f"{_kind(ids)} labels; use the same kind")
+    if isinstance(ids, torch.Tensor):
+        ids = ids.to(device)
+        uniq, index = torch.unique(ids, sorted=True, return_inverse=True)
+        a = torch.as_tensor(aids).to(device=device, dtype=ids.dtype)
+        aindex = torch.searchsorted(uniq, a).clamp_(max=max(len(uniq) - 1, 0))
+        if num_anchors and not torch.compiler.is_compiling():
+            missing = a[uniq[aindex] != a] if len(uniq) else a
+            if missing.numel():
+                raise ValueError(f"anchor_group_ids: labels {missing.unique().tolist()[:10]} do not "
+                                 "occur in group_ids (every anchor needs its group's rollouts)")
+        return Groups(index.long(), aindex.long(), int(uniq.numel()), uniq)
+    uniq, index = np.unique(ids, return_inverse=True)
+    aindex = np.searchsorted(uniq, aids) if num_anchors else np.zeros(0, np.int64)
+    if num_anchors:
+        inside = aindex < len(uniq)
+        ok = np.zeros(len(aids), bool)
+        ok[inside] = uniq[aindex[inside]] == aids[inside]
+        if not ok.all():
+            bad = list(dict.fromkeys(aids[~ok].tolist()))[:10]
+            raise ValueError(f"anchor_group_ids: labels {bad} do not occur in group_ids "
+                             "(every anchor needs its group's rollouts)")
+    to = dict(device=device, dtype=torch.long)
+    return Groups(torch.as_tensor(index.reshape(-1), **to), torch.as_tensor(aindex, **to), len(uniq), uniq)
+
+
+def check_rewards(x, name: str, device=None) -> torch.Tensor:
+    """1-D float tensor of finite rewards (lists and numpy arrays are converted)."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not np.isscalar(x) else x,
+                            device=device)
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one reward per rollout), got shape {tuple(x.shape)}")
+    if x.dtype.is_complex:
+        raise ValueError(f"{name} must be real, got {x.dtype}")
+    if not x.dtype.is_floating_point:
+        x = x.float()
+    if not torch.compiler.is_compiling():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(f"{name} has non-finite values at rows {rows[:10]}"
+                             f"{' ...' if len(rows) > 10 else ''} (values {x[rows[:3]].tolist()})")
+    return x
+
+
+def check_options(singleton: str, eps: float) -> bool:
+    """Validates the keyword options; returns singleton == 'raw'."""
+    if singleton not in ("zero", "raw"):
+        raise ValueError(f"singleton must be 'zero' or 'raw', got {singleton!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return singleton == "raw"
+
+
+def prepare(rewards, group_ids, anchor_rewards, anchor_group_ids):
+    """Checked (rewards, anchor_rewards, Groups) for any backend, on rewards' device."""
+    rewards = check_rewards(rewards, "rewards")
+    if anchor_rewards is None:
+        if anchor_group_ids is not None and len(anchor_group_ids):
+            raise ValueError("anchor_group_ids given without anchor_rewards")
+        anchor_rewards = rewards.new_zeros(0)
+    else:
+        anchor_rewards = check_rewards(anchor_rewards, "anchor_rewards", device=rewards.device)
+        if anchor_rewards.device != rewards.device:
+            raise ValueError(f"anchor_rewards is on {anchor_rewards.device} but rewards is on "
+                             f"{rewards.device}; put both on one device")
+        if anchor_group_ids is None and anchor_rewards.numel():
+            raise ValueError("anchor_rewards given without anchor_group_ids")
+    if isinstance(group_ids, torch.Tensor) and group_ids.device != rewards.device:
+        raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
+    dtype = torch.promote_types(rewards.dtype, anchor_rewards.dtype)
+    groups = factorize(group_ids, anchor_group_ids, rewards.numel(), anchor_rewards.numel(),
+                       rewards.device)
+    return rewards.to(dtype), anchor_rewards.to(dtype), groups

@@ -1,0 +1,98 @@
+"""Builds `mars._C`: the C++ CPU kernels always, the CUDA kernels when the torch it builds
+against has CUDA and nvcc is found (no GPU needed). `MARS_BUILD_CUDA=0` skips CUDA.
+
+Install with `pip install --no-build-isolation .` so the build uses the torch already
+installed (the compiled extension must match it).
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home(torch_cuda: str):
+    """CUDA_HOME if set; else the toolkit whose nvcc matches torch's CUDA major.minor.
+
+    The `nvcc` on PATH may be a wrapper script in /usr/local/bin; torch's own guess from
+    its location then fails to link (`cannot find -lcudart`), so look for the toolkit.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        m = re.search(rb"(/\S+)/bin/nvcc", head)
+        if m:  # a wrapper script that names the real toolkit
+            candidates.insert(0, m.group(1).decode() + "/bin/nvcc")
+        else:
+            candidates.insert(0, os.path.realpath(nvcc))
+    for cand in candidates:
+        home = os.path.dirname(os.path.dirname(cand))
+        if torch_cuda and torch_cuda in home:
+            return home
+    return os.path.dirname(os.path.dirname(candidates[0])) if candidates else None
+
+
+def _pip_cuda_includes():
+    """Headers of the pip CUDA libraries torch depends on (cusparse.h, cublas_v2.h ...):
+    a bare nvcc toolkit may lack them, while ATen's CUDA headers include them."""
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted({d for root in roots for d in glob.glob(os.path.join(root, "*", "include"))})
+
+
+def extensions():
+    import torch
+
+    want_cuda = os.environ.get("MARS_BUILD_CUDA", "1") != "0"
+    build_cuda, why = False, ""
+    if not want_cuda:
+        why = "MARS_BUILD_CUDA=0"
+    elif not torch.version.cuda:
+        why = f"torch {torch.__version__} has no CUDA"
+    else:
+        home = _find_cuda_home(torch.version.cuda)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            build_cuda = True
+        else:
+            why = "nvcc not found (set CUDA_HOME)"
+    # Must be imported after CUDA_HOME is settled: cpp_extension reads it at import.
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # Hopper; override for other GPUs
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for is inline
+    define = []
+    if build_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define.append(("MARS_WITH_CUDA", None))
+        ext = CUDAExtension(
+            "mars._C", sources, define_macros=define, include_dirs=_pip_cuda_includes(),
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("mars._C", sources, define_macros=define,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    with open(os.path.join(HERE, "mars", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py: what this install compiled.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"CUDA_BUILT = {build_cuda}\n")
+        f.write(f"CUDA_SKIPPED_BECAUSE = {why!r}\n")
+        f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '')!r}\n")
+    print(f"mars: building CPU kernels{' + CUDA kernels' if build_cuda else ''}"
+          f"{'' if build_cuda else f' (CUDA skipped: {why})'}", file=sys.stderr)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
