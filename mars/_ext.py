@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -15,10 +16,9 @@ except ImportError as exc:  # not built: `pip install --no-build-isolation .`
     C_ERROR = f"compiled extension mars._C not importable ({exc}); build it with " \
               "`pip install --no-build-isolation .`"
 
+# Triton itself is imported on first use only: TRITON_INTERPRET must be settled before.
 TRITON_ERROR: str | None = None
-try:
-    import triton  # noqa: F401
-except ImportError:
+if importlib.util.find_spec("triton") is None:
     TRITON_ERROR = "triton is not installed (pip install 'mars[triton]')"
 
 HAS_C = C_ERROR is None

@@ -1,0 +1,88 @@
+"""`mars check`: every available backend of every op against the reference on random data.
+
+An op joins with one decorated function (like verl's registries):
+
+    @register_check("policy_loss")
+    def _(device, backend, rng) -> tuple[float, callable]:
+        # returns (max abs error vs mars.reference, a zero-argument callable to time)
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .backends import NAMES, backends
+
+CHECKS: dict[str, Callable] = {}
+TOLERANCE = 1e-5  # SPEC section 9: fp32 max abs error (relative for the loss)
+
+
+def register_check(op: str):
+    def deco(fn):
+        CHECKS[op] = fn
+        return fn
+    return deco
+
+
+def _median_us(fn, repeats: int = 20) -> float:
+    fn()  # warm-up (compiles Triton kernels, allocates)
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def run_checks(ops=None, seed: int = 0, repeats: int = 20, out=print) -> bool:
+    """Prints a table (op, backend, device, max error, median time); True when all pass."""
+    try:  # registers the loss checks
+        from . import loss  # noqa: F401
+    except ImportError:
+        pass
+    table = backends()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    ok = True
+    out(f"{'op':<28}{'backend':<11}{'device':<8}{'max error':>12}{'median us':>12}  status")
+    for op, check in CHECKS.items():
+        if ops and op not in ops:
+            continue
+        for device in devices:
+            for name in NAMES:
+                info = table[name]
+                runs_here = (name in ("reference", "triton") or name == device.type)
+                if not runs_here:
+                    continue
+                if not info.available:
+                    out(f"{op:<28}{name:<11}{device.type:<8}{'-':>12}{'-':>12}  skipped: {info.reason}")
+                    continue
+                gen = torch.Generator().manual_seed(seed)
+                err, fn = check(device, name, gen)
+                us = _median_us(fn, repeats if name != "triton" or device.type != "cpu" else 2)
+                good = err <= TOLERANCE
+                ok &= good
+                out(f"{op:<28}{name:<11}{device.type:<8}{err:>12.2e}{us:>12.1f}  "
+                    f"{'ok' if good else 'FAIL'}")
+    return ok
+
+
+@register_check("mono_anchored_advantage")
+def _check_advantage(device, backend, gen):
+    from . import reference
+    from .advantage import mono_anchored_advantage
+    prompts, G, K = 1024, 16, 2
+    rewards = torch.randint(0, 2, (prompts * G,), generator=gen).float()
+    rewards += torch.rand(prompts * G, generator=gen) * 0.1
+    labels = torch.randperm(prompts * G, generator=gen) % prompts  # rows of a group anywhere
+    anchors = torch.randint(0, 2, (prompts * K,), generator=gen).float()
+    anchor_labels = torch.arange(prompts).repeat_interleave(K)
+    args = [t.to(device) for t in (rewards, labels, anchors, anchor_labels)]
+    ref = reference.mono_anchored_advantage(*args)
+    run = lambda: mono_anchored_advantage(*args, backend=backend)  # noqa: E731
+    return (run().double() - ref.double()).abs().max().item(), run
