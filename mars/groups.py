@@ -54,6 +54,39 @@ def _kind(arr) -> str:
     return "str" if arr.dtype.kind in "USO" else "int"
 
 
+def _missing_anchor_error(missing: list):
+    return ValueError(f"anchor_group_ids: labels {missing[:10]} do not occur in group_ids "
+                      "(every anchor needs its group's rollouts)")
+
+
+def _factorize_tensor(ids: torch.Tensor, aids: torch.Tensor) -> Groups:
+    """Int tensor labels. When their range is at most a few times the batch (the usual
+    case: prompt indices), a bincount replaces torch.unique's sort (~10x faster on CPU);
+    both give dense indices in ascending label order."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and ids.numel():
+        lo, hi = torch.aminmax(ids)
+        lo, hi = int(lo), int(hi)
+        if hi - lo <= 4 * ids.numel() + 1024:
+            present = torch.bincount(ids - lo, minlength=hi - lo + 1) > 0
+            dense = torch.cumsum(present, 0) - 1
+            if aids.numel():
+                off = aids - lo
+                inside = (off >= 0) & (off <= hi - lo)
+                ok = inside & present[off.clamp(0, hi - lo)]
+                if not bool(ok.all()):
+                    raise _missing_anchor_error(aids[~ok].unique().tolist())
+            uniq = present.nonzero().flatten() + lo
+            return Groups(dense[ids - lo], dense[(aids - lo).clamp(0, hi - lo)], int(uniq.numel()), uniq)
+    uniq, index = torch.unique(ids, sorted=True, return_inverse=True)
+    aindex = torch.searchsorted(uniq, aids).clamp_(max=max(len(uniq) - 1, 0))
+    if aids.numel() and not compiling:
+        missing = aids[uniq[aindex] != aids] if len(uniq) else aids
+        if missing.numel():
+            raise _missing_anchor_error(missing.unique().tolist())
+    return Groups(index.long(), aindex.long(), uniq.numel(), uniq)
+
+
 def factorize(group_ids, anchor_group_ids, num_rows: int, num_anchors: int, device) -> Groups:
     """Dense group indices for rows and anchors; raises ValueError naming the bad argument."""
     ids = _as_label_array(group_ids, "group_ids")
@@ -66,16 +99,7 @@ def factorize(group_ids, anchor_group_ids, num_rows: int, num_anchors: int, devi
         raise ValueError(f"anchor_group_ids holds {_kind(aids)} labels but group_ids holds "
                          f"{_kind(ids)} labels; use the same kind")
     if isinstance(ids, torch.Tensor):
-        ids = ids.to(device)
-        uniq, index = torch.unique(ids, sorted=True, return_inverse=True)
-        a = torch.as_tensor(aids).to(device=device, dtype=ids.dtype)
-        aindex = torch.searchsorted(uniq, a).clamp_(max=max(len(uniq) - 1, 0))
-        if num_anchors and not torch.compiler.is_compiling():
-            missing = a[uniq[aindex] != a] if len(uniq) else a
-            if missing.numel():
-                raise ValueError(f"anchor_group_ids: labels {missing.unique().tolist()[:10]} do not "
-                                 "occur in group_ids (every anchor needs its group's rollouts)")
-        return Groups(index.long(), aindex.long(), int(uniq.numel()), uniq)
+        return _factorize_tensor(ids.to(device), torch.as_tensor(aids).to(device=device, dtype=ids.dtype))
     uniq, index = np.unique(ids, return_inverse=True)
     aindex = np.searchsorted(uniq, aids) if num_anchors else np.zeros(0, np.int64)
     if num_anchors:
@@ -83,9 +107,7 @@ def factorize(group_ids, anchor_group_ids, num_rows: int, num_anchors: int, devi
         ok = np.zeros(len(aids), bool)
         ok[inside] = uniq[aindex[inside]] == aids[inside]
         if not ok.all():
-            bad = list(dict.fromkeys(aids[~ok].tolist()))[:10]
-            raise ValueError(f"anchor_group_ids: labels {bad} do not occur in group_ids "
-                             "(every anchor needs its group's rollouts)")
+            raise _missing_anchor_error(list(dict.fromkeys(aids[~ok].tolist())))
     to = dict(device=device, dtype=torch.long)
     return Groups(torch.as_tensor(index.reshape(-1), **to), torch.as_tensor(aindex, **to), len(uniq), uniq)
 
