@@ -1,0 +1,38 @@
+"""Generation backends behind one interface (:class:`RolloutEngine`).
+
+    from mars.rollout import build_engine, SamplingConfig
+    engine = build_engine("/path/to/model", backend="auto")   # vLLM if installed, else HF
+    engine.generate(samples, SamplingConfig(max_new_tokens=512))  # -> list[list[str]]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .base import RolloutEngine, SamplingConfig
+from .hf import HFEngine
+from .vllm import VLLMEngine
+
+__all__ = ["RolloutEngine", "SamplingConfig", "HFEngine", "VLLMEngine", "build_engine", "BACKENDS"]
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+def build_engine(model, backend: str = "auto", **kwargs) -> RolloutEngine:
+    """An engine for ``model``: a RolloutEngine is returned as is; a path is loaded with
+    ``backend`` ("vllm", "hf", or "auto": vLLM when it is installed, else HF). kwargs go
+    to the engine's ``from_pretrained``."""
+    if isinstance(model, RolloutEngine):
+        return model
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(model, str):
+        raise TypeError(
+            f"model must be a checkpoint path or a RolloutEngine, got {type(model).__name__}; "
+            "wrap a loaded HF model with mars.rollout.HFEngine(model, processor)"
+        )
+    if backend == "auto":
+        backend = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if backend == "vllm":
+        return VLLMEngine.from_pretrained(model, **kwargs)
+    return HFEngine.from_pretrained(model, **kwargs)
