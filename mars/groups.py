@@ -149,10 +149,10 @@ def prepare(rewards, group_ids, anchor_rewards, anchor_group_ids):
             raise ValueError("anchor_group_ids given without anchor_rewards")
         anchor_rewards = rewards.new_zeros(0)
     else:
-        anchor_rewards = check_rewards(anchor_rewards, "anchor_rewards", device=rewards.device)
-        if anchor_rewards.device != rewards.device:
+        if isinstance(anchor_rewards, torch.Tensor) and anchor_rewards.device != rewards.device:
             raise ValueError(f"anchor_rewards is on {anchor_rewards.device} but rewards is on "
                              f"{rewards.device}; put both on one device")
+        anchor_rewards = check_rewards(anchor_rewards, "anchor_rewards", device=rewards.device)
         if anchor_group_ids is None and anchor_rewards.numel():
             raise ValueError("anchor_rewards given without anchor_group_ids")
     if isinstance(group_ids, torch.Tensor) and group_ids.device != rewards.device:
