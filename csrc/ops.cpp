@@ -19,4 +19,16 @@ TORCH_LIBRARY(mars, m) {
       "mono_anchored_advantage(Tensor rewards, Tensor group_index, Tensor anchor_rewards, "
       "Tensor anchor_index, SymInt num_groups, bool norm_by_std, float eps, bool unbiased, "
       "bool singleton_raw) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // SPEC section 3 (mars.reference.policy_loss). logp/old_logp/ref_logp [B, T] one float
+  // dtype, advantages [B] or [B, T] of that dtype, mask [B, T] bool. dual_clip <= 0 and
+  // log_ratio_clamp <= 0 mean off; num_tokens/num_seqs/loss_scale <= 0 mean local (loss_scale:
+  // T). kl_type: 0 k1, 1 k2, 2 k3; agg: index in mars.reference.LOSS_AGGS.
+  // Returns (loss 0-dim, metrics [6] (mars.reference.LOSS_METRICS), grad [B, T] =
+  // d(row loss sum)/d(logp) unscaled, row_scale [B]: d(loss)/d(logp) = grad * row_scale[:, None]);
+  // float32 outputs (float64 for float64 inputs).
+  m.def(
+      "policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
+      "Tensor? ref_logp, float clip_low, float clip_high, float dual_clip, float kl_coef, "
+      "int kl_type, int agg, float num_tokens, float num_seqs, float loss_scale, bool seq_ratio, "
+      "float log_ratio_clamp) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -59,3 +59,61 @@ if HAS_TRITON:
     def _advantage_triton_fake(rewards, group_index, anchor_rewards, anchor_index, num_groups,
                                norm_by_std, eps, unbiased, singleton_raw):
         return _advantage_fake_impl(rewards, num_groups)
+
+
+# --- mars::policy_loss (SPEC section 3; schema in csrc/ops.cpp) -------------------------
+
+def _policy_loss_fake_impl(logp):
+    """Shapes of (loss [], metrics [6], grad [B, T], row_scale [B]); fp32 (fp64 for fp64)."""
+    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    return (logp.new_empty((), dtype=acc), logp.new_empty((6,), dtype=acc),
+            logp.new_empty(logp.shape, dtype=acc), logp.new_empty(logp.shape[:1], dtype=acc))
+
+
+def _policy_loss_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2], output[3])
+    ctx.logp_dtype = inputs[0].dtype
+
+
+def _policy_loss_backward(ctx, grad_loss, *_unused):
+    """d(loss)/d(logp) = grad_loss * row_scale[i] * grad[i, t]: the forward saved the rest.
+    Only logp gets a gradient (old_logp, advantages, ref_logp are data)."""
+    grad, row_scale = ctx.saved_tensors
+    dlogp = None
+    if grad_loss is not None:
+        dlogp = (grad * (row_scale * grad_loss)[:, None]).to(ctx.logp_dtype)
+    return (dlogp,) + (None,) * 15
+
+
+if HAS_C:
+    @torch.library.register_fake("mars::policy_loss")
+    def _policy_loss_fake(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high,
+                          dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs, loss_scale,
+                          seq_ratio, log_ratio_clamp):
+        return _policy_loss_fake_impl(logp)
+
+    torch.library.register_autograd("mars::policy_loss", _policy_loss_backward,
+                                    setup_context=_policy_loss_setup_context)
+
+
+if HAS_TRITON:
+    @torch.library.custom_op("mars::policy_loss_triton", mutates_args=())
+    def policy_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                           mask: torch.Tensor, ref_logp: torch.Tensor | None, clip_low: float,
+                           clip_high: float, dual_clip: float, kl_coef: float, kl_type: int,
+                           agg: int, num_tokens: float, num_seqs: float, loss_scale: float,
+                           seq_ratio: bool, log_ratio_clamp: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from mars_kernels.policy_loss import policy_loss
+        return policy_loss(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high,
+                           dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs, loss_scale,
+                           seq_ratio, log_ratio_clamp)
+
+    @policy_loss_triton.register_fake
+    def _policy_loss_triton_fake(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high,
+                                 dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs,
+                                 loss_scale, seq_ratio, log_ratio_clamp):
+        return _policy_loss_fake_impl(logp)
+
+    torch.library.register_autograd("mars::policy_loss_triton", _policy_loss_backward,
+                                    setup_context=_policy_loss_setup_context)
