@@ -39,14 +39,26 @@ class HFEngine(RolloutEngine):
 
     @classmethod
     def from_pretrained(cls, path: str, *, device: str | None = None, dtype="auto", batch_size: int = 1, **model_kwargs):
-        """Load a local checkpoint with AutoProcessor and AutoModelForImageTextToText."""
+        """Load a local checkpoint with AutoModelForImageTextToText and AutoProcessor (or, if
+        the processor cannot be built, AutoTokenizer + AutoImageProcessor)."""
         transformers = require("transformers", "hf")
         torch = require("torch", "hf")
-        processor = transformers.AutoProcessor.from_pretrained(path)
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         model = auto.from_pretrained(path, dtype=dtype, **model_kwargs)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model.to(device).eval(), processor, batch_size=batch_size)
+        model = model.to(device).eval()
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(path)
+        except Exception as exc:  # e.g. a Qwen-VL processor whose video part needs torchvision
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+                image_processor = _load_image_processor(transformers, path)
+            except Exception:
+                raise exc from None
+            return cls(model, tokenizer=tokenizer, image_processor=image_processor, batch_size=batch_size)
+        if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+            raise ValueError(f"{path}: the processor has no tokenizer / image processor; not a vision-language model?")
+        return cls(model, processor, batch_size=batch_size)
 
     def _encode(self, samples: Sequence):
         images = [im for s in samples for im in s.images]
@@ -99,3 +111,26 @@ class HFEngine(RolloutEngine):
             for i in range(len(chunk)):
                 out.append(texts[i * config.n:(i + 1) * config.n])
         return out
+
+
+def _load_image_processor(transformers, path: str):
+    """AutoImageProcessor, or (when that needs a missing torchvision) the class named in
+    preprocessor_config.json, preferring its PIL variant."""
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path)
+    except Exception as exc:
+        import json
+        import os
+
+        cfg_path = os.path.join(path, "preprocessor_config.json")
+        if not os.path.isfile(cfg_path):
+            raise exc
+        with open(cfg_path, encoding="utf-8") as f:
+            name = json.load(f).get("image_processor_type") or ""
+        for candidate in (name if name.endswith("Pil") else name + "Pil", name):
+            try:
+                cls = getattr(transformers, candidate)
+                return cls.from_pretrained(path)
+            except Exception:
+                continue
+        raise exc
