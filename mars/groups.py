@@ -1,7 +1,8 @@
 """Group labels -> dense indices, and the input checks every advantage backend shares.
 
 Labels may be an int tensor, or a list / numpy array of str or int. They are factorised
-once (`torch.unique` for tensors, `np.unique` otherwise), never by a Python loop over rows.
+once (bincount or `torch.unique` for ints, `np.unique` for strings), never by a Python
+loop over rows.
 Anchors are matched to their group by label, never by position.
 """
 from __future__ import annotations
@@ -100,16 +101,26 @@ def factorize(group_ids, anchor_group_ids, num_rows: int, num_anchors: int, devi
                          f"{_kind(ids)} labels; use the same kind")
     if isinstance(ids, torch.Tensor):
         return _factorize_tensor(ids.to(device), torch.as_tensor(aids).to(device=device, dtype=ids.dtype))
+    if _kind(ids) == "int":  # numpy / list of ints: the tensor path (bincount, no sort)
+        return _factorize_tensor(torch.as_tensor(ids.astype(np.int64), device=device),
+                                 torch.as_tensor(aids.astype(np.int64), device=device))
+    return _factorize_strings(ids, aids, device)
+
+
+def _factorize_strings(ids: np.ndarray, aids: np.ndarray, device) -> Groups:
+    """String labels through np.unique on fixed-width unicode (C comparisons: ~1.5x faster
+    than on an object array of Python strings); anchors by np.searchsorted."""
+    ids = ids.astype(str)
     uniq, index = np.unique(ids, return_inverse=True)
-    aindex = np.searchsorted(uniq, aids) if num_anchors else np.zeros(0, np.int64)
-    if num_anchors:
-        inside = aindex < len(uniq)
-        ok = np.zeros(len(aids), bool)
-        ok[inside] = uniq[aindex[inside]] == aids[inside]
-        if not ok.all():
-            raise _missing_anchor_error(list(dict.fromkeys(aids[~ok].tolist())))
+    aids = aids.astype(str)
+    aindex = np.searchsorted(uniq, aids)
+    ok = aindex < len(uniq)
+    ok[ok] = uniq[aindex[ok]] == aids[ok]
+    if not ok.all():
+        raise _missing_anchor_error(list(dict.fromkeys(aids[~ok].tolist())))
     to = dict(device=device, dtype=torch.long)
-    return Groups(torch.as_tensor(index.reshape(-1), **to), torch.as_tensor(aindex, **to), len(uniq), uniq)
+    return Groups(torch.as_tensor(index.reshape(-1), **to), torch.as_tensor(aindex, **to),
+                  len(uniq), uniq)
 
 
 def check_rewards(x, name: str, device=None) -> torch.Tensor:
