@@ -289,3 +289,38 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2
         "num_tokens": n,
     }
     return LossOutput(loss, metrics)
+
+
+# ---------------------------------------------------------------------------------------
+# SPEC section 4: fused lm-head + log-softmax + policy loss (mars.loss.fused_linear_policy_loss,
+# mars.loss.token_logprobs). Here the [B, T, V] logits are materialised on purpose.
+# ---------------------------------------------------------------------------------------
+
+def token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, mask=None,
+                   chunk_size=None, backend="reference"):
+    """Reference of `mars.loss.token_logprobs`: log-prob of each chosen id [B, T] under
+    softmax((hidden @ weight^T + bias) / temperature), float32 (float64 for float64 hidden).
+    Positions outside `mask` (when given) are 0 and their ids may be anything.
+    `chunk_size` and `backend` are ignored. Differentiable (the fused path is not)."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    logits = torch.nn.functional.linear(hidden.to(acc), weight.to(acc),
+                                        None if bias is None else bias.to(acc))  # [B, T, V]
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    safe_ids = torch.where(valid, ids, 0).long()
+    logp = logp_all.gather(-1, safe_ids[..., None])[..., 0]
+    return torch.where(valid, logp, logp.new_zeros(()))
+
+
+def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *, bias=None,
+                             temperature=1.0, chunk_size=None, backend="reference",
+                             **policy_loss_options):
+    """Reference of `mars.loss.fused_linear_policy_loss`: materialises the logits,
+    logp = token_logprobs(hidden, weight, ids, bias, temperature, mask), then
+    `policy_loss(logp, old_logp, advantages, mask, **policy_loss_options)`. Gradients reach
+    hidden, weight and bias through plain autograd. `chunk_size`, `backend` are ignored."""
+    logp = token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature, mask=mask)
+    return policy_loss(logp, old_logp, advantages, mask, **policy_loss_options)
+
+
+fused_linear_policy_loss_reference = fused_linear_policy_loss
