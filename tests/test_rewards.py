@@ -380,3 +380,14 @@ def test_grounding_reward_bounded_any_boxes(preds, gt, think):
     assert math.isfinite(r) and 0.0 <= r <= grounding.max_reward(gt) + 1e-12
     m = grounding_metric(text, gt)
     assert 0.0 <= m["miou"] <= 1.0 + 1e-12
+
+
+def test_verl_compute_score_dispatch():
+    from mars.rewards import compute_score
+    out = "<think>x</think><answer>B</answer>"
+    assert compute_score("OCR-VQA", out, "<answer>B</answer>") == 1.5
+    assert compute_score("spatialqa", v_out("yes"), "<answer>Yes</answer>", {"index": 0}) == 1.5
+    assert compute_score("llvip", g_out([[0, 0, 10, 10]]), "<answer>[[0, 0, 10, 10]]</answer>") == pytest.approx(1.75)
+    assert compute_score("anything", out, "B", {"task": "vqa"}) == 1.5
+    with pytest.raises(ValueError, match="unknown reward"):
+        compute_score("x", out, "B", {"reward": "nope"})

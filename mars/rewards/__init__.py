@@ -7,6 +7,8 @@
     @register_reward("my_task")
     def my_reward(completion: str, ground_truth) -> float: ...
 
+verl: ``mars.rewards.compute_score(data_source, solution_str, ground_truth, extra_info)``.
+
 Built-in: "grounding" (max 0.75 + 1 + 0.3 ln n_gt), "vqa" and "mcq" (max 1.5).
 """
 
@@ -22,6 +24,7 @@ from .registry import (
 from .grounding import grounding_reward
 from .vqa import mcq_reward, vqa_reward
 from .metrics import sample_metric
+from .verl_compat import compute_score
 
 __all__ = [
     "RewardBreakdown",
@@ -35,4 +38,5 @@ __all__ = [
     "vqa_reward",
     "mcq_reward",
     "sample_metric",
+    "compute_score",
 ]
