@@ -44,7 +44,9 @@ class HFEngine(RolloutEngine):
         transformers = require("transformers", "hf")
         torch = require("torch", "hf")
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-        model = auto.from_pretrained(path, dtype=dtype, **model_kwargs)
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+        model = auto.from_pretrained(path, **{dtype_key: dtype}, **model_kwargs)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = model.to(device).eval()
         try:
