@@ -294,3 +294,16 @@ def test_gpu_backend_matches_reference(poison, backend, shape):
         torch.testing.assert_close(x.cpu(), y, atol=1e-5, rtol=1e-5, equal_nan=True, msg=name)
     again = mars.mono_anchored_advantage(r.cuda(), g.cuda(), a.cuda(), ag.cuda(), backend=backend)
     assert torch.equal(again, got.advantages)
+
+
+def test_string_labels_hash_collision_falls_back(monkeypatch):
+    """Two labels whose hashes collide must still be two groups."""
+    from mars import groups
+    monkeypatch.setattr(groups, "_string_codes", lambda u: torch.zeros(len(u), dtype=torch.long))
+    r = torch.tensor([1.0, 0.0, 0.5, 0.25])
+    got = mars.mono_anchored_advantage(r, ["b", "a", "b", "a"], torch.tensor([1.0]), ["a"],
+                                       return_stats=True)
+    assert got.count.tolist() == [3, 2]
+    assert got.group_index.tolist() == [1, 0, 1, 0]
+    want = naive(r, ["b", "a", "b", "a"], [1.0], ["a"])
+    torch.testing.assert_close(got.advantages.double(), want, atol=1e-6, rtol=1e-6)
