@@ -1,0 +1,485 @@
+"""Fused lm-head + log-softmax + policy loss (SPEC section 4): no [tokens x vocab] logits.
+
+`fused_linear_policy_loss(hidden, weight, ids, ...)` gives the number
+`mars.reference.fused_linear_policy_loss` gives (logits materialised, then
+`policy_loss`), holding at most one [chunk, V] block of logits at a time:
+
+- Only the tokens under the mask are computed (padding costs nothing; its ids may be
+  anything, e.g. -100).
+- Per chunk of tokens: logits = h_c @ W^T (+ b) into one reused buffer (cuBLAS / MKL),
+  then an epilogue (Triton on the GPU, in-place torch ops on the CPU): the log-sum-exp of
+  logits / temperature and the chosen token's log-prob.
+- Token-level ratio (the default): the loss of a token depends on its own log-prob only,
+  so d(loss)/d(logp) of the chunk is known at once: `mars.loss.policy_loss` on the chunk
+  (agg="token-sum") times the aggregation weight of each token (the gradient of
+  `mars.reference.aggregate_loss`, so global normalisers and every aggregation carry over).
+  The same buffer then becomes dlogits = g / T * (onehot - softmax) and two more matmuls
+  give grad_h (rows of this chunk) and grad_W (+= into one fp32 accumulator, cast once at
+  the end), grad_b likewise: 3 matmuls per chunk, one pass.
+- Sequence-level ratio (GSPO): the gradient of a token needs its whole row, so pass 1
+  keeps only log-probs and log-sum-exps [n], `policy_loss` on the [B, T] log-probs gives
+  g, and pass 2 recomputes each chunk's logits for the gradients (4 matmuls per chunk).
+- All of it runs in the forward of one autograd.Function; backward scales the stored
+  gradients by grad_output in place (so a second backward through the same graph raises).
+
+The loss and metrics always come from one `mars.loss.policy_loss` call on the assembled
+[B, T] log-probs, so they are that function's numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _ext, reference
+from .reference import LOSS_METRICS, LossOutput
+
+__all__ = ["fused_linear_policy_loss", "FusedLinearMarsLoss", "token_logprobs",
+           "POLICY_LOSS_OPTIONS"]
+
+POLICY_LOSS_OPTIONS = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0,
+                           kl_type="k3", agg="token-mean", num_tokens=None, num_seqs=None,
+                           loss_scale=None, ratio_level="token", log_ratio_clamp=20.0)
+_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+# bytes of the [chunk, V] logits block when chunk_size is None (measured on the 2-core CPU:
+# bench/results/fused_linear_cpu.md; on the GPU large enough for full-speed matmuls)
+CPU_BLOCK_BYTES = 32 << 20
+GPU_BLOCK_BYTES = 512 << 20
+
+
+def _policy_loss():
+    from .loss import policy_loss  # lazy: mars.loss re-exports this module
+    return policy_loss
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_head(hidden, weight, ids, bias, temperature, chunk_size, backend):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not hidden.is_floating_point():
+        raise ValueError("hidden must be a float [B, T, H] tensor, got "
+                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden)}"
+                         f"{' ' + str(hidden.dtype) if isinstance(hidden, torch.Tensor) else ''}")
+    B, T, H = hidden.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError("weight must be a float [V, H] tensor (the lm-head weight)")
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {H}, got "
+                         f"{list(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one vocabulary row")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same "
+                         "dtype (no silent upcast of a [V, H] weight): cast one, e.g. "
+                         "hidden.to(weight.dtype)")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() \
+            or ids.dtype == torch.bool:
+        raise ValueError(f"ids must be an integer tensor, got "
+                         f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids)}")
+    if tuple(ids.shape) != (B, T):
+        raise ValueError(f"ids must be [B, T] = {[B, T]}, got {list(ids.shape)}")
+    if ids.device != hidden.device:
+        raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be None or a [V] = [{weight.shape[0]}] tensor")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(f"bias must have weight's dtype and device ({weight.dtype}, "
+                             f"{weight.device}), got {bias.dtype}, {bias.device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def _use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Triton epilogue: asked for, or "auto" on a GPU. fp64 always uses the torch epilogue."""
+    if backend == "triton":
+        if not _ext.HAS_TRITON:
+            raise RuntimeError(f"backend 'triton' is not available: {_ext.TRITON_ERROR}")
+        if device.type == "cpu" and not _ext.triton_interpret():
+            raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+        return dtype != torch.float64
+    return backend == "auto" and device.type == "cuda" and _ext.HAS_TRITON \
+        and dtype != torch.float64
+
+
+def _valid_positions(mask, B, T, device):
+    if mask is None:
+        return torch.arange(B * T, device=device)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
+        raise ValueError(f"mask must be a [B, T] = {[B, T]} tensor, got "
+                         f"{list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but hidden is on {device}")
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    return valid.reshape(-1).nonzero().squeeze(1)
+
+
+# ----------------------------------------------------------------------------- the head
+
+def _mm_into(a, b, out):
+    """out = a @ b, out may have a wider dtype than a and b (fp32 accumulation)."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    try:  # CUDA: bf16/fp16 inputs, fp32 output straight from cuBLAS
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return out.copy_(torch.mm(a, b))
+
+
+def _addmm_into(acc, a, b):
+    """acc += a @ b with acc fp32 (or fp64) and a, b possibly bf16/fp16."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    try:
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return acc.add_(torch.mm(a, b))
+
+
+class _Head:
+    """The lm head over the valid tokens: chunked logits, log-probs and gradients."""
+
+    def __init__(self, hidden, weight, bias, ids, idx, temperature, chunk_size, triton,
+                 need_h=False, need_w=False, need_b=False):
+        B, T, H = hidden.shape
+        self.V = V = weight.shape[0]
+        self.device = hidden.device
+        self.h = hidden.reshape(B * T, H)
+        self.idx, self.n = idx, idx.numel()
+        self.ids = ids.reshape(-1).index_select(0, idx).long()
+        if self.n:
+            lo, hi = torch.aminmax(self.ids)
+            if lo.item() < 0 or hi.item() >= V:
+                raise ValueError(f"ids must be in [0, V) = [0, {V}) at unmasked positions, got "
+                                 f"values in [{lo.item()}, {hi.item()}]")
+        self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        self.half = hidden.dtype not in (torch.float32, torch.float64)
+        # CPU has no bf16 x bf16 -> fp32 matmul: compute on an fp32 copy of the weight
+        self.upcast = self.half and self.device.type != "cuda"
+        self.W = weight.detach()
+        self.Wmm = self.W.to(self.acc) if self.upcast else self.W
+        self.b = None if bias is None else bias.detach().to(self.acc)
+        self.inv_t = 1.0 / float(temperature)
+        self.triton = triton
+        itemsize = torch.finfo(self.acc).bits // 8
+        if chunk_size is None:
+            budget = GPU_BLOCK_BYTES if self.device.type == "cuda" else CPU_BLOCK_BYTES
+            chunk_size = max(1, budget // (V * itemsize))
+            if chunk_size >= 64:
+                chunk_size -= chunk_size % 64
+        self.chunk = max(1, min(chunk_size, self.n))
+        self.buf = torch.empty(self.chunk, V, dtype=self.acc, device=self.device) if self.n else None
+        # dlogits in the matmul dtype for the two gradient matmuls (GPU bf16/fp16)
+        self.dbuf = (torch.empty(self.chunk, V, dtype=hidden.dtype, device=self.device)
+                     if self.half and not self.upcast and (need_h or need_w) and self.n else None)
+        self.grad_h = torch.zeros_like(self.h) if need_h else None
+        self.grad_w = torch.zeros(V, H, dtype=self.acc, device=self.device) if need_w else None
+        self.grad_b = torch.zeros(V, dtype=self.acc, device=self.device) if need_b else None
+        self.need_grad = need_h or need_w or need_b
+
+    def chunks(self):
+        return [(c0, min(c0 + self.chunk, self.n)) for c0 in range(0, self.n, self.chunk)]
+
+    def _logits(self, c0, c1):
+        rows = self.idx[c0:c1]
+        hc = self.h.index_select(0, rows)
+        if self.upcast:
+            hc = hc.to(self.acc)
+        buf = self.buf[: c1 - c0]
+        _mm_into(hc, self.Wmm.t(), buf)
+        if self.b is not None:
+            buf.add_(self.b)
+        return rows, hc, buf
+
+    def _lse_logp(self, buf, ids_c):
+        """(lse, logp, state). Triton: buf unchanged. torch: buf := exp(x / T - max), in
+        place, and state = the row sums, so softmax = buf / state."""
+        if self.triton:
+            from mars_kernels import fused_linear as K
+            lse, logp = K.lse_logp(buf, ids_c, self.inv_t)
+            return lse, logp, None
+        if self.inv_t != 1.0:
+            buf.mul_(self.inv_t)
+        chosen = buf.gather(1, ids_c[:, None])[:, 0]
+        m = buf.amax(1, keepdim=True)
+        buf.sub_(m).exp_()
+        s = buf.sum(1, keepdim=True)
+        lse = (m + s.log())[:, 0]
+        return lse, chosen - lse, s
+
+    def _dlogits(self, buf, ids_c, lse, g, state):
+        """dlogits = g / T * (onehot - softmax) from the buffer left by `_lse_logp`
+        (state given) or from raw logits (state None, torch: pass 2)."""
+        out = buf if self.dbuf is None else self.dbuf[: buf.shape[0]]
+        if self.triton:
+            from mars_kernels import fused_linear as K
+            return K.dlogits(buf, ids_c, lse, g, self.inv_t, out=out)
+        gs = (g * self.inv_t).to(buf.dtype)
+        if state is None:  # raw logits -> softmax
+            buf.mul_(self.inv_t).sub_(lse[:, None]).exp_()
+            buf.mul_(-gs[:, None])
+        else:
+            buf.mul_(-gs[:, None] / state)
+        buf.scatter_add_(1, ids_c[:, None], gs[:, None])
+        return out if out is buf else out.copy_(buf)
+
+    def _grads(self, rows, hc, dl):
+        if self.grad_h is not None:
+            W = self.Wmm if dl.dtype == self.Wmm.dtype else self.W
+            gh = torch.mm(dl, W)
+            self.grad_h.index_copy_(0, rows, gh.to(self.grad_h.dtype))
+        if self.grad_w is not None:
+            _addmm_into(self.grad_w, dl.t(), hc if hc.dtype == dl.dtype else hc.to(dl.dtype))
+        if self.grad_b is not None:
+            self.grad_b.add_(dl.sum(0, dtype=self.acc))
+
+    def logprobs(self, g_of_chunk=None):
+        """Pass 1 over the valid tokens: (logp [n], lse [n]) in the accumulation dtype.
+        With g_of_chunk(c0, c1, logp_c) -> g_c, also the gradients (single pass)."""
+        logp = torch.empty(self.n, dtype=self.acc, device=self.device)
+        lse = torch.empty(self.n, dtype=self.acc, device=self.device)
+        for c0, c1 in self.chunks():
+            ids_c = self.ids[c0:c1]
+            rows, hc, buf = self._logits(c0, c1)
+            lse_c, logp_c, state = self._lse_logp(buf, ids_c)
+            logp[c0:c1] = logp_c
+            lse[c0:c1] = lse_c
+            if g_of_chunk is not None and self.need_grad:
+                g = g_of_chunk(c0, c1, logp[c0:c1])
+                self._grads(rows, hc, self._dlogits(buf, ids_c, lse_c, g, state))
+        return logp, lse
+
+    def backward_pass(self, lse, g):
+        """Pass 2 (sequence-level ratio): recompute logits per chunk, gradients from g [n]."""
+        for c0, c1 in self.chunks():
+            ids_c = self.ids[c0:c1]
+            rows, hc, buf = self._logits(c0, c1)
+            self._grads(rows, hc, self._dlogits(buf, ids_c, lse[c0:c1], g[c0:c1], None))
+
+    def release(self):
+        self.buf = self.dbuf = None
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def _gather(t, idx, T, per_row=False):
+    if t is None:
+        return None
+    t = t.detach()
+    if per_row:
+        return t.index_select(0, torch.div(idx, T, rounding_mode="floor"))
+    return t.reshape(-1).index_select(0, idx)
+
+
+def _aggregation_weights(mask, opts, dtype):
+    """d(aggregated loss) / d(per-token loss) [B, T]: the gradient of
+    `mars.reference.aggregate_loss` (linear in the per-token losses), so every aggregation
+    and global normaliser has a single definition."""
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    z = torch.zeros(valid.shape, dtype=dtype, device=valid.device, requires_grad=True)
+    with torch.enable_grad():
+        agg = reference.aggregate_loss(z, valid, opts["agg"], opts["num_tokens"],
+                                       opts["num_seqs"], opts["loss_scale"])
+        (w,) = torch.autograd.grad(agg, z)
+    return w
+
+
+def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, temperature,
+               chunk_size, backend, opts, need):
+    """(loss, metrics [6], grad_hidden, grad_weight, grad_bias); grads None where not needed."""
+    policy_loss = _policy_loss()
+    B, T, _ = hidden.shape
+    pl_backend = backend if backend != "triton" or hidden.device.type == "cuda" else "auto"
+    triton = _use_triton(backend, hidden.device, hidden.dtype)
+    idx = _valid_positions(mask, B, T, hidden.device)
+    head = _Head(hidden, weight, bias, ids, idx, temperature, chunk_size, triton, *need)
+    acc = head.acc
+    token_level = opts["ratio_level"] == "token"
+    full_mask = mask
+
+    g_of_chunk = None
+    if token_level and head.need_grad:
+        w = _aggregation_weights(mask, opts, acc).reshape(-1).index_select(0, idx)
+        old_v = _gather(old_logp, idx, T)
+        ref_v = _gather(ref_logp, idx, T)
+        adv_v = _gather(advantages, idx, T, per_row=advantages.dim() == 1)
+        tok_opts = {k: v for k, v in opts.items()
+                    if k not in ("agg", "num_tokens", "num_seqs", "loss_scale")}
+
+        def g_of_chunk(c0, c1, logp_c):
+            x = logp_c.detach()[None].requires_grad_(True)
+            with torch.enable_grad():
+                out = policy_loss(
+                    x, None if old_v is None else old_v[None, c0:c1], adv_v[None, c0:c1],
+                    torch.ones_like(x, dtype=torch.bool),
+                    ref_logp=None if ref_v is None else ref_v[None, c0:c1],
+                    agg="token-sum", backend=pl_backend, **tok_opts)
+                (g,) = torch.autograd.grad(out.loss, x)
+            return g[0].to(acc) * w[c0:c1]
+
+    logp_v, lse_v = head.logprobs(g_of_chunk)
+    logp = torch.zeros(B * T, dtype=acc, device=hidden.device)
+    logp.index_copy_(0, idx, logp_v)
+    logp = logp.reshape(B, T)
+    if token_level or not head.need_grad:
+        head.release()
+        with torch.no_grad():
+            out = policy_loss(logp, old_logp, advantages, full_mask, ref_logp=ref_logp,
+                              backend=pl_backend, **opts)
+    else:  # GSPO: g needs whole rows; second pass over the chunks
+        x = logp.requires_grad_(True)
+        with torch.enable_grad():
+            out = policy_loss(x, old_logp, advantages, full_mask, ref_logp=ref_logp,
+                              backend=pl_backend, **opts)
+            (g,) = torch.autograd.grad(out.loss, x)
+        head.backward_pass(lse_v, g.reshape(-1).index_select(0, idx).to(acc))
+        head.release()
+    loss = out.loss.detach()
+    metrics = torch.stack([out.metrics[k].detach().to(loss.dtype) for k in LOSS_METRICS])
+    gh = None if head.grad_h is None else head.grad_h.reshape(hidden.shape)
+    gw = None if head.grad_w is None else head.grad_w.to(weight.dtype)  # cast once
+    gb = None if head.grad_b is None else head.grad_b.to(bias.dtype)
+    return loss, metrics, gh, gw, gb
+
+
+class _FusedLinearPolicyLossFn(torch.autograd.Function):
+    """Gradients computed in the forward; backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, run):
+        need = tuple(ctx.needs_input_grad[:3])
+        loss, metrics, gh, gw, gb = run(need)
+        ctx.mark_non_differentiable(metrics)
+        ctx.save_for_backward(gh, gw, gb)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        grads = ctx.saved_tensors
+        # in place: the saved gradients are used once (a second backward raises on the
+        # version counter instead of returning scaled-twice gradients)
+        out = [None if t is None else t.mul_(grad_loss.to(t.dtype)) for t in grads]
+        return out[0], out[1], out[2], None
+
+
+def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *, bias=None,
+                             temperature=1.0, chunk_size=None, ref_logp=None, clip_low=0.2,
+                             clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
+                             agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
+                             ratio_level="token", log_ratio_clamp=20.0,
+                             backend="auto") -> LossOutput:
+    """Policy loss of the lm head's log-probs, never holding [B*T, V] logits (SPEC 4, 9).
+
+    Equals `mars.loss.policy_loss(logp, old_logp, advantages, mask, **options)` with
+    logp = log_softmax((hidden @ weight^T + bias) / temperature)[ids] (see
+    `mars.reference.fused_linear_policy_loss`), with gradients for hidden, weight and bias.
+
+    Args:
+        hidden: [B, T, H] last hidden states of the response tokens (position t predicts
+            ids[:, t]); fp32, bf16, fp16 or fp64.
+        weight: [V, H] lm-head weight, same dtype and device as hidden (a mismatch raises
+            ValueError rather than silently upcasting a [V, H] tensor).
+        ids: [B, T] integer ids of the chosen tokens; in [0, V) where mask is set, anything
+            (e.g. -100) elsewhere.
+        old_logp, advantages, mask, ref_logp and the keyword options: as
+            `mars.loss.policy_loss` (all aggregations, global normalisers, KL, dual clip,
+            GSPO via ratio_level="sequence").
+        bias: optional [V] lm-head bias.
+        temperature: logits are divided by it before the softmax (as during sampling).
+        chunk_size: tokens per [chunk, V] logits block (None: a 32 MiB block on CPU,
+            512 MiB on a GPU). Peak extra memory ~ chunk * V * 4 bytes + an fp32 [V, H]
+            weight-gradient accumulator + the [B*T, H] hidden gradient.
+        backend: "auto" (Triton epilogue on a GPU, torch on CPU) | "triton" | "cpu" |
+            "cuda" (torch epilogue; the policy loss on that backend) | "reference"
+            (materialised logits).
+
+    Returns:
+        LossOutput(loss 0-dim fp32 (fp64 for fp64 inputs), metrics dict as policy_loss).
+        Gradients are computed during this call; loss.backward() only scales them.
+    """
+    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                kl_type=kl_type, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                loss_scale=loss_scale, ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp)
+    _check_head(hidden, weight, ids, bias, temperature, chunk_size, backend)
+    if backend == "reference":
+        return reference.fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask,
+                                                  bias=bias, temperature=temperature,
+                                                  ref_logp=ref_logp, **opts)
+    B, T, _ = hidden.shape
+    dummy = hidden.new_empty((B, T), dtype=torch.float32)
+    reference.check_policy_loss_args(dummy, dummy if old_logp is None else old_logp, advantages,
+                                     mask, ref_logp, **opts)
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError("mask must be a [B, T] tensor")
+
+    def run(need):
+        return _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp,
+                          temperature, chunk_size, backend, opts, need)
+
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (hidden, weight, bias)):
+        loss, metrics = _FusedLinearPolicyLossFn.apply(hidden, weight, bias, run)
+    else:
+        loss, metrics, *_ = run((False, False, False))
+    return LossOutput(loss, {k: metrics[j] for j, k in enumerate(LOSS_METRICS)})
+
+
+@torch.no_grad()
+def token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, mask=None,
+                   chunk_size=None, backend="auto"):
+    """Log-probs [B, T] of the chosen ids under softmax((hidden @ W^T + b) / temperature),
+    chunked (no [B*T, V] logits) and without gradient: for old / reference log-probs.
+    fp32 (fp64 for fp64 hidden). Positions outside `mask` (optional) are 0 and their ids may
+    be anything. Same numbers as `mars.reference.token_logprobs`."""
+    _check_head(hidden, weight, ids, bias, temperature, chunk_size, backend)
+    if backend == "reference":
+        return reference.token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature,
+                                        mask=mask)
+    B, T, _ = hidden.shape
+    idx = _valid_positions(mask, B, T, hidden.device)
+    head = _Head(hidden, weight, bias, ids, idx, temperature, chunk_size,
+                 _use_triton(backend, hidden.device, hidden.dtype))
+    logp_v, _ = head.logprobs()
+    out = torch.zeros(B * T, dtype=head.acc, device=hidden.device)
+    return out.index_copy_(0, idx, logp_v).reshape(B, T)
+
+
+class FusedLinearMarsLoss(nn.Module):
+    """`fused_linear_policy_loss` as a module, options fixed at construction.
+
+    >>> crit = FusedLinearMarsLoss(clip_high=0.28, temperature=1.0)
+    >>> out = crit(hidden, model.lm_head.weight, ids, old_logp, advantages, mask)
+    >>> out.loss.backward()
+    """
+
+    def __init__(self, *, temperature=1.0, chunk_size=None, clip_low=0.2, clip_high=0.2,
+                 dual_clip=None, kl_coef=0.0, kl_type="k3", agg="token-mean", loss_scale=None,
+                 ratio_level="token", log_ratio_clamp=20.0, backend="auto"):
+        super().__init__()
+        self.options = dict(temperature=temperature, chunk_size=chunk_size, clip_low=clip_low,
+                            clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                            kl_type=kl_type, agg=agg, loss_scale=loss_scale,
+                            ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
+                            backend=backend)
+        pl = {k: v for k, v in self.options.items()
+              if k not in ("temperature", "chunk_size", "backend")}
+        reference.check_policy_loss_args(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1),
+                                         torch.ones(1, 1), torch.zeros(1, 1) if kl_coef else None,
+                                         num_tokens=None, num_seqs=None, **pl)
+
+    def forward(self, hidden, weight, ids, old_logp, advantages, mask, bias=None, ref_logp=None,
+                num_tokens=None, num_seqs=None) -> LossOutput:
+        return fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask,
+                                        bias=bias, ref_logp=ref_logp, num_tokens=num_tokens,
+                                        num_seqs=num_seqs, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
