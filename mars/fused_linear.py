@@ -154,6 +154,7 @@ class _Head:
         self.device = hidden.device
         self.h = hidden.reshape(B * T, H)
         self.idx, self.n = idx, idx.numel()
+        self.dense = self.n == B * T  # every token valid: chunks are row slices
         self.ids = ids.reshape(-1).index_select(0, idx).long()
         if self.n:
             lo, hi = torch.aminmax(self.ids)
@@ -180,8 +181,14 @@ class _Head:
         # dlogits in the matmul dtype for the two gradient matmuls (GPU bf16/fp16)
         self.dbuf = (torch.empty(self.chunk, V, dtype=hidden.dtype, device=self.device)
                      if self.half and not self.upcast and (need_h or need_w) and self.n else None)
-        self.grad_h = torch.zeros_like(self.h) if need_h else None
-        self.grad_w = torch.zeros(V, H, dtype=self.acc, device=self.device) if need_w else None
+        self.grad_h = None
+        if need_h:  # padding rows stay 0; with every token valid each row is written
+            self.grad_h = (torch.empty_like if self.dense and self.n else torch.zeros_like)(self.h)
+        self.grad_w = None
+        if need_w:  # written by the first chunk's matmul; zeros when no token is valid
+            self.grad_w = (torch.empty if self.n else torch.zeros)(V, H, dtype=self.acc,
+                                                                   device=self.device)
+        self.grad_w_empty = bool(self.n)
         self.grad_b = torch.zeros(V, dtype=self.acc, device=self.device) if need_b else None
         self.need_grad = need_h or need_w or need_b
 
@@ -189,8 +196,8 @@ class _Head:
         return [(c0, min(c0 + self.chunk, self.n)) for c0 in range(0, self.n, self.chunk)]
 
     def _logits(self, c0, c1):
-        rows = self.idx[c0:c1]
-        hc = self.h.index_select(0, rows)
+        rows = slice(c0, c1) if self.dense else self.idx[c0:c1]
+        hc = self.h[rows] if self.dense else self.h.index_select(0, rows)
         if self.upcast:
             hc = hc.to(self.acc)
         buf = self.buf[: c1 - c0]
@@ -199,45 +206,55 @@ class _Head:
             buf.add_(self.b)
         return rows, hc, buf
 
+    def _log_softmax_(self, buf):
+        """buf := log_softmax(buf / T) in place (torch's fused row kernel: one pass that
+        stays in cache per row, instead of separate max / sub / exp / sum passes)."""
+        if self.inv_t != 1.0:
+            buf.mul_(self.inv_t)
+        torch._log_softmax(buf, 1, False, out=buf)
+
     def _lse_logp(self, buf, ids_c):
-        """(lse, logp, state). Triton: buf unchanged. torch: buf := exp(x / T - max), in
-        place, and state = the row sums, so softmax = buf / state."""
+        """(lse, logp, in_log_space). Triton: buf unchanged. torch: buf := log_softmax,
+        in place."""
         if self.triton:
             from mars_kernels import fused_linear as K
             lse, logp = K.lse_logp(buf, ids_c, self.inv_t)
-            return lse, logp, None
-        if self.inv_t != 1.0:
-            buf.mul_(self.inv_t)
-        chosen = buf.gather(1, ids_c[:, None])[:, 0]
-        m = buf.amax(1, keepdim=True)
-        buf.sub_(m).exp_()
-        s = buf.sum(1, keepdim=True)
-        lse = (m + s.log())[:, 0]
-        return lse, chosen - lse, s
+            return lse, logp, False
+        chosen = buf.gather(1, ids_c[:, None])[:, 0] * self.inv_t
+        self._log_softmax_(buf)
+        logp = buf.gather(1, ids_c[:, None])[:, 0]
+        return chosen - logp, logp, True
 
-    def _dlogits(self, buf, ids_c, lse, g, state):
-        """dlogits = g / T * (onehot - softmax) from the buffer left by `_lse_logp`
-        (state given) or from raw logits (state None, torch: pass 2)."""
+    def _dlogits(self, buf, ids_c, lse, g, in_log_space):
+        """dlogits = g / T * (onehot - softmax), from the log-softmax left by `_lse_logp`
+        or from raw logits (pass 2)."""
         out = buf if self.dbuf is None else self.dbuf[: buf.shape[0]]
         if self.triton:
             from mars_kernels import fused_linear as K
             return K.dlogits(buf, ids_c, lse, g, self.inv_t, out=out)
         gs = (g * self.inv_t).to(buf.dtype)
-        if state is None:  # raw logits -> softmax
-            buf.mul_(self.inv_t).sub_(lse[:, None]).exp_()
-            buf.mul_(-gs[:, None])
-        else:
-            buf.mul_(-gs[:, None] / state)
+        if not in_log_space:
+            self._log_softmax_(buf)
+        buf.exp_().mul_(-gs[:, None])
         buf.scatter_add_(1, ids_c[:, None], gs[:, None])
         return out if out is buf else out.copy_(buf)
 
     def _grads(self, rows, hc, dl):
         if self.grad_h is not None:
             W = self.Wmm if dl.dtype == self.Wmm.dtype else self.W
-            gh = torch.mm(dl, W)
-            self.grad_h.index_copy_(0, rows, gh.to(self.grad_h.dtype))
+            if self.dense and self.grad_h.dtype == dl.dtype:
+                torch.mm(dl, W, out=self.grad_h[rows])
+            elif self.dense:
+                self.grad_h[rows] = torch.mm(dl, W)
+            else:
+                self.grad_h.index_copy_(0, rows, torch.mm(dl, W).to(self.grad_h.dtype))
         if self.grad_w is not None:
-            _addmm_into(self.grad_w, dl.t(), hc if hc.dtype == dl.dtype else hc.to(dl.dtype))
+            hc = hc if hc.dtype == dl.dtype else hc.to(dl.dtype)
+            if self.grad_w_empty:  # first chunk writes, the others accumulate
+                _mm_into(dl.t(), hc, self.grad_w)
+                self.grad_w_empty = False
+            else:
+                _addmm_into(self.grad_w, dl.t(), hc)
         if self.grad_b is not None:
             self.grad_b.add_(dl.sum(0, dtype=self.acc))
 
@@ -262,7 +279,7 @@ class _Head:
         for c0, c1 in self.chunks():
             ids_c = self.ids[c0:c1]
             rows, hc, buf = self._logits(c0, c1)
-            self._grads(rows, hc, self._dlogits(buf, ids_c, lse[c0:c1], g[c0:c1], None))
+            self._grads(rows, hc, self._dlogits(buf, ids_c, lse[c0:c1], g[c0:c1], False))
 
     def release(self):
         self.buf = self.dbuf = None
