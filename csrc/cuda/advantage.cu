@@ -1,8 +1,8 @@
 // CUDA body of mars::mono_anchored_advantage (matches mars.reference.mono_anchored_advantage).
 //
-// The launcher lays rows and anchors out by group (stable sort + offsets, as torch ops on
-// the device, no host sync); one warp then reduces one group: shifted by the group's first
-// row, a two-pass variance in double, warp-shuffle reductions in a fixed tree order, so
+// The launcher lays rollouts and anchors out together by group (one stable sort + offsets,
+// torch ops on the device, no host sync); one warp then
+// reduces one group: shifted by the group's first row, a two-pass variance in double, warp-shuffle reductions in a fixed tree order, so
 // the result is deterministic (no float atomics) and identical values give exactly 0.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,44 +26,46 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+// x = cat(rewards, anchors): element e < B is rollout e, e >= B is anchor e - B. Elements
+// are stably sorted by group, so each group's first element is its first rollout.
 template <typename scalar_t>
-__global__ void advantage_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ m,
-                                 const int64_t* __restrict__ roff, const int64_t* __restrict__ rord,
-                                 const int64_t* __restrict__ aoff, const int64_t* __restrict__ aord,
-                                 int64_t G, bool norm_by_std, double eps, bool unbiased,
-                                 bool singleton_raw, float* __restrict__ adv,
-                                 float* __restrict__ mean, float* __restrict__ std_out,
-                                 int64_t* __restrict__ count, float* __restrict__ gain) {
+__global__ void advantage_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ off,
+                                 const int64_t* __restrict__ ord, int64_t B, int64_t G,
+                                 bool norm_by_std, double eps, bool unbiased, bool singleton_raw,
+                                 float* __restrict__ adv, float* __restrict__ mean,
+                                 float* __restrict__ std_out, int64_t* __restrict__ count,
+                                 float* __restrict__ gain) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (g >= G) return;  // whole warp leaves together
-  const int64_t r0 = roff[g], r1 = roff[g + 1], a0 = aoff[g], a1 = aoff[g + 1];
-  const int64_t nr = r1 - r0, na = a1 - a0, n = nr + na;
-  const double shift = static_cast<double>(r[rord[r0]]);
-  double sr = 0.0, sa = 0.0;
-  for (int64_t j = r0 + lane; j < r1; j += kWarp) sr += static_cast<double>(r[rord[j]]) - shift;
-  for (int64_t j = a0 + lane; j < a1; j += kWarp) sa += static_cast<double>(m[aord[j]]) - shift;
+  const int64_t start = off[g], end = off[g + 1], n = end - start;
+  const double shift = static_cast<double>(x[ord[start]]);
+  double sr = 0.0, sa = 0.0, nr = 0.0;
+  for (int64_t j = start + lane; j < end; j += kWarp) {  // pass 1: shifted sums
+    const int64_t e = ord[j];
+    const double d = static_cast<double>(x[e]) - shift;
+    if (e < B) { sr += d; nr += 1.0; } else { sa += d; }
+  }
   sr = warp_sum(sr);
   sa = warp_sum(sa);
+  nr = warp_sum(nr);
+  const double na = static_cast<double>(n) - nr;
   const double mu = (sr + sa) / n;
   double ss = 0.0;
-  for (int64_t j = r0 + lane; j < r1; j += kWarp) {
-    const double d = static_cast<double>(r[rord[j]]) - shift - mu;
-    ss += d * d;
-  }
-  for (int64_t j = a0 + lane; j < a1; j += kWarp) {
-    const double d = static_cast<double>(m[aord[j]]) - shift - mu;
+  for (int64_t j = start + lane; j < end; j += kWarp) {  // pass 2: squared deviations
+    const double d = static_cast<double>(x[ord[j]]) - shift - mu;
     ss += d * d;
   }
   ss = warp_sum(ss);
   const double sigma = n > 1 ? sqrt(ss / (unbiased ? n - 1 : n)) : 0.0;
-  for (int64_t j = r0 + lane; j < r1; j += kWarp) {
-    const int64_t i = rord[j];
-    const double x = static_cast<double>(r[i]);
+  for (int64_t j = start + lane; j < end; j += kWarp) {  // pass 3: rollouts' advantages
+    const int64_t e = ord[j];
+    if (e >= B) continue;
+    const double v = static_cast<double>(x[e]);
     double a;
-    if (n == 1) a = singleton_raw ? x : 0.0;
-    else a = norm_by_std ? (x - shift - mu) / (sigma + eps) : (x - shift - mu);
-    adv[i] = static_cast<float>(a);
+    if (n == 1) a = singleton_raw ? v : 0.0;
+    else a = norm_by_std ? (v - shift - mu) / (sigma + eps) : (v - shift - mu);
+    adv[e] = static_cast<float>(a);
   }
   if (lane == 0) {
     mean[g] = static_cast<float>(shift + mu);
@@ -71,15 +73,6 @@ __global__ void advantage_kernel(const scalar_t* __restrict__ r, const scalar_t*
     count[g] = n;
     gain[g] = na > 0 ? static_cast<float>(sr / nr - sa / na) : CUDART_NAN_F;
   }
-}
-
-// (offsets [G+1], stable order) of `index` over G groups, on the device, without a sync.
-std::pair<Tensor, Tensor> csr(const Tensor& index, int64_t G) {
-  Tensor order = std::get<1>(at::sort(index, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  Tensor counts = at::bincount(index, {}, G);  // length exactly G for valid indices
-  Tensor offsets = at::zeros({G + 1}, index.options());
-  offsets.narrow(0, 1, G).copy_(at::cumsum(counts, 0));
-  return {offsets, order};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mono_anchored_advantage_cuda(
@@ -96,19 +89,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mono_anchored_advantage_cuda(
                     "anchor_rewards dtype must match rewards");
   const c10::cuda::CUDAGuard guard(rewards.device());
   const int64_t B = rewards.numel(), G = num_groups;
-  const Tensor r = rewards.contiguous(), m = anchor_rewards.contiguous();
   auto f32 = rewards.options().dtype(at::kFloat);
   Tensor adv = at::empty({B}, f32), mean = at::empty({G}, f32), sd = at::empty({G}, f32);
   Tensor gain = at::empty({G}, f32), count = at::empty({G}, rewards.options().dtype(at::kLong));
   if (G == 0) return {adv, mean, sd, count, gain};
-  auto [roff, rord] = csr(group_index.contiguous(), G);
-  auto [aoff, aord] = csr(anchor_index.contiguous(), G);
+  // One layout for rollouts and anchors together: a stable sort of B + K keys, CSR
+  // offsets from a bincount; torch ops on the device, no host sync.
+  const Tensor x = at::cat({rewards, anchor_rewards});
+  const Tensor keys = at::cat({group_index, anchor_index});
+  const Tensor ord = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  Tensor off = at::zeros({G + 1}, keys.options());
+  Tensor off_tail = off.narrow(0, 1, G);
+  at::cumsum_out(off_tail, at::bincount(keys, {}, G), 0);
   const int blocks = static_cast<int>((G + kWarpsPerBlock - 1) / kWarpsPerBlock);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mars_advantage_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mars_advantage_cuda", [&] {
     advantage_kernel<scalar_t><<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(
-        r.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), roff.data_ptr<int64_t>(),
-        rord.data_ptr<int64_t>(), aoff.data_ptr<int64_t>(), aord.data_ptr<int64_t>(), G,
+        x.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), ord.data_ptr<int64_t>(), B, G,
         norm_by_std, eps, unbiased, singleton_raw, adv.data_ptr<float>(), mean.data_ptr<float>(),
         sd.data_ptr<float>(), count.data_ptr<int64_t>(), gain.data_ptr<float>());
   });
