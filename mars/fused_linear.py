@@ -42,10 +42,12 @@ POLICY_LOSS_OPTIONS = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=
                            kl_type="k3", agg="token-mean", num_tokens=None, num_seqs=None,
                            loss_scale=None, ratio_level="token", log_ratio_clamp=20.0)
 _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
-# bytes of the [chunk, V] logits block when chunk_size is None (measured on the 2-core CPU:
-# bench/results/fused_linear_cpu.md; on the GPU large enough for full-speed matmuls)
-CPU_BLOCK_BYTES = 32 << 20
+# chunk_size=None: the most tokens whose [chunk, V] logits block fits these bytes, but at
+# least MIN_CHUNK tokens (below that the matmuls slow down: 128-token chunks cost 1.35x
+# 512-token ones on the 2-core CPU at H 256, V 32k; bench/results/fused_linear_cpu.md)
+CPU_BLOCK_BYTES = 64 << 20
 GPU_BLOCK_BYTES = 512 << 20
+MIN_CHUNK = 256
 
 
 def _policy_loss():
@@ -173,9 +175,8 @@ class _Head:
         itemsize = torch.finfo(self.acc).bits // 8
         if chunk_size is None:
             budget = GPU_BLOCK_BYTES if self.device.type == "cuda" else CPU_BLOCK_BYTES
-            chunk_size = max(1, budget // (V * itemsize))
-            if chunk_size >= 64:
-                chunk_size -= chunk_size % 64
+            chunk_size = max(MIN_CHUNK, budget // (V * itemsize))
+            chunk_size -= chunk_size % 64
         self.chunk = max(1, min(chunk_size, self.n))
         self.buf = torch.empty(self.chunk, V, dtype=self.acc, device=self.device) if self.n else None
         # dlogits in the matmul dtype for the two gradient matmuls (GPU bf16/fp16)
@@ -411,9 +412,10 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
             GSPO via ratio_level="sequence").
         bias: optional [V] lm-head bias.
         temperature: logits are divided by it before the softmax (as during sampling).
-        chunk_size: tokens per [chunk, V] logits block (None: a 32 MiB block on CPU,
-            512 MiB on a GPU). Peak extra memory ~ chunk * V * 4 bytes + an fp32 [V, H]
-            weight-gradient accumulator + the [B*T, H] hidden gradient.
+        chunk_size: tokens per [chunk, V] logits block (None: a block of up to 64 MiB on
+            CPU, 512 MiB on a GPU, at least 256 tokens). Peak extra memory ~ chunk * V * 4
+            bytes (+ chunk * V * 2 for bf16/fp16 on a GPU) + an fp32 [V, H] weight-gradient
+            accumulator + the [B*T, H] hidden gradient.
         backend: "auto" (Triton epilogue on a GPU, torch on CPU) | "triton" | "cpu" |
             "cuda" (torch epilogue; the policy loss on that backend) | "reference"
             (materialised logits).
