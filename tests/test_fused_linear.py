@@ -443,19 +443,35 @@ def test_hf_helper_end_to_end(kind, tie):
 
 
 def test_hf_helper_vlm():
+    """A tiny Qwen2-VL with two images per prompt: the helper's hidden states carry the
+    images (the log-probs differ without them) and give the model's own log-probs."""
     pytest.importorskip("transformers")
+    np = pytest.importorskip("numpy")
+    Image = pytest.importorskip("PIL.Image")
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
-    from tiny_vlm import build_tiny_vlm
+    from tiny_vlm import SPECIALS, build_tiny_vlm
     from mars.hf_model import response_lm_inputs
-    model, _, _ = build_tiny_vlm(seed=0)
-    g = torch.Generator().manual_seed(15)
-    input_ids = torch.randint(7, 60, (2, 10), generator=g)
-    x = response_lm_inputs(model, input_ids, response_length=4)
-    logits = model(input_ids=input_ids).logits[:, 5:9]
-    direct = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 6:, None])[..., 0]
-    torch.testing.assert_close(token_logprobs(x.hidden, x.weight, x.ids), direct.detach(),
-                               rtol=1e-5, atol=1e-5)
+    model, _, improc = build_tiny_vlm(seed=0)
+    rng = np.random.RandomState(15)
+    imgs = [Image.fromarray((rng.rand(56, 56, 3) * 255).astype("uint8")) for _ in range(2)]
+    enc = improc(images=imgs, return_tensors="pt")
+    start, end, pad = (SPECIALS.index(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>"))
+    n = int(enc["image_grid_thw"][0].prod()) // 4  # merge size 2
+    row = ([start] + [pad] * n + [end]) * 2 + list(range(10, 22))
+    input_ids = torch.tensor([row])
+    extra = dict(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                 mm_token_type_ids=(input_ids == pad).int())
+    S, T = input_ids.shape[1], 6
+    x = response_lm_inputs(model, input_ids, response_length=T, **extra)
+
+    def direct(**kw):
+        logits = model(input_ids=input_ids, **kw).logits[:, S - T - 1:S - 1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, S - T:, None])[..., 0].detach()
+
+    lp = token_logprobs(x.hidden, x.weight, x.ids)
+    torch.testing.assert_close(lp, direct(**extra), rtol=1e-5, atol=1e-5)
+    assert (lp - direct()).abs().max() > 1e-3  # the image changes the numbers
 
 
 def test_hf_helper_refuses_softcapped_logits():
