@@ -32,7 +32,7 @@ def advantage_dense(rewards, group_index, anchor_rewards, anchor_index, num_grou
     Pool S_g = rollouts + anchors of group g, N = |S_g|:
         mu = mean(S_g);  sigma = sqrt(sum (s - mu)^2 / (N - 1))  (or / N if not unbiased)
         A_i = (r_i - mu) / (sigma + eps)     or  r_i - mu  when not norm_by_std
-        N == 1: A_i = r_i if singleton_raw else 0
+        N == 1: A_i = r_i if singleton_raw else 0;  sigma + eps == 0 (eps = 0): A_i = 0
     Values are shifted by each group's first rollout before summing, so a group of
     identical values gives exactly 0. Returns (advantages, mean, std, count, gain).
     """
@@ -52,7 +52,8 @@ def advantage_dense(rewards, group_index, anchor_rewards, anchor_index, num_grou
     ss = zeros.index_add(0, gi, (dr - mu[gi]) ** 2).index_add(0, ai, (da - mu[ai]) ** 2)
     sigma = torch.where(n > 1, (ss / (n - 1 if unbiased else n)).sqrt(), 0.0)  # pass 2
     centred = dr - mu[gi]
-    adv = centred / (sigma[gi] + eps) if norm_by_std else centred
+    scale = sigma[gi] + eps  # 0 only when eps = 0 and the pool is constant: then A = 0
+    adv = torch.where(scale > 0, centred / scale, 0.0) if norm_by_std else centred
     single = r if singleton_raw else torch.zeros_like(r)
     adv = torch.where(n[gi] == 1, single, adv)
     gain = torch.where(n_a > 0, s_r / n_r - s_a / n_a.clamp(min=1), float("nan"))

@@ -58,7 +58,8 @@ def _advantage_kernel(x_ptr, off_ptr, ord_ptr, adv_ptr, mean_ptr, std_ptr, count
         x = tl.load(x_ptr + e, mask=msk, other=0.0)
         centred = x - shift - mu
         if NORM_BY_STD:
-            a = centred / (sigma + eps)
+            scale = sigma + eps
+            a = tl.where(scale > 0.0, centred / tl.where(scale > 0.0, scale, 1.0), 0.0)
         else:
             a = centred
         if SINGLETON_RAW:

@@ -63,7 +63,7 @@ void advantage_kernel(const scalar_t* r, const scalar_t* m, const std::vector<in
         const double x = static_cast<double>(r[i]);
         double a;
         if (n == 1) a = singleton_raw ? x : 0.0;
-        else a = norm_by_std ? (x - shift - mu) / (sigma + eps) : (x - shift - mu);
+        else a = norm_by_std ? (sigma + eps > 0 ? (x - shift - mu) / (sigma + eps) : 0.0) : (x - shift - mu);
         adv[i] = static_cast<float>(a);
       }
       mean[g] = static_cast<float>(shift + mu);

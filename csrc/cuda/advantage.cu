@@ -64,7 +64,7 @@ __global__ void advantage_kernel(const scalar_t* __restrict__ x, const int64_t* 
     const double v = static_cast<double>(x[e]);
     double a;
     if (n == 1) a = singleton_raw ? v : 0.0;
-    else a = norm_by_std ? (v - shift - mu) / (sigma + eps) : (v - shift - mu);
+    else a = norm_by_std ? (sigma + eps > 0 ? (v - shift - mu) / (sigma + eps) : 0.0) : (v - shift - mu);
     adv[e] = static_cast<float>(a);
   }
   if (lane == 0) {
