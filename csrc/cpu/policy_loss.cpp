@@ -33,7 +33,9 @@ void policy_loss_rows(const scalar_t* __restrict__ lp, const scalar_t* __restric
                       T* __restrict__ grad, double* __restrict__ part) {
   const T c = static_cast<T>(p.clamp);
   const T kc = static_cast<T>(p.kl_coef);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Tn));
+  // >= 64k tokens per task: small batches stay on one thread (no fork/join cost, and no
+  // stall when another process holds the other core), large ones split across threads.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, Tn));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t o = i * Tn;
