@@ -41,7 +41,7 @@ def _as_label_array(labels, name: str):
     if arr.dtype.kind not in "iuUSO" and arr.size:
         raise ValueError(f"{name} must hold integer or string labels, got numpy dtype {arr.dtype}")
     if arr.dtype.kind == "O" and arr.size:
-        kinds = {type(x) for x in arr.tolist()}
+        kinds = set(map(type, arr))
         if not (kinds <= {str} or all(issubclass(k, (int, np.integer)) for k in kinds)):
             raise ValueError(f"{name} mixes label types {sorted(k.__name__ for k in kinds)}; "
                              "use all str or all int")
@@ -119,7 +119,7 @@ def _factorize_strings(ids: np.ndarray, aids: np.ndarray, device) -> Groups:
     """String labels: torch.unique of their hashes (int sort: ~1.7x faster than np.unique
     of strings), checked against the strings themselves, np.unique if two labels collide;
     groups then renumbered in sorted label order. Anchors by np.searchsorted."""
-    u, aids = ids.astype(str), aids.astype(str)
+    u, aids = ids.astype(str, copy=False), aids.astype(str, copy=False)
     index = np.zeros(0, np.int64)
     if len(u):
         _, inv = torch.unique(_string_codes(u), return_inverse=True)

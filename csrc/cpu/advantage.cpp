@@ -38,7 +38,10 @@ void advantage_kernel(const scalar_t* r, const scalar_t* m, const std::vector<in
                       const std::vector<int64_t>& aord, int64_t G, bool norm_by_std, double eps,
                       bool unbiased, bool singleton_raw, float* adv, float* mean, float* std_out,
                       int64_t* count, float* gain) {
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (roff[G] + aoff[G]) / G));
+  // Threads pay off only past ~64k values: below, their start-up (and, on a busy machine,
+  // OpenMP's wait for a free core) costs more than the work.
+  const int64_t per_group = std::max<int64_t>(1, (roff[G] + aoff[G]) / G);
+  const int64_t grain = std::max<int64_t>(1, 65536 / per_group);
   at::parallel_for(0, G, grain, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t r0 = roff[g], r1 = roff[g + 1], a0 = aoff[g], a1 = aoff[g + 1];
