@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../advantage.h"
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -78,26 +80,17 @@ void advantage_kernel(const scalar_t* r, const scalar_t* m, const std::vector<in
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mono_anchored_advantage_cpu(
+advantage::Outputs mono_anchored_advantage_cpu(
     const Tensor& rewards, const Tensor& group_index, const Tensor& anchor_rewards,
     const Tensor& anchor_index, int64_t num_groups, bool norm_by_std, double eps, bool unbiased,
     bool singleton_raw) {
-  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be 1-D, got ", rewards.sizes());
-  TORCH_CHECK_VALUE(group_index.scalar_type() == at::kLong && anchor_index.scalar_type() == at::kLong,
-                    "group_index and anchor_index must be int64");
-  TORCH_CHECK_VALUE(group_index.numel() == rewards.numel(), "group_index has ", group_index.numel(),
-                    " entries for ", rewards.numel(), " rewards");
-  TORCH_CHECK_VALUE(anchor_index.numel() == anchor_rewards.numel(), "anchor_index has ",
-                    anchor_index.numel(), " entries for ", anchor_rewards.numel(), " anchor_rewards");
-  TORCH_CHECK_VALUE(anchor_rewards.scalar_type() == rewards.scalar_type(),
-                    "anchor_rewards dtype must match rewards");
+  advantage::check_args(rewards, group_index, anchor_rewards, anchor_index);
   const int64_t B = rewards.numel(), K = anchor_rewards.numel(), G = num_groups;
   const Tensor r = rewards.contiguous(), m = anchor_rewards.contiguous();
   const Tensor gi = group_index.contiguous(), ai = anchor_index.contiguous();
-  auto f32 = rewards.options().dtype(at::kFloat);
-  Tensor adv = at::empty({B}, f32), mean = at::empty({G}, f32), sd = at::empty({G}, f32);
-  Tensor gain = at::empty({G}, f32), count = at::empty({G}, rewards.options().dtype(at::kLong));
-  if (G == 0) return {adv, mean, sd, count, gain};
+  auto out = advantage::empty_outputs(rewards, G);
+  auto& [adv, mean, sd, count, gain] = out;
+  if (G == 0) return out;
   std::vector<int64_t> roff, rord, aoff, aord;
   counting_sort(gi.data_ptr<int64_t>(), B, G, "group_index", roff, rord);
   counting_sort(ai.data_ptr<int64_t>(), K, G, "anchor_index", aoff, aord);
@@ -109,7 +102,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mono_anchored_advantage_cpu(
                                adv.data_ptr<float>(), mean.data_ptr<float>(), sd.data_ptr<float>(),
                                count.data_ptr<int64_t>(), gain.data_ptr<float>());
   });
-  return {adv, mean, sd, count, gain};
+  return out;
 }
 
 }  // namespace

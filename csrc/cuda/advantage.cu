@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../advantage.h"
+
 #include <math_constants.h>
 
 #include <cmath>
@@ -75,24 +77,16 @@ __global__ void advantage_kernel(const scalar_t* __restrict__ x, const int64_t* 
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mono_anchored_advantage_cuda(
+advantage::Outputs mono_anchored_advantage_cuda(
     const Tensor& rewards, const Tensor& group_index, const Tensor& anchor_rewards,
     const Tensor& anchor_index, int64_t num_groups, bool norm_by_std, double eps, bool unbiased,
     bool singleton_raw) {
-  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be 1-D, got ", rewards.sizes());
-  TORCH_CHECK_VALUE(group_index.scalar_type() == at::kLong && anchor_index.scalar_type() == at::kLong,
-                    "group_index and anchor_index must be int64");
-  TORCH_CHECK_VALUE(group_index.numel() == rewards.numel(), "group_index length must match rewards");
-  TORCH_CHECK_VALUE(anchor_index.numel() == anchor_rewards.numel(),
-                    "anchor_index length must match anchor_rewards");
-  TORCH_CHECK_VALUE(anchor_rewards.scalar_type() == rewards.scalar_type(),
-                    "anchor_rewards dtype must match rewards");
+  advantage::check_args(rewards, group_index, anchor_rewards, anchor_index);
   const c10::cuda::CUDAGuard guard(rewards.device());
   const int64_t B = rewards.numel(), G = num_groups;
-  auto f32 = rewards.options().dtype(at::kFloat);
-  Tensor adv = at::empty({B}, f32), mean = at::empty({G}, f32), sd = at::empty({G}, f32);
-  Tensor gain = at::empty({G}, f32), count = at::empty({G}, rewards.options().dtype(at::kLong));
-  if (G == 0) return {adv, mean, sd, count, gain};
+  auto out = advantage::empty_outputs(rewards, G);
+  auto& [adv, mean, sd, count, gain] = out;
+  if (G == 0) return out;
   // One layout for rollouts and anchors together: a stable sort of B + K keys, CSR
   // offsets from a bincount; torch ops on the device, no host sync.
   const Tensor x = at::cat({rewards, anchor_rewards});
@@ -110,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mono_anchored_advantage_cuda(
         sd.data_ptr<float>(), count.data_ptr<int64_t>(), gain.data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {adv, mean, sd, count, gain};
+  return out;
 }
 
 }  // namespace
