@@ -29,7 +29,7 @@ SIZES = {
     "cpu": dict(B=4, T=512, H=256, V=32000, dtype=torch.float32, device="cpu"),
     "gpu": dict(B=8, T=2048, H=2048, V=151936, dtype=torch.bfloat16, device="cuda"),
 }
-IMPLS = ["mars", "reference", "liger", "cce", "mars-chunk64", "mars-chunk512", "mars-chunk1024"]
+IMPLS = ["mars", "reference", "liger", "cce", "mars-chunk128", "mars-chunk512", "mars-chunk1024"]
 
 
 def make(B, T, H, V, dtype, device):
@@ -92,7 +92,12 @@ def peak_bytes(fn, device):
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    return max([0] + [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"])
+    mem = [e["args"] for e in events if e.get("name") == "[memory]"]
+    if not mem:
+        return 0
+    # a running counter not reset between profiler sessions: relative to this session's start
+    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return max(0, max(m["Total Allocated"] for m in mem) - base)
 
 
 CASES = [("cpu", i) for i in IMPLS] + [("gpu", i) for i in IMPLS[:4]]
@@ -123,8 +128,9 @@ def test_fused_linear(benchmark, size, impl):
     benchmark.extra_info.update(peak_MiB=round(peak / 2**20, 1),
                                 logits_fp32_MiB=round(B * T * V * 4 / 2**20, 1),
                                 device=torch.cuda.get_device_name() if cfg["device"] == "cuda"
-                                else f"cpu x{torch.get_num_threads()} threads")
-    benchmark.pedantic(run, rounds=3 if size == "cpu" else 5, iterations=1, warmup_rounds=0)
+                                else f"cpu x{torch.get_num_threads()} threads",
+                                loadavg_1min=round(os.getloadavg()[0], 2))
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=0)
 
 
 def summarize(path):
@@ -144,7 +150,9 @@ def summarize(path):
         ref, lig = by.get("reference"), by.get("liger")
         lines += [f"## {group}", "",
                   f"one [tokens, V] fp32 logits buffer: {rows[0]['extra_info']['logits_fp32_MiB']} MiB; "
-                  f"device: {rows[0]['extra_info']['device']}", "",
+                  f"device: {rows[0]['extra_info']['device']}; 1-min load average when each "
+                  "impl started (other jobs share this machine): "
+                  + ", ".join(f"{name(b)} {b['extra_info'].get('loadavg_1min', '?')}" for b in rows), "",
                   "| impl | median fwd+bwd | min | peak memory | time / reference | time / liger "
                   "| memory / reference | memory / liger |", "|---|---|---|---|---|---|---|---|"]
         for b in sorted(rows, key=lambda b: b["stats"]["median"]):

@@ -43,9 +43,10 @@ POLICY_LOSS_OPTIONS = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=
                            loss_scale=None, ratio_level="token", log_ratio_clamp=20.0)
 _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # chunk_size=None: the most tokens whose [chunk, V] logits block fits these bytes, but at
-# least MIN_CHUNK tokens (below that the matmuls slow down: 128-token chunks cost 1.35x
-# 512-token ones on the 2-core CPU at H 256, V 32k; bench/results/fused_linear_cpu.md)
-CPU_BLOCK_BYTES = 64 << 20
+# least MIN_CHUNK tokens (below that the matmuls slow down; 256 tokens cost ~5% more time
+# than 512 on the 2-core CPU at H 256, V 32k for 2/3 of the peak memory:
+# bench/results/fused_linear_cpu.md)
+CPU_BLOCK_BYTES = 32 << 20
 GPU_BLOCK_BYTES = 512 << 20
 MIN_CHUNK = 256
 
@@ -412,7 +413,7 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
             GSPO via ratio_level="sequence").
         bias: optional [V] lm-head bias.
         temperature: logits are divided by it before the softmax (as during sampling).
-        chunk_size: tokens per [chunk, V] logits block (None: a block of up to 64 MiB on
+        chunk_size: tokens per [chunk, V] logits block (None: a block of up to 32 MiB on
             CPU, 512 MiB on a GPU, at least 256 tokens). Peak extra memory ~ chunk * V * 4
             bytes (+ chunk * V * 2 for bf16/fp16 on a GPU) + an fp32 [V, H] weight-gradient
             accumulator + the [B*T, H] hidden gradient.
