@@ -43,9 +43,8 @@ POLICY_LOSS_OPTIONS = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=
                            loss_scale=None, ratio_level="token", log_ratio_clamp=20.0)
 _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # chunk_size=None: the most tokens whose [chunk, V] logits block fits these bytes, but at
-# least MIN_CHUNK tokens (below that the matmuls slow down; 256 tokens cost ~5% more time
-# than 512 on the 2-core CPU at H 256, V 32k for 2/3 of the peak memory:
-# bench/results/fused_linear_cpu.md)
+# least MIN_CHUNK tokens (on the 2-core CPU at H 256, V 32k, chunks of 256..1024 tokens
+# take the same time within noise, 128 ~10% more: bench/results/fused_linear_cpu.md)
 CPU_BLOCK_BYTES = 32 << 20
 GPU_BLOCK_BYTES = 512 << 20
 MIN_CHUNK = 256
@@ -150,6 +149,10 @@ def _addmm_into(acc, a, b):
 class _Head:
     """The lm head over the valid tokens: chunked logits, log-probs and gradients."""
 
+    # bf16/fp16 on CPU: matmuls on fp32 copies (CPU has no bf16 x bf16 -> fp32 matmul).
+    # Tests set it False to run the GPU's mixed-precision code path on CPU.
+    upcast_half_on_cpu = True
+
     def __init__(self, hidden, weight, bias, ids, idx, temperature, chunk_size, triton,
                  need_h=False, need_w=False, need_b=False):
         B, T, H = hidden.shape
@@ -166,8 +169,7 @@ class _Head:
                                  f"values in [{lo.item()}, {hi.item()}]")
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.half = hidden.dtype not in (torch.float32, torch.float64)
-        # CPU has no bf16 x bf16 -> fp32 matmul: compute on an fp32 copy of the weight
-        self.upcast = self.half and self.device.type != "cuda"
+        self.upcast = self.half and self.device.type != "cuda" and self.upcast_half_on_cpu
         self.W = weight.detach()
         self.Wmm = self.W.to(self.acc) if self.upcast else self.W
         self.b = None if bias is None else bias.detach().to(self.acc)

@@ -134,6 +134,20 @@ def test_bfloat16_inputs():
     assert_close(out, grads, ref, rgrads, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_gpu_mixed_precision_path_on_cpu(monkeypatch, backend, ratio_level):
+    """The GPU's bf16 path (bf16 matmuls into an fp32 logits block, dlogits written as bf16
+    for the gradient matmuls, an fp32 weight-gradient accumulator), run on CPU."""
+    from mars import fused_linear
+    monkeypatch.setattr(fused_linear._Head, "upcast_half_on_cpu", False)
+    batch = make_batch(B=2, T=8, H=32, V=64, dtype=torch.bfloat16, seed=22)
+    out, grads, ref, rgrads = run_both(batch, backend=backend, chunk_size=5, ratio_level=ratio_level,
+                                       agg="seq-mean-token-mean")
+    assert grads[0].dtype == grads[1].dtype == grads[2].dtype == torch.bfloat16
+    assert_close(out, grads, ref, rgrads, rtol=5e-2, atol=5e-3)
+
+
 def test_backward_scales_stored_gradients_and_partial_requires_grad():
     batch = make_batch(seed=4)
     h, w, b = batch["hidden"], batch["weight"], batch["bias"]
