@@ -163,10 +163,10 @@ class _Head:
         self.dense = self.n == B * T  # every token valid: chunks are row slices
         self.ids = ids.reshape(-1).index_select(0, idx).long()
         if self.n:
-            lo, hi = torch.aminmax(self.ids)
-            if lo.item() < 0 or hi.item() >= V:
+            lo, hi = torch.stack(torch.aminmax(self.ids)).tolist()  # one host sync
+            if lo < 0 or hi >= V:
                 raise ValueError(f"ids must be in [0, V) = [0, {V}) at unmasked positions, got "
-                                 f"values in [{lo.item()}, {hi.item()}]")
+                                 f"values in [{lo}, {hi}]")
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.half = hidden.dtype not in (torch.float32, torch.float64)
         self.upcast = self.half and self.device.type != "cuda" and self.upcast_half_on_cpu
