@@ -14,7 +14,8 @@ from . import _ext, reference
 from .backends import resolve
 from .reference import KL_TYPES, LOSS_AGGS, LOSS_METRICS, LossOutput, check_policy_loss_args
 
-__all__ = ["policy_loss", "MarsLoss", "LossOutput", "LOSS_AGGS", "KL_TYPES", "policy_loss_parts"]
+__all__ = ["policy_loss", "MarsLoss", "LossOutput", "LOSS_AGGS", "KL_TYPES", "policy_loss_parts",
+           "fused_linear_policy_loss", "FusedLinearMarsLoss", "token_logprobs"]
 
 
 def _kernel(name: str):
@@ -156,3 +157,7 @@ class MarsLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+# SPEC section 4, in its own module; it imports this one only inside its functions.
+from .fused_linear import FusedLinearMarsLoss, fused_linear_policy_loss, token_logprobs  # noqa: E402
