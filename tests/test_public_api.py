@@ -1,0 +1,47 @@
+"""The public names and keyword defaults of SPEC section 9."""
+import inspect
+
+import mars
+
+
+def _defaults(fn):
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_advantage_signature():
+    for fn in (mars.mono_anchored_advantage, mars.reference.mono_anchored_advantage):
+        params = list(inspect.signature(fn).parameters)
+        assert params[:4] == ["rewards", "group_ids", "anchor_rewards", "anchor_group_ids"]
+        d = _defaults(fn)
+        assert d["anchor_rewards"] is None and d["anchor_group_ids"] is None
+        assert (d["norm_by_std"], d["eps"], d["unbiased"], d["singleton"], d["return_stats"]) == \
+            (True, 1e-6, True, "zero", False)
+    assert _defaults(mars.mono_anchored_advantage)["backend"] == "auto"
+    assert mars.AdvantageOutput._fields == ("advantages", "mean", "std", "count", "gain",
+                                            "group_index")
+
+
+def test_loss_signatures():
+    for fn in (mars.loss.policy_loss, mars.reference.policy_loss):
+        params = list(inspect.signature(fn).parameters)
+        assert params[:4] == ["logp", "old_logp", "advantages", "mask"]
+        d = _defaults(fn)
+        assert d["ref_logp"] is None and d["dual_clip"] is None
+        assert (d["clip_low"], d["clip_high"], d["kl_coef"], d["kl_type"], d["agg"]) == \
+            (0.2, 0.2, 0.0, "k3", "token-mean")
+        assert (d["num_tokens"], d["num_seqs"], d["loss_scale"], d["ratio_level"],
+                d["log_ratio_clamp"]) == (None, None, None, "token", 20.0)
+    params = list(inspect.signature(mars.loss.fused_linear_policy_loss).parameters)
+    assert params[:6] == ["hidden", "weight", "ids", "old_logp", "advantages", "mask"]
+    d = _defaults(mars.loss.fused_linear_policy_loss)
+    assert d["bias"] is None and d["temperature"] == 1.0 and d["chunk_size"] is None
+    d = _defaults(mars.loss.token_logprobs)
+    assert d["bias"] is None and d["temperature"] == 1.0
+    assert callable(mars.loss.MarsLoss) and callable(mars.loss.FusedLinearMarsLoss)
+
+
+def test_lazy_modules():
+    assert callable(mars.evaluate)
+    assert callable(mars.rewards.get_reward) and hasattr(mars.data, "load_samples")
+    assert set(mars.backends()) == {"reference", "cpu", "cuda", "triton"}
