@@ -18,12 +18,12 @@ materialises the logits: a CPU stand-in, not CCE's algorithm).
 import json
 import os
 import sys
-import tempfile
 
 import pytest
 import torch
 
 from conftest import HAS_GPU
+from mars.memory import peak_allocated_bytes
 
 SIZES = {
     "cpu": dict(B=4, T=512, H=256, V=32000, dtype=torch.float32, device="cpu"),
@@ -77,27 +77,7 @@ def step_fn(impl, hidden, weight, ids, mask, old, adv):
 
 
 def peak_bytes(fn, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    mem = [e["args"] for e in events if e.get("name") == "[memory]"]
-    if not mem:
-        return 0
-    # a running counter not reset between profiler sessions: relative to this session's start
-    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
-    return max(0, max(m["Total Allocated"] for m in mem) - base)
+    return peak_allocated_bytes(fn, device)
 
 
 CASES = [("cpu", i) for i in IMPLS] + [("gpu", i) for i in IMPLS[:4]]

@@ -2,7 +2,6 @@
 materialises the logits (float64), the Triton epilogue under the interpreter, parity with
 Liger's LigerFusedLinearGRPOLoss and Cut Cross-Entropy, peak memory, bad input, the HF
 model helper."""
-import json
 import os
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 import mars
 from mars import reference
+from mars.memory import peak_allocated_bytes
 from mars.fused_linear import (FusedLinearMarsLoss, fused_linear_policy_loss,
                                token_logprobs)
 
@@ -307,27 +307,6 @@ def test_parity_with_cut_cross_entropy():
 
 
 # ----------------------------------------------------------------------------- memory
-
-def peak_allocated_bytes(fn):
-    """Peak of the CPU allocator's live bytes while fn runs, above the level at its start,
-    from the torch profiler's memory events (every c10 CPU allocation and free, with the
-    running total). Not counted: memory outside the torch allocator (BLAS scratch)."""
-    from torch.profiler import ProfilerActivity, profile
-    import tempfile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    mem = [e["args"] for e in events if e.get("name") == "[memory]"]
-    assert mem, "the profiler recorded no memory events"
-    # "Total Allocated" is a running counter that is not reset between profiler sessions:
-    # measure from its value just before this session's first event
-    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
-    return max(0, max(m["Total Allocated"] for m in mem) - base)
-
 
 def test_peak_memory_below_one_logits_buffer():
     B, T, H, V = 8, 512, 32, 16384
