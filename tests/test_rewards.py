@@ -3,7 +3,6 @@ regression tests, hand-computed grounding values, answer matching, the registry 
 property tests (any string -> finite reward within [0, documented max])."""
 
 import math
-import warnings
 
 import pytest
 from hypothesis import given, settings, strategies as st
