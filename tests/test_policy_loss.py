@@ -454,3 +454,98 @@ def test_cuda_large_vs_cpu():
         got, gg = run("cuda", c[0], c[1], c[2], c[3], **{**kw, "ref_logp": c[4]})
         assert_close(got.loss, want.loss, 1e-5, 1e-7)
         assert_close(gg, wg, 1e-5, 1e-9)
+
+
+# ------------------------------------------- C++ op: vectorised fp32/bf16 path vs scalar loop
+
+# MARS_CPU_ISA caps the instruction set of the C++ op's fp32/bf16 path (read per call):
+# "scalar" is the portable loop (also what fp64/fp16 and non-x86 builds run); "avx2" and
+# "avx512" the vectorised bodies (capped again by what the CPU has, so on a smaller CPU the
+# higher cases re-test the lower path).
+ISAS = ["scalar", "avx2", "avx512"]
+needs_cpu_op = pytest.mark.skipif("cpu" not in KERNELS, reason="needs the C++ extension")
+
+VEC_OPTIONS = [dict(kl_coef=0.1, kl_type="k3", dual_clip=3.0),
+               dict(kl_coef=0.2, kl_type="k2", log_ratio_clamp=None, agg="token-sum"),
+               dict(kl_coef=0.05, kl_type="k1", clip_high=0.28, agg="seq-mean-token-mean"),
+               dict(ratio_level="sequence", kl_coef=0.1, agg="seq-mean-token-sum-norm"),
+               dict(log_ratio_clamp=0.1, dual_clip=10.0, with_ref=False)]
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("isa", ISAS[1:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 1025), (5, 33), (4, 64), (3, 250)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cpu_vector_path_matches_scalar_and_reference(monkeypatch, isa, dtype, shape):
+    """Lengths that leave vector tails (and none), every option family, [B] / [B, T]
+    advantages: the vectorised path against the scalar loop and against the reference in
+    float64 on the same (rounded) inputs, within SPEC's 1e-5."""
+    B, T = shape
+    for k, kw in enumerate(VEC_OPTIONS):
+        for adv_2d in (False, True):
+            logp, old, adv, mask, ref = batch(B, T, seed=100 * k + B * T + adv_2d, dtype=dtype,
+                                              adv_2d=adv_2d)
+            kw = dict(kw)
+            if kw.pop("with_ref", True):
+                kw["ref_logp"] = ref
+            outs = {}
+            for name in ("scalar", isa):
+                monkeypatch.setenv("MARS_CPU_ISA", name)
+                outs[name] = run("cpu", logp, old, adv, mask, **kw)
+            l64 = logp.detach().double().requires_grad_()
+            kw64 = {**kw, "ref_logp": ref.double()} if "ref_logp" in kw else kw
+            want, want_g = run("reference", l64, old.double(), adv.double(), mask, **kw64)
+            (vo, vg), (so, sg) = outs[isa], outs["scalar"]
+            assert torch.isfinite(vg).all() and (vg[~mask] == 0).all()
+            gtol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+            for other, og in ((so, sg), (want, want_g)):
+                assert_close(vo.loss, other.loss, 1e-5, 1e-7, f"loss {isa} {kw}")
+                assert_close(vg, og.to(dtype), gtol, 1e-9, f"grad {isa} {kw}")
+                for m in LOSS_METRICS:
+                    assert_close(vo.metrics[m], other.metrics[m], 1e-5, 1e-6, f"{m} {isa} {kw}")
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_exp_range_and_specials(monkeypatch, isa):
+    """The vectorised exp over its whole range (overflow to inf, underflow through the
+    subnormals to 0): with A = 1, no clamp and clip_high past fp32 (never clips), token-sum's gradient is
+    -exp(logp - old_logp) token by token; a 37-long row leaves a vector tail."""
+    lr = torch.cat([torch.linspace(-110.0, 89.0, 2001), torch.tensor([0.0, -0.0, 1e-8, -1e-8,
+                    88.72, 88.73, -87.33, -103.9, -104.0, 80.0, 0.5])])
+    lr = lr[: lr.numel() // 37 * 37].reshape(-1, 37)
+    logp = lr.float().requires_grad_()
+    old = torch.zeros_like(lr, dtype=torch.float32)
+    mask = torch.ones_like(lr, dtype=torch.bool)
+    monkeypatch.setenv("MARS_CPU_ISA", isa)
+    out = mars.loss.policy_loss(logp, old, torch.ones(lr.shape[0]), mask, clip_high=1e39,
+                                log_ratio_clamp=None, agg="token-sum", backend="cpu")
+    g, = torch.autograd.grad(out.loss, logp)
+    want = torch.exp(logp.detach().double()).float()  # correctly rounded fp32 exp
+    got = -g
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    normal = fin & (want.abs() >= torch.finfo(torch.float32).tiny)
+    assert_close(got[normal], want[normal], 3e-7, 0.0, f"exp {isa}")
+    assert_close(got[fin & ~normal], want[fin & ~normal], 0.0, 2e-45, f"subnormal exp {isa}")
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_deterministic_across_threads(monkeypatch, isa, dtype):
+    """Big enough for the op to split rows over threads: the same bits with 1 or 2 threads."""
+    monkeypatch.setenv("MARS_CPU_ISA", isa)
+    logp, old, adv, mask, ref = batch(40, 2003, dtype=dtype, seed=5)
+    outs = []
+    n = torch.get_num_threads()
+    for nt in (1, max(2, n)):
+        torch.set_num_threads(nt)
+        try:
+            outs.append(run("cpu", logp, old, adv, mask, ref_logp=ref, kl_coef=0.1, dual_clip=3.0))
+        finally:
+            torch.set_num_threads(n)
+    (o1, g1), (o2, g2) = outs
+    assert torch.equal(o1.loss, o2.loss) and torch.equal(g1, g2)
+    assert all(torch.equal(o1.metrics[k], o2.metrics[k]) for k in LOSS_METRICS)
