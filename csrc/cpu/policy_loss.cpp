@@ -278,26 +278,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cpu(
   }
   const double denom = pl::agg_denominator(static_cast<int>(agg), N, nseq, num_tokens, num_seqs,
                                            loss_scale, static_cast<double>(Tn));
-  Tensor row_scale = at::empty({B}, logp.options().dtype(at::kDouble));
-  double* rs = row_scale.data_ptr<double>();
-  double total = 0;
-  for (int64_t i = 0; i < B; ++i) {
-    const double* pr = part.data() + i * pl::kNCol;
-    const double w = pl::row_weight(static_cast<int>(agg), pr[pl::kL]);
-    total += pr[pl::kS] * w;
-    rs[i] = w / denom;
-  }
-  const double n1 = N > 1 ? N : 1.0;
-  Tensor metrics = at::empty({6}, logp.options().dtype(at::kDouble));
-  double* mt = metrics.data_ptr<double>();
-  mt[0] = cnt[pl::kHigh] / n1;
-  mt[1] = cnt[pl::kLow] / n1;
-  mt[2] = cnt[pl::kDual] / n1;
-  mt[3] = cnt[pl::kAkl] / n1;
-  mt[4] = cnt[pl::kRkl] / n1;
-  mt[5] = N;
-  Tensor loss = at::scalar_tensor(total / denom, logp.options().dtype(at::kDouble));
-  return {loss.to(acc), metrics.to(acc), grad, row_scale.to(acc)};
+  // Small outputs written straight in the accumulation dtype (values computed in double,
+  // rounded once: what a double tensor .to(acc) gives, without three extra copies).
+  Tensor row_scale = at::empty({B}, logp.options().dtype(acc));
+  Tensor metrics = at::empty({6}, logp.options().dtype(acc));
+  Tensor loss = at::empty({}, logp.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "mars_policy_loss_cpu_out", [&] {
+    scalar_t* rs = row_scale.data_ptr<scalar_t>();
+    double total = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      const double* pr = part.data() + i * pl::kNCol;
+      const double w = pl::row_weight(static_cast<int>(agg), pr[pl::kL]);
+      total += pr[pl::kS] * w;
+      rs[i] = static_cast<scalar_t>(w / denom);
+    }
+    const double n1 = N > 1 ? N : 1.0;
+    scalar_t* mt = metrics.data_ptr<scalar_t>();
+    mt[0] = static_cast<scalar_t>(cnt[pl::kHigh] / n1);
+    mt[1] = static_cast<scalar_t>(cnt[pl::kLow] / n1);
+    mt[2] = static_cast<scalar_t>(cnt[pl::kDual] / n1);
+    mt[3] = static_cast<scalar_t>(cnt[pl::kAkl] / n1);
+    mt[4] = static_cast<scalar_t>(cnt[pl::kRkl] / n1);
+    mt[5] = static_cast<scalar_t>(N);
+    *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(total / denom);
+  });
+  return {loss, metrics, grad, row_scale};
 }
 
 }  // namespace
