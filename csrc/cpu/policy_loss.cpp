@@ -125,11 +125,12 @@ void policy_loss_rows(const scalar_t* __restrict__ lp, const scalar_t* __restric
 }
 
 // ----------------------------------------------------------------------------------------
-// Vectorised float path (fp32 / bf16 inputs) on x86-64: the same per-token math as
-// policy_loss_rows, on GCC/Clang vector extensions, compiled twice, for AVX2+FMA (8 lanes)
-// and AVX-512 (16 lanes), by including this file into itself under `#pragma GCC target` and chosen at run time from the
-// CPU (no global -march flag: the extension still runs on any x86-64, falling back to the
-// scalar loop above). Branch-free: every token of a vector is computed and masked tokens
+// Vectorised float path (fp32 / bf16 inputs) on x86-64 with GCC: the same per-token math as
+// policy_loss_rows on GCC vector extensions, compiled twice, for AVX2+FMA (8 lanes) and
+// AVX-512 (16 lanes), by including this file into itself under `#pragma GCC target` (below),
+// and chosen at run time from the CPU (cpu_isa). No global -march flag: the extension still
+// runs on any x86-64, falling back to the scalar loop above (as do fp64 / fp16 inputs and
+// other compilers). Branch-free: every token of a vector is computed and masked tokens
 // are dropped by selects (bit operations), never by arithmetic, so -inf / NaN under the
 // mask never reaches a sum or a gradient. exp is a Cephes-style polynomial (<= 2 ulp,
 // inf / 0 / NaN like std::exp, subnormal results rounded once). Row sums go to per-lane
