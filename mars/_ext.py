@@ -72,6 +72,8 @@ def _policy_loss_fake_impl(logp):
 
 def _policy_loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[2], output[3])
+    # Only the loss is differentiated: no zero-filled [B, T] grads for the other outputs.
+    ctx.set_materialize_grads(False)
     ctx.logp_dtype = inputs[0].dtype
 
 
