@@ -108,11 +108,14 @@ def factorize(group_ids, anchor_group_ids, num_rows: int, num_anchors: int, devi
 
 
 def _string_codes(u: np.ndarray) -> torch.Tensor:
-    """[n] int64 polynomial hash of fixed-width unicode labels, vectorised over rows."""
+    """[n] int64 polynomial hash of fixed-width unicode labels: Horner's rule over the
+    characters, each step vectorised over all rows (uint64 arithmetic wraps)."""
     width = u.dtype.itemsize // 4
-    chars = np.ascontiguousarray(u).view(np.uint32).reshape(len(u), width).astype(np.uint64)
-    powers = np.array([pow(1000003, width - 1 - j, 2**64) for j in range(width)], np.uint64)
-    return torch.from_numpy((chars * powers).sum(1, dtype=np.uint64).view(np.int64))
+    chars = np.ascontiguousarray(u).view(np.uint32).reshape(len(u), width)
+    h, base = np.zeros(len(u), np.uint64), np.uint64(1000003)
+    for j in range(width):
+        h = h * base + chars[:, j]
+    return torch.from_numpy(h.view(np.int64))
 
 
 def _factorize_strings(ids: np.ndarray, aids: np.ndarray, device) -> Groups:
