@@ -19,6 +19,10 @@ TORCH_LIBRARY(mars, m) {
       "mono_anchored_advantage(Tensor rewards, Tensor group_index, Tensor anchor_rewards, "
       "Tensor anchor_index, SymInt num_groups, bool norm_by_std, float eps, bool unbiased, "
       "bool singleton_raw) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Int group labels -> (index [B], anchor_index [K] (-1: label absent), labels [G]), dense
+  // in ascending label order like torch.unique. CPU only: the eager fast path of
+  // mars.groups.factorize; elsewhere torch.unique does it.
+  m.def("dense_labels(Tensor labels, Tensor anchor_labels) -> (Tensor, Tensor, Tensor)");
   // SPEC section 3 (mars.reference.policy_loss). logp/old_logp/ref_logp [B, T] one float
   // dtype, advantages [B] or [B, T] of that dtype, mask [B, T] bool. dual_clip <= 0 and
   // log_ratio_clamp <= 0 mean off; num_tokens/num_seqs/loss_scale <= 0 mean local (loss_scale:

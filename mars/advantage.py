@@ -20,6 +20,11 @@ def _kernel(name: str):
     return torch.ops.mars.mono_anchored_advantage  # "cpu" / "cuda": dispatched by device
 
 
+def _dense_labels(device):
+    """The C++ int-label factoriser for CPU tensors (one pass instead of ~15 torch ops)."""
+    return torch.ops.mars.dense_labels if _ext.HAS_C and device.type == "cpu" else None
+
+
 def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_group_ids=None, *,
                             norm_by_std=True, eps=1e-6, unbiased=True, singleton="zero",
                             backend="auto", return_stats=False):
@@ -46,7 +51,8 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
         absent from group_ids, length or device mismatches, 2-D rewards, bad options.
     """
     singleton_raw = check_options(singleton, eps)
-    rewards, anchor_rewards, groups = prepare(rewards, group_ids, anchor_rewards, anchor_group_ids)
+    rewards, anchor_rewards, groups = prepare(rewards, group_ids, anchor_rewards,
+                                              anchor_group_ids, _dense_labels)
     name = resolve(backend, rewards.device)
     if name == "triton" and rewards.device.type == "cpu" and not _ext.triton_interpret():
         raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")

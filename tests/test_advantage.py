@@ -312,3 +312,38 @@ def test_string_labels_hash_collision_falls_back(monkeypatch):
     assert got.group_index.tolist() == [1, 0, 1, 0]
     want = naive(r, ["b", "a", "b", "a"], [1.0], ["a"])
     torch.testing.assert_close(got.advantages.double(), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("spread", [1, 10**12])  # dense range path / sort path
+def test_dense_labels_op_matches_torch_unique(spread):
+    gen = torch.Generator().manual_seed(spread % 97)
+    labels = (torch.randint(-50, 50, (500,), generator=gen) * spread)
+    labels[labels == 0] = spread  # 0 is absent but inside the labels' range
+    labels[:2] = torch.tensor([-2**62, 2**62]) if spread > 1 else labels[:2]
+    anchors = torch.cat([labels[torch.randint(0, 500, (40,), generator=gen)],
+                         torch.tensor([0, 2**63 - 1])])  # two absent labels
+    index, aindex, uniq = torch.ops.mars.dense_labels(labels, anchors)
+    want_uniq, want_index = torch.unique(labels, sorted=True, return_inverse=True)
+    assert torch.equal(uniq, want_uniq) and torch.equal(index, want_index)
+    assert torch.equal(uniq[aindex[:40]], anchors[:40]) and aindex[40:].tolist() == [-1, -1]
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
+def test_cpu_streaming_and_sorted_paths_are_bitwise_equal():
+    """> 64k values take the sorted, threaded path with 2 threads and the streaming path
+    with 1; both sum each group in row order, so they must agree to the bit."""
+    gen = torch.Generator().manual_seed(5)
+    r, g, a, ag = random_batch(gen, 4000, 40, 4)
+    r = r.float() + torch.rand(len(r), generator=gen) * 1e-3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = mars.mono_anchored_advantage(r, g, a, ag, backend="cpu", return_stats=True)
+        torch.set_num_threads(1)
+        one = mars.mono_anchored_advantage(r, g, a, ag, backend="cpu", return_stats=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(r) + len(a) > 65536
+    for x, y in zip(one, two):
+        assert torch.equal(x.nan_to_num(), y.nan_to_num())
