@@ -5,8 +5,9 @@ reference implementation's style) and verl's GRPO functions, on the same batch.
     python bench/summarize.py out.json > summary.md      # ratios within one run
 
 verl takes no anchors: it gets the same B rollouts (K = 0); mars is timed with and
-without anchors. Labels are what each trainer passes: verl a numpy array of uid strings;
-mars the same strings and, as TRL/plain loops have them, an int tensor.
+without anchors. Labels are what each trainer passes: verl a numpy array of uid strings
+(and, for its vectorised function, also int labels); mars the same strings and, as
+TRL/plain loops have them, an int tensor.
 """
 from collections import defaultdict
 
@@ -53,8 +54,9 @@ def _devices():
 
 
 CASES = [(size, dev, impl) for size in SIZES for dev in _devices()
-         for impl in ("reference", "mars-int", "mars-str", "mars-noanchor-str", "verl",
-                      "verl-vectorized")
+         for impl in ("reference", "mars-int", "mars-noanchor-int", "mars-str",
+                      "mars-noanchor-str", "verl",
+                      "verl-vectorized", "verl-vectorized-int")
          + (("mars-cuda-int", "mars-triton-int") if dev == "cuda" else ("loop",))]
 
 
@@ -78,6 +80,8 @@ def test_advantage(benchmark, size, device, impl):
         fn = lambda: mars.mono_anchored_advantage(r, g, a, ag, backend=backend)  # noqa: E731
     elif impl == "mars-str":
         fn = lambda: mars.mono_anchored_advantage(r, uid, a, auid)  # noqa: E731
+    elif impl == "mars-noanchor-int":
+        fn = lambda: mars.mono_anchored_advantage(r, g, singleton="raw")  # noqa: E731
     elif impl == "mars-noanchor-str":
         fn = lambda: mars.mono_anchored_advantage(r, uid, singleton="raw")  # noqa: E731
     elif impl == "loop":
@@ -87,7 +91,8 @@ def test_advantage(benchmark, size, device, impl):
         f = (core_algos.compute_grpo_outcome_advantage if impl == "verl"
              else core_algos.compute_grpo_vectorized_outcome_advantage)
         tok, mask = r[:, None], torch.ones_like(r)[:, None]  # T = 1: verl's cheapest case
-        fn = lambda: f(tok, mask, uid)  # noqa: E731
+        index = g.cpu().numpy() if impl.endswith("-int") else uid
+        fn = lambda: f(tok, mask, index)  # noqa: E731
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                 torch=torch.__version__, rows=len(r), anchors=len(a))
     rounds = 3 if impl == "loop" else None
