@@ -45,3 +45,18 @@ def test_lazy_modules():
     assert callable(mars.evaluate)
     assert callable(mars.rewards.get_reward) and hasattr(mars.data, "load_samples")
     assert set(mars.backends()) == {"reference", "cpu", "cuda", "triton"}
+
+
+def test_compiled_ops_have_the_kernels_the_build_claims():
+    """CPU kernels always; CUDA kernels registered whenever the build compiled them (CI
+    builds them without a GPU), so a GPU machine dispatches to them."""
+    import pytest
+    import torch
+    if not mars.backends()["cpu"].available:
+        pytest.skip("C++ extension not built")
+    from mars import _build_info
+    for op in ("mono_anchored_advantage", "policy_loss"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mars::{op}", "CPU"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mars::{op}", "CUDA") == \
+            _build_info.CUDA_BUILT, op
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mars::dense_labels", "CPU")
