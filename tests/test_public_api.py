@@ -47,16 +47,18 @@ def test_lazy_modules():
     assert set(mars.backends()) == {"reference", "cpu", "cuda", "triton"}
 
 
-def test_compiled_ops_have_the_kernels_the_build_claims():
-    """CPU kernels always; CUDA kernels registered whenever the build compiled them (CI
-    builds them without a GPU), so a GPU machine dispatches to them."""
+def test_compiled_ops_have_their_kernels():
+    """CPU kernels always; CUDA kernels for every op or for none (CI compiles them without
+    a GPU; .ci/run checks they are there), and mars.backends() tells which."""
     import pytest
     import torch
     if not mars.backends()["cpu"].available:
         pytest.skip("C++ extension not built")
-    from mars import _build_info
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
     for op in ("mono_anchored_advantage", "policy_loss"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mars::{op}", "CPU"), op
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mars::{op}", "CUDA") == \
-            _build_info.CUDA_BUILT, op
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("mars::dense_labels", "CPU")
+        assert has(f"mars::{op}", "CPU"), op
+    assert has("mars::dense_labels", "CPU")
+    cuda = {has(f"mars::{op}", "CUDA") for op in ("mono_anchored_advantage", "policy_loss")}
+    assert len(cuda) == 1, "CUDA kernels for some ops only"
+    reason = mars.backends()["cuda"].reason
+    assert ("not compiled" in reason) != cuda.pop(), reason
