@@ -347,3 +347,14 @@ def test_cpu_streaming_and_sorted_paths_are_bitwise_equal():
     assert len(r) + len(a) > 65536
     for x, y in zip(one, two):
         assert torch.equal(x.nan_to_num(), y.nan_to_num())
+
+
+def test_dapo_filter_on_pooled_std():
+    """README's DAPO filter: a group whose rollouts agree but whose anchors differ keeps
+    its signal (pooled std > 0); only a group where everything agrees is dropped."""
+    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    out = mars.mono_anchored_advantage(r, [0, 0, 0, 1, 1, 1], torch.tensor([0.0, 0.0]), [0, 1],
+                                       return_stats=True)
+    keep = out.std[out.group_index] > 0
+    assert keep.tolist() == [True] * 3 + [False] * 3
+    assert (out.advantages[:3] > 0).all() and (out.advantages[3:] == 0).all()
