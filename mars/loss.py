@@ -39,9 +39,13 @@ def _prepare(logp, old_logp, advantages, mask, ref_logp, opts):
     if old_logp is None:
         old_logp = logp.detach()
     check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, **opts)
-    dtype = torch.promote_types(logp.dtype, old_logp.dtype)
-    if ref_logp is not None:
-        dtype = torch.promote_types(dtype, ref_logp.dtype)
+    # One dtype for the kernel: logp's when every input has it (bf16 is read as bf16),
+    # else the compute dtype (fp32; fp64 for fp64 logp), to which the reference casts too:
+    # fp32 advantages are not rounded to bf16, fp64 old_logp does not make an fp64 loss.
+    others = [t for t in (old_logp, advantages, ref_logp) if t is not None]
+    dtype = logp.dtype
+    if any(t.dtype != dtype for t in others):
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
     logp = logp if logp.dtype == dtype else logp.to(dtype)  # autograd casts the grad back
     old_logp = old_logp.detach().to(dtype)
     ref_logp = None if ref_logp is None else ref_logp.detach().to(dtype)
@@ -49,7 +53,8 @@ def _prepare(logp, old_logp, advantages, mask, ref_logp, opts):
     mask = mask if mask.dtype == torch.bool else mask != 0
     nt, nt_t = _as_arg(opts["num_tokens"])
     ns, ns_t = _as_arg(opts["num_seqs"])
-    ls, ls_t = _as_arg(opts["loss_scale"])
+    # loss_scale default T, at least 1 (T = 0 gives loss 0, not 0 / 0), as the reference
+    ls, ls_t = _as_arg(max(logp.shape[1], 1) if opts["loss_scale"] is None else opts["loss_scale"])
     clamp = opts["log_ratio_clamp"]
     args = (logp, old_logp, advantages, mask, ref_logp, float(opts["clip_low"]),
             float(opts["clip_high"]), -1.0 if opts["dual_clip"] is None else float(opts["dual_clip"]),

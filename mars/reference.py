@@ -242,7 +242,7 @@ def aggregate_loss(loss_tok, valid, agg: str, num_tokens=None, num_seqs=None, lo
         seq-mean-token-mean:     sum_i [sum_t m l / L_i] / num_seqs   (rows with L_i = 0
                                  add nothing; local num_seqs: max(#{L_i > 0}, 1))
         seq-mean-token-sum:      sum_i [sum_t m l] / num_seqs
-        seq-mean-token-sum-norm: seq-mean-token-sum / loss_scale (default T, as verl)"""
+        seq-mean-token-sum-norm: seq-mean-token-sum / loss_scale (default max(T, 1); verl: T)"""
     row = loss_tok.sum(-1)
     L = valid.sum(-1).to(row.dtype)
     if agg == "token-mean":
@@ -254,7 +254,7 @@ def aggregate_loss(loss_tok, valid, agg: str, num_tokens=None, num_seqs=None, lo
         return (row / L.clamp(min=1)).sum() / nseq
     out = row.sum() / nseq
     if agg == "seq-mean-token-sum-norm":
-        out = out / (valid.shape[-1] if loss_scale is None else loss_scale)
+        out = out / (max(valid.shape[-1], 1) if loss_scale is None else loss_scale)
     return out
 
 

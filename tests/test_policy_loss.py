@@ -282,6 +282,38 @@ def test_mixed_input_dtypes():
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=CASE_IDS)
+def test_mixed_dtypes_match_reference_numbers_and_dtype(backend, device):
+    """Inputs of different dtypes are computed as the reference computes them (cast to fp32,
+    fp64 only for fp64 logp): fp32 advantages next to bf16 log-probs are not rounded to
+    bf16, and an fp64 old_logp does not turn an fp32 logp's loss into fp64."""
+    logp, old, adv, mask, ref = batch(4, 20, dtype=torch.float32, device=device)
+    cases = [(logp.detach().bfloat16(), old.bfloat16(), adv, ref.bfloat16()),
+             (logp.detach(), old.double(), adv.double(), ref)]
+    for lp, o, a, r in cases:
+        lp = lp.requires_grad_()
+        kw = dict(ref_logp=r, kl_coef=0.1)
+        want, want_g = run("reference", lp, o, a, mask, **kw)
+        got, got_g = run(backend, lp, o, a, mask, **kw)
+        assert got.loss.dtype == want.loss.dtype == torch.float32
+        assert_close(got.loss, want.loss, 1e-5, 1e-7, "loss")
+        eps = torch.finfo(lp.dtype).eps
+        assert_close(got_g, want_g, 2 * eps if lp.dtype != torch.float32 else 1e-5, 1e-9, "grad")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_zero_length_responses_give_zero_loss(backend, ratio_level):
+    """T = 0: every aggregation gives loss 0 (seq-mean-token-sum-norm's default loss_scale
+    is T, which must not give 0 / 0 = NaN)."""
+    logp = torch.zeros(3, 0, requires_grad=True)
+    for agg in LOSS_AGGS:
+        out = mars.loss.policy_loss(logp, logp.detach(), torch.zeros(3), torch.zeros(3, 0, dtype=torch.bool),
+                                    agg=agg, ratio_level=ratio_level, backend=backend)
+        out.loss.backward()
+        assert out.loss.item() == 0.0, agg
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=CASE_IDS)
 def test_poisoned_outputs(backend, device, poison):
     """Kernels write every element of the buffers they allocate (NaN-filled while poisoned)."""
     for agg, rl in (("token-mean", "token"), ("seq-mean-token-mean", "sequence")):
