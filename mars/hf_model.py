@@ -12,8 +12,8 @@ lm-head weight instead, so the [tokens x vocab] logits are never built:
 
 Tied embeddings need nothing special: the lm head's weight *is* the embedding Parameter,
 so its gradient lands on the shared Parameter. Models that transform logits after the
-head (Gemma-2's soft-capping, Cohere's logit_scale) are refused: the fused loss would
-compute other numbers than the model.
+head (Gemma-2's soft-capping, Cohere's logit_scale, Granite's logits_scaling) are
+refused: the fused loss would compute other numbers than the model.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def lm_head_parameters(model):
     """(weight [V, H], bias [V] or None) of the model's output layer; the embedding matrix
     when the model ties its word embeddings and exposes no separate head."""
     cfg = _config(model)
-    for name in ("final_logit_softcapping", "logit_scale"):
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         v = getattr(cfg, name, None)
         if v not in (None, 1, 1.0):
             raise ValueError(f"the model's config sets {name}={v!r}: its logits are not "

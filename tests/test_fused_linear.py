@@ -476,3 +476,33 @@ def test_hf_helper_refuses_softcapped_logits():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         lm_head_parameters(model)
+
+
+def test_hf_helper_refuses_scaled_logits():
+    """Granite divides the head's logits by config.logits_scaling: not hidden @ W^T."""
+    transformers = pytest.importorskip("transformers")
+    from mars.hf_model import lm_head_parameters
+    cfg = transformers.GraniteConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=2, logits_scaling=4.0)
+    model = transformers.GraniteForCausalLM(cfg)
+    with pytest.raises(ValueError, match="logits_scaling"):
+        lm_head_parameters(model)
+    model.config.logits_scaling = 1.0
+    assert lm_head_parameters(model)[0] is model.lm_head.weight
+
+
+def test_zero_length_responses():
+    """T = 0 (and B = 0): loss 0, zero gradients of the right shapes, for every aggregation."""
+    for B, T in ((3, 0), (0, 4)):
+        b = make_batch(B=max(B, 1), T=max(T, 1), empty_row=False)
+        hidden = b["hidden"].detach()[:B, :T].clone().requires_grad_()
+        ids = b["ids"][:B, :T]
+        z = torch.zeros(B, T, dtype=torch.float64)
+        for agg in reference.LOSS_AGGS:
+            for rl in ("token", "sequence"):
+                out = fused_linear_policy_loss(hidden, b["weight"], ids, z, torch.zeros(B, dtype=torch.float64),
+                                               torch.zeros(B, T, dtype=torch.bool), agg=agg, ratio_level=rl)
+                gh, gw = torch.autograd.grad(out.loss, [hidden, b["weight"]])
+                assert out.loss.item() == 0.0, (B, T, agg, rl)
+                assert (gh == 0).all() and (gw == 0).all()
