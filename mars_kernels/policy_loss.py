@@ -149,12 +149,13 @@ def _finalize(part, T: int, agg: int, num_tokens: float, num_seqs: float, loss_s
     N = L.sum()
     n1 = N.clamp(min=1)
     name = AGGS[agg]
+    # given normalisers stay Python floats: a new device tensor would be a blocking copy
     if name == "token-mean":
-        denom = n1 if num_tokens <= 0 else N.new_tensor(num_tokens)
+        denom = n1 if num_tokens <= 0 else num_tokens
     elif name == "token-sum":
-        denom = N.new_tensor(1.0)
+        denom = 1.0
     else:
-        denom = (L > 0).sum().double().clamp(min=1) if num_seqs <= 0 else N.new_tensor(num_seqs)
+        denom = (L > 0).sum().double().clamp(min=1) if num_seqs <= 0 else num_seqs
         if name == "seq-mean-token-sum-norm":
             denom = denom * (loss_scale if loss_scale > 0 else float(T))
     w = 1.0 / L.clamp(min=1) if name == "seq-mean-token-mean" else torch.ones_like(L)
@@ -175,8 +176,9 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, clip_low: float, cli
     m = mask.contiguous().view(torch.uint8)
     has_ref = ref_logp is not None
     r = ref_logp.contiguous() if has_ref else x
+    # non_blocking: a blocking host-to-device copy would wait for the GPU (a host sync)
     prm = torch.tensor([1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, log_ratio_clamp],
-                       dtype=torch.float64).to(device=x.device, dtype=acc)
+                       dtype=torch.float64).to(acc).to(x.device, non_blocking=True)
     grad = torch.empty((B, T), dtype=acc, device=x.device)
     part = torch.empty((B, NCOL), dtype=acc, device=x.device)
     if B > 0:

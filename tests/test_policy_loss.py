@@ -475,6 +475,25 @@ def test_torch_compile_cpu():
 
 
 @gpu
+@pytest.mark.skipif("triton" not in KERNELS, reason="triton not installed")
+def test_triton_no_host_sync():
+    """The Triton launcher copies its options to the GPU without waiting for it, and keeps
+    given normalisers as numbers (a new device tensor from a float is a blocking copy)."""
+    logp, old, adv, mask, ref = batch(4, 16, dtype=torch.float32, device="cuda")
+    opts = [dict(agg="token-mean", num_tokens=40.0), dict(agg="token-sum"),
+            dict(agg="seq-mean-token-sum-norm", num_seqs=3, loss_scale=7.0)]
+    for kw in opts:  # compile outside the check
+        run("triton", logp, old, adv, mask, ref_logp=ref, kl_coef=0.1, **kw)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kw in opts:
+            run("triton", logp, old, adv, mask, ref_logp=ref, kl_coef=0.1, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
 def test_cuda_large_vs_cpu():
     """GPU only: the CUDA op on a large batch against the C++ op (vectorised and scalar paths)."""
     for T in (4096, 4093):
