@@ -438,9 +438,7 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
     B, T, _ = hidden.shape
     dummy = hidden.new_empty((B, T), dtype=torch.float32)
     reference.check_policy_loss_args(dummy, dummy if old_logp is None else old_logp, advantages,
-                                     mask, ref_logp, **opts)
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError("mask must be a [B, T] tensor")
+                                     mask, ref_logp, **opts)  # mask: a [B, T] tensor
 
     def run(need):
         return _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp,
