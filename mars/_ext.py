@@ -22,6 +22,10 @@ if importlib.util.find_spec("triton") is None:
     TRITON_ERROR = "triton is not installed (pip install 'mars[triton]')"
 
 HAS_C = C_ERROR is None
+# Asked of the dispatcher once, so it is true of the library actually loaded (a build
+# record in the source tree can be stale), and so torch.compile sees a constant.
+HAS_CUDA_KERNELS = HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "mars::mono_anchored_advantage", "CUDA")
 HAS_TRITON = TRITON_ERROR is None
 
 

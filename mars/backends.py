@@ -16,11 +16,10 @@ class Backend(NamedTuple):
 
 
 def _cuda_built() -> tuple[bool, str]:
-    """Whether the loaded extension holds CUDA kernels (asked of the dispatcher, so it is
-    true of the library actually loaded), and why not from the build record."""
+    """Whether the loaded extension holds CUDA kernels, and why not from the build record."""
     if not _ext.HAS_C:
         return False, _ext.C_ERROR
-    if torch._C._dispatch_has_kernel_for_dispatch_key("mars::mono_anchored_advantage", "CUDA"):
+    if _ext.HAS_CUDA_KERNELS:
         return True, "CUDA kernels compiled"
     try:
         from . import _build_info as info
