@@ -71,7 +71,8 @@ def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, clip_l
                       clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
                       agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
                       ratio_level="token", log_ratio_clamp=20.0, backend="auto"):
-    """Internal building block (the fused lm-head loss calls it): no autograd, one kernel.
+    """Building block for fused losses: the loss, metrics and d(loss)/d(logp) from one kernel,
+    without autograd.
 
     Returns (loss 0-dim, metrics [6] in LOSS_METRICS order, dlogp [B, T]) where
     dlogp = d(loss)/d(logp), already scaled by the aggregation (fp32; fp64 for fp64 logp),
