@@ -27,7 +27,9 @@ The loss and metrics always come from one `mars.loss.policy_loss` call on the as
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -126,6 +128,14 @@ def _valid_positions(mask, B, T, device):
 
 # ----------------------------------------------------------------------------- the head
 
+@functools.lru_cache(maxsize=None)
+def _warn_rounded_logits(dtype):
+    warnings.warn(f"this torch has no {dtype} matmul with a float32 output (torch.mm(..., "
+                  f"out_dtype=)): logits are rounded to {dtype} before the log-softmax, which "
+                  "moves log-probs by ~1e-2; pass float32 hidden/weight for exact log-probs",
+                  RuntimeWarning, stacklevel=3)
+
+
 def _mm_into(a, b, out):
     """out = a @ b, out may have a wider dtype than a and b (fp32 accumulation)."""
     if a.dtype == out.dtype:
@@ -133,6 +143,7 @@ def _mm_into(a, b, out):
     try:  # CUDA: bf16/fp16 inputs, fp32 output straight from cuBLAS
         return torch.mm(a, b, out_dtype=out.dtype, out=out)
     except (RuntimeError, TypeError, NotImplementedError):
+        _warn_rounded_logits(a.dtype)
         return out.copy_(torch.mm(a, b))
 
 
