@@ -6,8 +6,11 @@
     s.images, s.question, s.ground_truth, s.task
     s.mono_variants("duplicate")   # source k in every slot (the paper's way)
     s.mono_variants("single")      # one image, the other placeholders removed
+
+Formats, fields, validation and errors: docs/data.md.
 """
 
+from .ground_truth import ground_truth_problem
 from .images import load_image
 from .loaders import load_eval_json, load_parquet, load_samples
 from .messages import normalise_messages
@@ -21,6 +24,7 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "TASKS",
     "infer_task",
+    "ground_truth_problem",
     "load_eval_json",
     "load_parquet",
     "load_samples",

@@ -5,7 +5,9 @@ Two ways a file gives images:
 * evaluation JSON: content is a list of parts, image parts carry their own reference
   (``{"type": "image", "image": path}``; ``image_url`` parts are accepted too);
 * training parquet: content is a string with ``<image>`` placeholders and the sample has
-  an ``images`` list, filled into the placeholders in order.
+  an ``images`` list, filled into the placeholders in order. A single reference given
+  instead of a list (a path string, bytes, a ``{"bytes", "path"}`` dict) is one image:
+  a string is never read character by character (:func:`image_list`).
 
 ``normalise_messages`` returns messages whose content is a list of ``{"type": "image"}``
 and ``{"type": "text", "text": ...}`` parts plus the image references in slot order. It
@@ -15,11 +17,30 @@ dropped or padded silently.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 from .sample import IMAGE_PLACEHOLDER, split_placeholders
 
-__all__ = ["normalise_messages"]
+__all__ = ["normalise_messages", "image_list"]
+
+
+def image_list(images: Any) -> list[Any]:
+    """A sample's ``images`` as a list: None -> ``[]``; one reference (str, os.PathLike,
+    bytes, dict, PIL image) -> ``[it]``; a list / tuple -> a list. ValueError otherwise."""
+    if images is None:
+        return []
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, dict)):
+        return [images]
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    from .images import _is_pil
+
+    if _is_pil(images):
+        return [images]
+    raise ValueError(
+        f"'images' must be a list of image references (or one path), got {type(images).__name__}"
+    )
 
 
 def _inline_ref(part: dict) -> Any:
@@ -32,13 +53,13 @@ def _inline_ref(part: dict) -> Any:
     return None
 
 
-def normalise_messages(messages: Any, images: Sequence[Any] | None = None) -> tuple[list[dict], list[Any]]:
+def normalise_messages(messages: Any, images: Any = None) -> tuple[list[dict], list[Any]]:
     """``(messages, image_refs)`` with content as parts; see the module docstring."""
     if isinstance(messages, dict):
         messages = [messages]
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"prompt must be a non-empty list of chat messages, got {type(messages).__name__}")
-    images = list(images) if images is not None else []
+    images = image_list(images)
     refs: list[Any] = []
     n_from_list = 0
     out = []

@@ -5,7 +5,7 @@ A :class:`Sample` holds chat ``messages`` whose content is a list of parts
 slot i and is filled by ``image_refs[i]`` (see :mod:`mars.data.images`). ``images``
 loads them as RGB PIL images, one per source.
 
-Mono variants of source k (SPEC section 1):
+Mono variants of source k (docs/data.md, "Mono variants"):
 
 * ``"duplicate"`` (the paper's way): same messages, source k's image in every slot, so
   the placeholder count still matches;
@@ -28,7 +28,16 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 class DataFormatError(ValueError):
-    """A data file does not follow the expected format; the message names the samples."""
+    """A data file does not follow the expected format; the message names the samples.
+
+    ``path``: the file; ``problems``: every ``(sample_id, message)`` found (sample_id is
+    None for a problem that belongs to no sample, e.g. an unreadable JSONL line). The
+    message lists them all (up to ``MAX_LISTED``; ``problems`` always has all)."""
+
+    def __init__(self, message: str, *, path: str | None = None, problems: list | None = None):
+        super().__init__(message)
+        self.path = path
+        self.problems = list(problems or [])
 
 
 @dataclass
@@ -39,7 +48,8 @@ class Sample:
     messages: chat messages, content as lists of image / text parts.
     image_refs: one reference per image slot, in slot order.
     ground_truth: as stored in the file (boxes, a string, possibly ``<answer>``-wrapped).
-    task: "grounding", "vqa" or "mcq".
+    task: "grounding", "vqa" or "mcq" (or a registered reward name given as ``task=``);
+        the ground truth was validated for it when the file was loaded (docs/data.md).
     data_source: name of the dataset (parquet ``data_source`` or the file's stem).
     extra_info: the file's extra fields for this sample.
     image_root: directory relative image paths are resolved against.
@@ -145,11 +155,24 @@ def count_image_parts(messages: list[dict]) -> int:
     return sum(p.get("type") == "image" for m in messages for p in m["content"])
 
 
-def raise_problems(path: str, problems: list[tuple[str, str]], max_listed: int = 20) -> None:
-    """Raise one DataFormatError listing ``(sample_id, message)`` problems, if any."""
+MAX_LISTED = 1000
+
+
+def format_problem(sample_id: Any, message: str) -> str:
+    """``"sample <id>: <message>"`` (or the message alone when there is no sample id)."""
+    return f"sample {sample_id}: {message}" if sample_id is not None else message
+
+
+def raise_problems(path: str, problems: list[tuple[Any, str]], max_listed: int = MAX_LISTED) -> None:
+    """Raise one DataFormatError listing the ``(sample_id, message)`` problems, if any."""
     if not problems:
         return
-    lines = [f"  sample {sid}: {msg}" for sid, msg in problems[:max_listed]]
+    lines = [f"  {format_problem(sid, msg)}" for sid, msg in problems[:max_listed]]
     if len(problems) > max_listed:
-        lines.append(f"  ... and {len(problems) - max_listed} more")
-    raise DataFormatError(f"{path}: {len(problems)} malformed sample(s):\n" + "\n".join(lines))
+        lines.append(f"  ... and {len(problems) - max_listed} more (all in the error's .problems)")
+    n_samples = len({sid for sid, _ in problems if sid is not None})
+    head = f"{path}: {n_samples} malformed sample(s)"
+    n_other = sum(sid is None for sid, _ in problems)
+    if n_other:
+        head += f" and {n_other} unreadable entr{'y' if n_other == 1 else 'ies'}"
+    raise DataFormatError(head + ":\n" + "\n".join(lines), path=path, problems=problems)
