@@ -1,6 +1,7 @@
 """Which backend runs an op: `mars.backends()` and the "auto" resolution."""
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from . import _ext
 
 NAMES = ("reference", "cpu", "cuda", "triton")
+_warned_fallback: set = set()
 
 
 class Backend(NamedTuple):
@@ -63,7 +65,10 @@ def resolve(backend: str, device: torch.device) -> str:
     table = backends()
     if backend == "auto":
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-        return next(b for b in order if table[b].available)
+        name = next(b for b in order if table[b].available)
+        if name == "reference":
+            _warn_fallback(device, {b: table[b].reason for b in order[:-1]})
+        return name
     if not table[backend].available:
         raise RuntimeError(f"backend {backend!r} is not available: {table[backend].reason}")
     if backend == "cpu" and device.type != "cpu":
@@ -71,3 +76,16 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
     return backend
+
+
+def _warn_fallback(device: torch.device, reasons: dict) -> None:
+    """backend="auto" found no kernel for this device: say so once, with the reasons, since
+    the float64 reference is correct but many times slower."""
+    key = (device.type, tuple(reasons.values()))
+    if key in _warned_fallback:
+        return
+    _warned_fallback.add(key)
+    why = "; ".join(f"{b}: {r}" for b, r in reasons.items())
+    warnings.warn(f"mars: backend='auto' runs the float64 reference on {device.type} tensors "
+                  f"(slow) because no kernel backend is available ({why}). Pass "
+                  "backend='reference' to silence this.", RuntimeWarning, stacklevel=3)

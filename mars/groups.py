@@ -1,18 +1,26 @@
 """Group labels -> dense indices, and the input checks every advantage backend shares.
 
-Labels may be an int tensor, or a list / numpy array of str or int. They are factorised
-once (bincount or `torch.unique` for ints, `torch.unique` of hashes for strings), never by a Python
-loop over rows.
-Anchors are matched to their group by label, never by position.
+Labels may be an int tensor, or a list / tuple / numpy array of str or int. They are
+factorised once (bincount or `torch.unique` for ints, `torch.unique` of hashes for
+strings), never by a Python loop over rows, and always exactly: labels are compared as
+the values they are, never after a cast that could wrap (uint8, int32, uint64) or strip
+(numpy drops trailing "\\0" from strings). Labels that no fast dtype holds exactly (ints
+beyond int64, strings ending in "\\0") take an exact, slower path over Python objects.
+Anchors are matched to their group by label, never by position. The rules are written
+down in docs/advantage.md.
+
+Under `torch.compile` the checks run too: inside the graph, as the custom op
+`mars::advantage_input_check`, so a compiled call refuses what an eager call refuses.
 """
 from __future__ import annotations
 
 import math
-
 from typing import NamedTuple
 
 import numpy as np
 import torch
+
+_INT64_MAX = (1 << 63) - 1
 
 
 class Groups(NamedTuple):
@@ -29,32 +37,95 @@ class Groups(NamedTuple):
     labels: object
 
 
-def _as_label_array(labels, name: str):
-    """A tensor stays a tensor (ints only); anything else becomes a 1-D numpy array."""
+class _Labels(NamedTuple):
+    """One label container, normalised. kind: "int", "str" or "none" (no labels).
+    data: an int64 tensor (ints), a numpy unicode array (str), or a numpy object array of
+    the exact Python values (ints beyond int64, strings ending in NUL)."""
+    kind: str
+    data: object
+
+
+def _object_array(values) -> np.ndarray:
+    values = list(values)
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+def _is_int_type(t) -> bool:
+    return (issubclass(t, (int, np.integer)) and not issubclass(t, (bool, np.bool_)))
+
+
+def _from_sequence(values, name: str) -> _Labels:
+    """A list / tuple / object array of Python or numpy scalars."""
+    if len(values) == 0:
+        return _Labels("none", np.zeros(0, np.int64))
+    kinds = set(map(type, values))
+    if all(issubclass(k, str) for k in kinds):
+        u = np.asarray(values, dtype=str)
+        # numpy's fixed-width strings drop trailing NULs ("a\0" -> "a"): keep such labels exact
+        lens = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        if (np.char.str_len(u) != lens).any():
+            return _Labels("str", _object_array(map(str, values)))
+        return _Labels("str", u)
+    if all(_is_int_type(k) for k in kinds):
+        try:  # fromiter raises, rather than wraps, for a value beyond int64
+            return _Labels("int", torch.from_numpy(np.fromiter(values, np.int64, len(values))))
+        except OverflowError:
+            return _Labels("int", _object_array(map(int, values)))
+    names = sorted({k.__name__ for k in kinds})
+    if any(issubclass(k, (bytes, bytearray, np.bytes_)) for k in kinds):
+        raise ValueError(f"{name} holds bytes labels ({names}); decode them to str first")
+    if len(kinds) > 1 and any(issubclass(k, str) for k in kinds):
+        raise ValueError(f"{name} mixes label types {names}; use all str or all int "
+                         "(\"1\" and 1 are different labels)")
+    raise ValueError(f"{name} must hold integer or string labels, got {names}")
+
+
+def _as_labels(labels, name: str) -> _Labels:
+    """Normalises one label container; raises ValueError naming `name`."""
     if isinstance(labels, torch.Tensor):
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise ValueError(f"{name} must hold integer or string labels, got a {labels.dtype} tensor")
         if labels.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
-        return labels
-    arr = np.asarray(labels)
+        if labels.dtype == torch.uint64:  # values >= 2**63 have no int64: compare them exactly
+            if torch.compiler.is_compiling():
+                raise ValueError(f"{name}: uint64 labels are not supported under torch.compile; "
+                                 "pass int64 labels")
+            if labels.numel() and bool((labels.view(torch.int64) < 0).any()):
+                return _Labels("int", labels.cpu().numpy().astype(object))
+            return _Labels("int", labels.view(torch.int64))
+        return _Labels("int", labels if labels.dtype == torch.int64 else labels.long())
+    if isinstance(labels, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of labels, got a single {type(labels).__name__}")
+    arr = labels if isinstance(labels, np.ndarray) else None
+    if arr is None:
+        if not isinstance(labels, (list, tuple)):
+            labels = np.asarray(labels)
+            arr = labels if labels.dtype != object else None
+        if arr is None:
+            if any(isinstance(v, (list, tuple, np.ndarray, torch.Tensor)) for v in labels[:1]):
+                raise ValueError(f"{name} must be 1-D, got nested sequences")
+            return _from_sequence(labels, name)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    if arr.dtype.kind not in "iuUSO" and arr.size:
-        raise ValueError(f"{name} must hold integer or string labels, got numpy dtype {arr.dtype}")
-    if arr.dtype.kind == "O" and arr.size:
-        kinds = set(map(type, arr))
-        if not (kinds <= {str} or all(issubclass(k, (int, np.integer)) for k in kinds)):
-            raise ValueError(f"{name} mixes label types {sorted(k.__name__ for k in kinds)}; "
-                             "use all str or all int")
-        arr = arr.astype(str) if str in kinds else arr.astype(np.int64)
-    return arr
-
-
-def _kind(arr) -> str:
-    if isinstance(arr, torch.Tensor):
-        return "int"
-    return "str" if arr.dtype.kind in "USO" else "int"
+    if arr.size == 0:
+        return _Labels("none", np.zeros(0, np.int64))
+    k = arr.dtype.kind
+    if k == "O":
+        return _from_sequence(arr, name)
+    if k == "U":
+        return _Labels("str", arr)
+    if k == "S":
+        raise ValueError(f"{name} holds bytes labels (numpy dtype {arr.dtype}); decode them to str first")
+    if k == "i":
+        return _Labels("int", torch.from_numpy(arr.astype(np.int64)))
+    if k == "u":
+        if arr.dtype.itemsize == 8 and int(arr.max()) > _INT64_MAX:
+            return _Labels("int", arr.astype(object))
+        return _Labels("int", torch.from_numpy(arr.astype(np.int64)))
+    raise ValueError(f"{name} must hold integer or string labels, got numpy dtype {arr.dtype}")
 
 
 def _missing_anchor_error(missing: list):
@@ -63,11 +134,12 @@ def _missing_anchor_error(missing: list):
 
 
 def _factorize_tensor(ids: torch.Tensor, aids: torch.Tensor, dense_labels=None) -> Groups:
-    """Int tensor labels. When their range is at most a few times the batch (the usual
-    case: prompt indices), a bincount replaces torch.unique's sort (~10x faster on CPU);
-    both give dense indices in ascending label order. `dense_labels`, if given, is an op
-    doing the same in one call: (labels, anchor_labels) -> (index, anchor_index with -1
-    for an absent label, distinct labels)."""
+    """Int64 tensor labels on one device. When their range is at most a few times the batch
+    (the usual case: prompt indices), a bincount replaces torch.unique's sort (~10x faster
+    on CPU); both give dense indices in ascending label order. `dense_labels`, if given, is
+    an op doing the same in one call: (labels, anchor_labels) -> (index, anchor_index with
+    -1 for an absent label, distinct labels). Under torch.compile an absent anchor gets
+    index -1 and `mars::advantage_input_check` raises."""
     compiling = torch.compiler.is_compiling()
     if dense_labels is not None and not compiling:
         index, aindex, uniq = dense_labels(ids, aids)
@@ -81,43 +153,71 @@ def _factorize_tensor(ids: torch.Tensor, aids: torch.Tensor, dense_labels=None) 
             present = torch.bincount(ids - lo, minlength=hi - lo + 1) > 0
             dense = torch.cumsum(present, 0) - 1
             if aids.numel():
-                off = aids - lo
-                inside = (off >= 0) & (off <= hi - lo)
-                ok = inside & present[off.clamp(0, hi - lo)]
+                inside = (aids >= lo) & (aids <= hi)  # compared before subtracting: no overflow
+                off = torch.where(inside, aids - lo, 0)
+                ok = inside & present[off]
                 if not bool(ok.all()):
                     raise _missing_anchor_error(aids[~ok].unique().tolist())
+            else:
+                off = aids
             uniq = present.nonzero().flatten() + lo
-            return Groups(dense[ids - lo], dense[(aids - lo).clamp(0, hi - lo)], int(uniq.numel()), uniq)
+            return Groups(dense[ids - lo], dense[off], int(uniq.numel()), uniq)
     uniq, index = torch.unique(ids, sorted=True, return_inverse=True)
-    aindex = torch.searchsorted(uniq, aids).clamp_(max=max(len(uniq) - 1, 0))
-    if aids.numel() and not compiling:
-        missing = aids[uniq[aindex] != aids] if len(uniq) else aids
-        if missing.numel():
-            raise _missing_anchor_error(missing.unique().tolist())
+    if compiling:
+        pos = torch.searchsorted(uniq, aids).clamp_(max=max(uniq.numel() - 1, 0))
+        aindex = torch.where(uniq[pos] == aids, pos, -1) if aids.numel() else pos
+        return Groups(index.long(), aindex.long(), uniq.numel(), uniq)
+    aindex = torch.searchsorted(uniq, aids)
+    found = aindex < uniq.numel()
+    found[found.clone()] = uniq[aindex[found]] == aids[found]
+    if not bool(found.all()):
+        raise _missing_anchor_error(aids[~found].unique().tolist())
     return Groups(index.long(), aindex.long(), uniq.numel(), uniq)
+
+
+def _factorize_objects(ids: np.ndarray, aids: np.ndarray, device) -> Groups:
+    """Exact path over Python objects (ints beyond int64, strings ending in NUL): numpy's
+    unique and searchsorted compare the objects themselves."""
+    uniq, index = np.unique(ids, return_inverse=True)
+    aindex = np.searchsorted(uniq, aids) if len(aids) else np.zeros(0, np.int64)
+    ok = aindex < len(uniq)
+    ok[ok] = np.asarray(uniq[aindex[ok]] == aids[ok], dtype=bool)
+    if not ok.all():
+        raise _missing_anchor_error(list(dict.fromkeys(aids[~ok].tolist())))
+    to = dict(device=device, dtype=torch.long)
+    return Groups(torch.as_tensor(index.reshape(-1), **to), torch.as_tensor(aindex, **to),
+                  len(uniq), uniq)
+
+
+def _to_objects(x: _Labels) -> np.ndarray:
+    if isinstance(x.data, torch.Tensor):
+        return x.data.cpu().numpy().astype(object)
+    return x.data.astype(object)
 
 
 def factorize(group_ids, anchor_group_ids, num_rows: int, num_anchors: int, device,
               dense_labels=None) -> Groups:
     """Dense group indices for rows and anchors; raises ValueError naming the bad argument.
-    dense_labels: optional faster factoriser of int labels (see _factorize_tensor)."""
-    ids = _as_label_array(group_ids, "group_ids")
-    if len(ids) != num_rows:
-        raise ValueError(f"group_ids has {len(ids)} labels for {num_rows} rewards")
-    aids = _as_label_array(anchor_group_ids if anchor_group_ids is not None else [], "anchor_group_ids")
-    if len(aids) != num_anchors:
-        raise ValueError(f"anchor_group_ids has {len(aids)} labels for {num_anchors} anchor_rewards")
-    if num_anchors and _kind(ids) != _kind(aids):
-        raise ValueError(f"anchor_group_ids holds {_kind(aids)} labels but group_ids holds "
-                         f"{_kind(ids)} labels; use the same kind")
-    if isinstance(ids, torch.Tensor):
-        return _factorize_tensor(ids.to(device), torch.as_tensor(aids).to(device=device, dtype=ids.dtype),
-                                 dense_labels)
-    if _kind(ids) == "int":  # numpy / list of ints: the tensor path (bincount, no sort)
-        return _factorize_tensor(torch.as_tensor(ids.astype(np.int64), device=device),
-                                 torch.as_tensor(aids.astype(np.int64), device=device),
-                                 dense_labels)
-    return _factorize_strings(ids, aids, device)
+    dense_labels: optional faster factoriser of int64 labels (see _factorize_tensor)."""
+    ids = _as_labels(group_ids, "group_ids")
+    if len(ids.data) != num_rows:
+        raise ValueError(f"group_ids has {len(ids.data)} labels for {num_rows} rewards")
+    aids = _as_labels(anchor_group_ids if anchor_group_ids is not None else [], "anchor_group_ids")
+    if len(aids.data) != num_anchors:
+        raise ValueError(f"anchor_group_ids has {len(aids.data)} labels for {num_anchors} anchor_rewards")
+    if "none" not in (ids.kind, aids.kind) and ids.kind != aids.kind:
+        raise ValueError(f"anchor_group_ids holds {aids.kind} labels but group_ids holds "
+                         f"{ids.kind} labels; use the same kind (\"1\" and 1 are different labels)")
+    kind = ids.kind if ids.kind != "none" else aids.kind
+    exact_objects = any(isinstance(x.data, np.ndarray) and x.data.dtype == object for x in (ids, aids))
+    if exact_objects:
+        return _factorize_objects(_to_objects(ids), _to_objects(aids), device)
+    if kind == "str":
+        u = ids.data if ids.kind == "str" else np.zeros(0, dtype=str)
+        a = aids.data if aids.kind == "str" else np.zeros(0, dtype=str)
+        return _factorize_strings(u, a, device)
+    as_long = lambda x: torch.as_tensor(x.data).to(device=device, dtype=torch.long)  # noqa: E731
+    return _factorize_tensor(as_long(ids), as_long(aids), dense_labels)
 
 
 def _string_codes(u: np.ndarray) -> torch.Tensor:
@@ -162,34 +262,66 @@ def _factorize_strings(ids: np.ndarray, aids: np.ndarray, device) -> Groups:
                   len(uniq), uniq)
 
 
+def _nonfinite_error(x: torch.Tensor, name: str):
+    bad = ~torch.isfinite(x)
+    rows = bad.nonzero().flatten().tolist()
+    return ValueError(f"{name} has non-finite values at rows {rows[:10]}"
+                      f"{' ...' if len(rows) > 10 else ''} (values {x[rows[:3]].tolist()})")
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    # One reduction decides: the sum of finite values is finite unless it overflows, and a
+    # NaN or inf anywhere makes it NaN or inf; only then look at every value.
+    return not x.numel() or math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_rewards(x, name: str, device=None) -> torch.Tensor:
-    """1-D float tensor of finite rewards (lists and numpy arrays are converted)."""
+    """1-D float tensor of finite rewards (lists and numpy arrays are converted). Under
+    torch.compile the finiteness check is left to `mars::advantage_input_check`."""
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not np.isscalar(x) else x,
-                            device=device)
+        try:
+            x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not np.isscalar(x) else x,
+                                device=device)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must be numbers, got {type(x).__name__} ({exc})") from None
     if x.dim() != 1:
         raise ValueError(f"{name} must be 1-D (one reward per rollout), got shape {tuple(x.shape)}")
     if x.dtype.is_complex:
         raise ValueError(f"{name} must be real, got {x.dtype}")
     if not x.dtype.is_floating_point:
-        x = x.float()
-    # One reduction decides: the sum of finite values is finite unless it overflows, and a
-    # NaN or inf anywhere makes it NaN or inf; only then look for the rows.
-    if not torch.compiler.is_compiling() and x.numel() and not math.isfinite(float(x.sum())):
-        bad = ~torch.isfinite(x)
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten().tolist()
-            raise ValueError(f"{name} has non-finite values at rows {rows[:10]}"
-                             f"{' ...' if len(rows) > 10 else ''} (values {x[rows[:3]].tolist()})")
+        x = x.double() if x.dtype == torch.int64 else x.float()  # int64 exactly, as float64 holds it
+    if not torch.compiler.is_compiling() and not _all_finite(x):
+        raise _nonfinite_error(x, name)
     return x
+
+
+@torch.library.custom_op("mars::advantage_input_check", mutates_args=())
+def advantage_input_check(rewards: torch.Tensor, anchor_rewards: torch.Tensor,
+                          anchor_labels: torch.Tensor, anchor_index: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checks of an eager call, run inside a compiled graph: finite rewards and anchor
+    rewards, every anchor label found (anchor_index >= 0). Returns copies of rewards,
+    anchor_rewards and anchor_index, which the kernel then reads: the check can be neither
+    dropped from the graph nor ordered after a use of its inputs."""
+    for x, name in ((rewards, "rewards"), (anchor_rewards, "anchor_rewards")):
+        if not _all_finite(x):
+            raise _nonfinite_error(x, name)
+    if anchor_index.numel() and bool((anchor_index < 0).any()):
+        raise _missing_anchor_error(anchor_labels[anchor_index < 0].unique().tolist())
+    return rewards.clone(), anchor_rewards.clone(), anchor_index.clone()
+
+
+@advantage_input_check.register_fake
+def _advantage_input_check_fake(rewards, anchor_rewards, anchor_labels, anchor_index):
+    return torch.empty_like(rewards), torch.empty_like(anchor_rewards), torch.empty_like(anchor_index)
 
 
 def check_options(singleton: str, eps: float) -> bool:
     """Validates the keyword options; returns singleton == 'raw'."""
     if singleton not in ("zero", "raw"):
         raise ValueError(f"singleton must be 'zero' or 'raw', got {singleton!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return singleton == "raw"
 
 
@@ -208,9 +340,18 @@ def prepare(rewards, group_ids, anchor_rewards, anchor_group_ids, dense_labels=N
         anchor_rewards = check_rewards(anchor_rewards, "anchor_rewards", device=rewards.device)
         if anchor_group_ids is None and anchor_rewards.numel():
             raise ValueError("anchor_rewards given without anchor_group_ids")
-    if isinstance(group_ids, torch.Tensor) and group_ids.device != rewards.device:
-        raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
+    for labels, name in ((group_ids, "group_ids"), (anchor_group_ids, "anchor_group_ids")):
+        if isinstance(labels, torch.Tensor) and labels.device != rewards.device:
+            raise ValueError(f"{name} is on {labels.device} but rewards is on {rewards.device}; "
+                             "put both on one device")
     dtype = torch.promote_types(rewards.dtype, anchor_rewards.dtype)
     groups = factorize(group_ids, anchor_group_ids, rewards.numel(), anchor_rewards.numel(),
                        rewards.device, dense_labels and dense_labels(rewards.device))
-    return rewards.to(dtype), anchor_rewards.to(dtype), groups
+    rewards, anchor_rewards = rewards.to(dtype), anchor_rewards.to(dtype)
+    if torch.compiler.is_compiling():
+        alabels = torch.as_tensor(anchor_group_ids if anchor_group_ids is not None else [],
+                                  device=rewards.device)
+        rewards, anchor_rewards, aindex = advantage_input_check(rewards, anchor_rewards, alabels,
+                                                                groups.anchor_index)
+        groups = groups._replace(anchor_index=aindex)
+    return rewards, anchor_rewards, groups

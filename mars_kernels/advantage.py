@@ -1,6 +1,8 @@
-"""Triton kernel of the mono-anchored advantage (SPEC section 2).
+"""Triton kernel of the mono-anchored advantage (docs/advantage.md).
 
-Matches `mars.reference.mono_anchored_advantage`. Rollouts and anchors are laid out
+Matches `mars.reference.advantage_dense`; sums and spreads in float64 like the C++ and
+CUDA bodies, so the backends agree to the last fp32 bit on hard cases (large offsets,
+tiny spreads). Rollouts and anchors are laid out
 together, sorted by group (one stable sort of B + K keys, CSR offsets); one program per
 group then shifts the pool by the group's first rollout (so identical values give exactly
 0), sums, computes the two-pass spread, and writes each rollout's advantage back to its
@@ -13,16 +15,17 @@ import triton.language as tl
 
 @triton.jit
 def _advantage_kernel(x_ptr, off_ptr, ord_ptr, adv_ptr, mean_ptr, std_ptr, count_ptr, gain_ptr,
-                      B, eps, NORM_BY_STD: tl.constexpr, UNBIASED: tl.constexpr,
+                      B, eps_ptr, NORM_BY_STD: tl.constexpr, UNBIASED: tl.constexpr,
                       SINGLETON_RAW: tl.constexpr, BLOCK: tl.constexpr):
     # x = cat(rewards, anchors): element e < B is rollout e, e >= B is anchor e - B.
     g = tl.program_id(0)
     start = tl.load(off_ptr + g)
     end = tl.load(off_ptr + g + 1)
+    eps = tl.load(eps_ptr)  # float64: a scalar argument would be fp32
     shift = tl.load(x_ptr + tl.load(ord_ptr + start))  # stable sort: the first rollout
     offs = tl.arange(0, BLOCK)
-    acc_r = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_a = tl.zeros([BLOCK], dtype=tl.float64)
     cnt_r = tl.zeros([BLOCK], dtype=tl.int32)
     for j in range(start, end, BLOCK):  # pass 1: shifted sums, rollouts and anchors apart
         msk = j + offs < end
@@ -35,11 +38,11 @@ def _advantage_kernel(x_ptr, off_ptr, ord_ptr, adv_ptr, mean_ptr, std_ptr, count
     sr = tl.sum(acc_r, axis=0)
     sa = tl.sum(acc_a, axis=0)
     n_int = end - start
-    nr = tl.sum(cnt_r, axis=0).to(tl.float32)
-    n = n_int.to(tl.float32)
+    nr = tl.sum(cnt_r, axis=0).to(tl.float64)
+    n = n_int.to(tl.float64)
     na = n - nr
     mu = (sr + sa) / n
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for j in range(start, end, BLOCK):  # pass 2: squared deviations from the pooled mean
         msk = j + offs < end
         e = tl.load(ord_ptr + j + offs, mask=msk, other=0)
@@ -65,14 +68,14 @@ def _advantage_kernel(x_ptr, off_ptr, ord_ptr, adv_ptr, mean_ptr, std_ptr, count
         if SINGLETON_RAW:
             single = x
         else:
-            single = tl.zeros([BLOCK], dtype=tl.float32)
+            single = tl.zeros([BLOCK], dtype=tl.float64)
         a = tl.where(n > 1.0, a, single)
-        tl.store(adv_ptr + e, a, mask=row)
-    tl.store(mean_ptr + g, shift + mu)
-    tl.store(std_ptr + g, sigma)
+        tl.store(adv_ptr + e, a.to(tl.float32), mask=row)
+    tl.store(mean_ptr + g, (shift + mu).to(tl.float32))
+    tl.store(std_ptr + g, sigma.to(tl.float32))
     tl.store(count_ptr + g, n_int)
     gain = sr / nr - sa / tl.maximum(na, 1.0)
-    tl.store(gain_ptr + g, tl.where(na > 0.0, gain, float("nan")))
+    tl.store(gain_ptr + g, tl.where(na > 0.0, gain, float("nan")).to(tl.float32))
 
 
 def group_layout(index: torch.Tensor, num_groups: int):
@@ -85,7 +88,7 @@ def group_layout(index: torch.Tensor, num_groups: int):
 
 def mono_anchored_advantage(rewards, group_index, anchor_rewards, anchor_index, num_groups: int,
                             norm_by_std: bool, eps: float, unbiased: bool, singleton_raw: bool):
-    """Launcher. rewards [B], anchor_rewards [K]: float (computed in fp32); group_index [B],
+    """Launcher. rewards [B], anchor_rewards [K]: float (computed in fp64); group_index [B],
     anchor_index [K]: int64 dense in [0, num_groups), each group with >= 1 rollout.
     Returns (advantages [B] f32, mean [G] f32, std [G] f32, count [G] i64, gain [G] f32)."""
     B, G, device = rewards.numel(), num_groups, rewards.device
@@ -94,9 +97,10 @@ def mono_anchored_advantage(rewards, group_index, anchor_rewards, anchor_index, 
     count = torch.empty(G, dtype=torch.long, device=device)
     if G == 0:
         return adv, mean, std, count, gain
-    values = torch.cat([rewards.reshape(-1), anchor_rewards.reshape(-1)]).float()
+    values = torch.cat([rewards.reshape(-1), anchor_rewards.reshape(-1)]).double()
     offsets, order = group_layout(torch.cat([group_index, anchor_index]), G)
-    _advantage_kernel[(G,)](values, offsets, order, adv, mean, std, count, gain, B, float(eps),
+    eps_t = torch.full((1,), float(eps), dtype=torch.float64, device=device)
+    _advantage_kernel[(G,)](values, offsets, order, adv, mean, std, count, gain, B, eps_t,
                             NORM_BY_STD=norm_by_std, UNBIASED=unbiased,
                             SINGLETON_RAW=singleton_raw, BLOCK=32)
     return adv, mean, std, count, gain
