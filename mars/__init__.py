@@ -1,7 +1,7 @@
 """mars: mono-anchored advantage normalisation (MARS) kernels for multi-source RLVR.
 
-Public names of SPEC section 9. `mars.loss`, `mars.rewards`, `mars.data` and
-`mars.evaluate` load on first use.
+The public names; docs/README.md indexes their documentation. `mars.loss`,
+`mars.rewards`, `mars.data` and `mars.evaluate` load on first use.
 """
 from . import reference
 from .advantage import mono_anchored_advantage

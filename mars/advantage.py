@@ -28,12 +28,13 @@ def _dense_labels(device):
 def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_group_ids=None, *,
                             norm_by_std=True, eps=1e-6, unbiased=True, singleton="zero",
                             backend="auto", return_stats=False):
-    """Mono-anchored group advantage (SPEC section 2); with no anchors, GRPO / Dr.GRPO.
+    """Mono-anchored group advantage (docs/advantage.md); with no anchors, GRPO / Dr.GRPO.
 
     Args:
         rewards: [B] float (any float dtype, CPU or CUDA): rewards of the trained rollouts.
-        group_ids: [B] group labels: int tensor, or list / numpy array of str or int. Rows
-            of a group may sit anywhere in the batch; groups may differ in size.
+        group_ids: [B] group labels: int tensor, or list / tuple / numpy array of str or
+            int, compared exactly (docs/advantage.md, "Labels"). Rows of a group may sit
+            anywhere in the batch; groups may differ in size.
         anchor_rewards: [K] float mono-source rewards (any number per group, 0 included).
         anchor_group_ids: [K] labels of the same kind; each must occur in group_ids.
         norm_by_std: divide by (std + eps); False gives Dr.GRPO's r - mu.
@@ -48,7 +49,8 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
 
     Raises:
         ValueError naming the argument: non-finite rewards (with the rows), anchor labels
-        absent from group_ids, length or device mismatches, 2-D rewards, bad options.
+        absent from group_ids, mixed label kinds, length or device mismatches, 2-D
+        rewards, bad options; under torch.compile too.
     """
     singleton_raw = check_options(singleton, eps)
     rewards, anchor_rewards, groups = prepare(rewards, group_ids, anchor_rewards,

@@ -16,7 +16,7 @@ import torch
 from .backends import NAMES, backends
 
 CHECKS: dict[str, Callable] = {}
-TOLERANCE = 1e-5  # SPEC section 9: fp32 max abs error (relative for the loss)
+TOLERANCE = 1e-5  # fp32 contract: max abs error (relative for the loss), docs/README.md
 
 
 def register_check(op: str):

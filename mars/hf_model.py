@@ -1,4 +1,4 @@
-"""Hugging Face models -> the inputs of the fused lm-head loss (SPEC section 4).
+"""Hugging Face models -> the inputs of the fused lm-head loss (docs/loss.md).
 
 A causal LM (`*ForCausalLM`) or VLM (`Qwen2VLForConditionalGeneration`, ...) computes
 logits = lm_head(final_hidden). The fused loss wants the final hidden states and the
