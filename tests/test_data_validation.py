@@ -416,3 +416,17 @@ def test_parquet_prompt_strings(tmp_path):
     rows = [row("b", "<answer>Yes</answer>", "spatialqa", prompt="42")]
     with pytest.raises(DataFormatError, match=r"sample b: 0 image placeholder\(s\) in the prompt but 1 image\(s\)"):
         load_parquet(write_parquet(tmp_path, rows, "b.parquet"))
+
+
+def test_check_limit():
+    from mars.data import check_limit
+    assert check_limit(None) is None and check_limit(0) == 0 and check_limit(np.int32(3)) == 3
+    for bad in (-1, True, 2.0, "3"):
+        with pytest.raises(ValueError, match=r"n_max must be None \(all samples\) or an int >= 0"):
+            check_limit(bad, "n_max")
+
+
+def test_empty_messages(tmp_path):
+    p = write_json(tmp_path, [{"messages": [], "ground_truth": "yes", "extra_info": {"id": "m"}}])
+    with pytest.raises(DataFormatError, match="sample m: prompt must be a non-empty list of chat messages, got an empty"):
+        load_eval_json(p)

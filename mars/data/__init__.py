@@ -12,7 +12,7 @@ Formats, fields, validation and errors: docs/data.md.
 
 from .ground_truth import ground_truth_problem
 from .images import load_image
-from .loaders import load_eval_json, load_parquet, load_samples
+from .loaders import check_limit, load_eval_json, load_parquet, load_samples
 from .messages import normalise_messages
 from .sample import IMAGE_PLACEHOLDER, MONO_MODES, DataFormatError, Sample
 from .tasks import TASKS, infer_task
@@ -28,6 +28,7 @@ __all__ = [
     "load_eval_json",
     "load_parquet",
     "load_samples",
+    "check_limit",
     "load_image",
     "normalise_messages",
 ]

@@ -29,16 +29,24 @@ from .messages import image_list, normalise_messages
 from .sample import DataFormatError, Sample, raise_problems
 from .tasks import check_task, infer_task_reason
 
-__all__ = ["load_eval_json", "load_parquet", "load_samples"]
+__all__ = ["load_eval_json", "load_parquet", "load_samples", "check_limit"]
 
 _ID_KEYS = ("sample_id", "id", "index")
 
 
+def check_limit(limit: Any, name: str = "limit") -> int | None:
+    """``limit`` as an int (or None: all samples); ValueError naming ``name`` for a
+    negative number, a bool or a non-int (a negative limit would otherwise slice off the
+    last samples silently)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0:
+        raise ValueError(f"{name} must be None (all samples) or an int >= 0, got {limit!r}")
+    return int(limit)
+
+
 def _check_options(limit: Any, task: Any, check_images: Any, image_root: Any) -> None:
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0
-    ):
-        raise ValueError(f"limit must be None (all samples) or an int >= 0, got {limit!r}")
+    check_limit(limit)
     check_task(task)
     if not isinstance(check_images, bool):
         raise ValueError(f"check_images must be True or False, got {check_images!r}")

@@ -57,8 +57,10 @@ def normalise_messages(messages: Any, images: Any = None) -> tuple[list[dict], l
     """``(messages, image_refs)`` with content as parts; see the module docstring."""
     if isinstance(messages, dict):
         messages = [messages]
-    if not isinstance(messages, (list, tuple)) or not messages:
+    if not isinstance(messages, (list, tuple)):
         raise ValueError(f"prompt must be a non-empty list of chat messages, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("prompt must be a non-empty list of chat messages, got an empty list")
     images = image_list(images)
     refs: list[Any] = []
     n_from_list = 0

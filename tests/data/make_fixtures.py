@@ -3,7 +3,7 @@
 Tiny images (48x40 PNG, one flat colour per source so tests can tell sources apart) and
 a few samples per task in the two published formats:
 
-* ``<task>_eval.json``: evaluation chat messages with M image entries (SPEC section 7);
+* ``<task>_eval.json``: evaluation chat messages with M image entries (docs/data.md);
 * ``train.parquet``: training rows with ``<image>`` placeholders, embedded image bytes,
   ``data_source``, ``reward_model.ground_truth`` (``<answer>``-wrapped), ``extra_info``;
 * ``bad_eval.json`` / ``bad_train.parquet``: malformed files for the error messages.
