@@ -248,3 +248,42 @@ def test_accepted_ground_truths_never_break_scoring(gt, source, completion):
         assert ground_truth_problem("grounding", gt) is None  # every well-formed box list, [] included
         if source in (None, "mine", "llvip"):
             assert task == "grounding"
+
+
+part = st.one_of(
+    json_value,
+    st.fixed_dictionaries({"type": st.sampled_from(["image", "image_url", "text", "video", None]),
+                           "image": st.one_of(st.sampled_from(IMGS + ["", "x.png", "https://a/b.png"]), json_value),
+                           "text": st.one_of(st.sampled_from(["q", "<image> q", ""]), json_value)}),
+)
+garbage_entry = st.fixed_dictionaries(
+    {},
+    optional={"role": json_value, "content": st.one_of(json_value, st.lists(part, max_size=4)),
+              "messages": st.one_of(json_value, st.lists(st.fixed_dictionaries({"content": st.lists(part, max_size=3)}),
+                                                         max_size=2)),
+              "images": st.one_of(json_value, st.sampled_from(IMGS)), "ground_truth": json_value,
+              "extra_info": st.one_of(json_value, st.fixed_dictionaries({"sample_id": json_value})),
+              "data_source": json_value, "id": json_value},
+)
+
+
+@settings(max_examples=200, **SETTINGS)
+@given(entries=st.lists(st.one_of(garbage_entry, json_value), max_size=6))
+def test_garbage_only_raises_data_format_error(entries):
+    """Arbitrary JSON entries: the loader returns samples or raises DataFormatError, never
+    another exception; what it returns is usable."""
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "samples.json")
+        with open(p, "w") as fh:
+            json.dump(entries, fh)
+        try:
+            samples = load_eval_json(p)
+        except DataFormatError as exc:
+            assert exc.problems and str(exc).startswith(p)
+            return
+    for s in samples:
+        assert s.num_images >= 1 and s.task in ("grounding", "vqa", "mcq")
+        assert ground_truth_problem(s.task, s.ground_truth) is None
+        s.to_record()
+        for mode in ("duplicate", "single"):
+            assert len(s.mono_variants(mode)) == s.num_images
