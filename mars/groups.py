@@ -262,17 +262,26 @@ def _factorize_strings(ids: np.ndarray, aids: np.ndarray, device) -> Groups:
                   len(uniq), uniq)
 
 
-def _nonfinite_error(x: torch.Tensor, name: str):
+_MAX_REWARD = 1e150  # |value| above it: squared deviations would overflow float64
+
+
+def _check_values(x: torch.Tensor, name: str) -> None:
+    """Finite values whose squared spread float64 holds. One reduction (aminmax; NaN and
+    inf propagate into it) and one host sync decide; only then look at every value."""
+    if not x.numel():
+        return
+    lo, hi = torch.aminmax(x)
+    lo, hi = torch.stack([lo, hi]).double().tolist()
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= _MAX_REWARD:
+        return
     bad = ~torch.isfinite(x)
-    rows = bad.nonzero().flatten().tolist()
-    return ValueError(f"{name} has non-finite values at rows {rows[:10]}"
-                      f"{' ...' if len(rows) > 10 else ''} (values {x[rows[:3]].tolist()})")
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    # One reduction decides: the sum of finite values is finite unless it overflows, and a
-    # NaN or inf anywhere makes it NaN or inf; only then look at every value.
-    return not x.numel() or math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"{name} has non-finite values at rows {rows[:10]}"
+                         f"{' ...' if len(rows) > 10 else ''} (values {x[rows[:3]].tolist()})")
+    rows = (x.abs() > _MAX_REWARD).nonzero().flatten().tolist()
+    raise ValueError(f"{name} has values beyond +-{_MAX_REWARD:g} at rows {rows[:10]} (values "
+                     f"{x[rows[:3]].tolist()}); their spread overflows float64, rescale them")
 
 
 def check_rewards(x, name: str, device=None) -> torch.Tensor:
@@ -290,8 +299,8 @@ def check_rewards(x, name: str, device=None) -> torch.Tensor:
         raise ValueError(f"{name} must be real, got {x.dtype}")
     if not x.dtype.is_floating_point:
         x = x.double() if x.dtype == torch.int64 else x.float()  # int64 exactly, as float64 holds it
-    if not torch.compiler.is_compiling() and not _all_finite(x):
-        raise _nonfinite_error(x, name)
+    if not torch.compiler.is_compiling():
+        _check_values(x, name)
     return x
 
 
@@ -304,8 +313,7 @@ def advantage_input_check(rewards: torch.Tensor, anchor_rewards: torch.Tensor,
     anchor_rewards and anchor_index, which the kernel then reads: the check can be neither
     dropped from the graph nor ordered after a use of its inputs."""
     for x, name in ((rewards, "rewards"), (anchor_rewards, "anchor_rewards")):
-        if not _all_finite(x):
-            raise _nonfinite_error(x, name)
+        _check_values(x, name)
     if anchor_index.numel() and bool((anchor_index < 0).any()):
         raise _missing_anchor_error(anchor_labels[anchor_index < 0].unique().tolist())
     return rewards.clone(), anchor_rewards.clone(), anchor_index.clone()

@@ -282,3 +282,15 @@ def test_auto_fallback_to_reference_warns_once(monkeypatch):
         second = mars.mono_anchored_advantage(r, [0, 0])  # once only
         mars.mono_anchored_advantage(r, [0, 0], backend="reference")  # asked for: silent
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rewards_beyond_float64_spread_refused(backend):
+    """1e200 and -1e200 are finite, but their squared deviation is not: refuse, naming them."""
+    r = torch.tensor([1e200, -1e200, 0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"rewards has values beyond .* rows \[0, 1\]"):
+        mars.mono_anchored_advantage(r, [0, 0, 1, 1], backend=backend)
+    big = torch.tensor([1e38, -1e38, 0.0, 1.0])  # near fp32 extremes: float64 holds their spread
+    got = mars.mono_anchored_advantage(big, [0, 0, 1, 1], backend=backend)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), oracle(big.tolist(), [0, 0, 1, 1], [], []))
