@@ -2,13 +2,21 @@
 
 Boxes are absolute ``[x1, y1, x2, y2]`` (pixels). A box is *valid* when its four
 coordinates are finite numbers with x2 > x1 and y2 > y1; an invalid box has IoU 0 with
-everything (never negative, never NaN).
+everything (never negative, never NaN). The rules are in docs/rewards.md ("Grounding").
+
+Parsing is total on predictions: any string gives boxes or a parse status, never an
+exception. A number too large for a float ("1e400", "9" * 5000, ``-1e309``) becomes an
+infinite coordinate, i.e. an invalid box, never an OverflowError or the interpreter's
+int-digits ValueError; NaN and Infinity make invalid boxes too; nesting too deep for the
+JSON parser is a parse failure ("bad_json"). All of it runs in time linear in the length
+of the answer.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -17,17 +25,42 @@ from .tags import extract_answer, json_blocks
 
 __all__ = ["valid_box", "box_iou", "iou_matrix", "hungarian_match", "parse_pred_boxes", "parse_gt_boxes"]
 
+_NAN_BOX = [math.nan] * 4
+
+
+def _number(v: Any) -> float | None:
+    """A coordinate as a float (+-inf when it overflows a float), or None when it is not
+    a number (bool, str, None, list ...)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:  # a Python int beyond the float range
+        return math.inf if v > 0 else -math.inf
+
+
+_PLAIN_NUMBER = frozenset({int, float})  # exact types: bool (an int subclass) is not a coordinate
+
 
 def _coords(box: Any) -> list[float] | None:
+    """The four coordinates of a box-shaped entry (a 4-list/tuple of numbers, or a dict
+    holding one under "bbox_2d" / "bbox"), possibly non-finite; None for any other shape."""
     if isinstance(box, dict):
         box = box.get("bbox_2d", box.get("bbox"))
     if not isinstance(box, (list, tuple)) or len(box) != 4:
         return None
+    a, b, c, d = box
+    if type(a) in _PLAIN_NUMBER and type(b) in _PLAIN_NUMBER and type(c) in _PLAIN_NUMBER and type(d) in _PLAIN_NUMBER:
+        try:  # the common case, without a call per coordinate
+            return [float(a), float(b), float(c), float(d)]
+        except OverflowError:
+            pass
     out = []
     for v in box:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        x = _number(v)
+        if x is None:
             return None
-        out.append(float(v))
+        out.append(x)
     return out
 
 
@@ -55,12 +88,58 @@ def box_iou(a: Any, b: Any) -> float:
     return min(iou, 1.0)
 
 
+_CONTAINERS = (dict, list, tuple)
+
+
+def _box_array(boxes: list) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 4] float64 coordinates (NaN rows for entries that are not box-shaped) and the
+    [n] validity mask of :func:`valid_box`. A fast path (comprehensions, one numpy
+    conversion) reads dicts and 4-lists of plain ints/floats; every other entry goes
+    through :func:`_coords`. Same values either way."""
+    f = _PLAIN_NUMBER
+    arr = np.full((len(boxes), 4), np.nan)
+    shaped = [i for i, b in enumerate(boxes) if isinstance(b, _CONTAINERS)]  # the rest: not boxes
+    inner = [(b.get("bbox_2d", b.get("bbox")) if type(b) is dict else b) for b in (boxes[i] for i in shaped)]
+    fast = [
+        type(b) is list and len(b) == 4 and type(b[0]) in f and type(b[1]) in f
+        and type(b[2]) in f and type(b[3]) in f
+        for b in inner
+    ]
+    good = [i for i, ok in zip(shaped, fast) if ok]
+    try:
+        if good:
+            arr[good] = np.array([b for b, ok in zip(inner, fast) if ok], dtype=np.float64)
+    except OverflowError:  # an int beyond the float range: per entry, as _coords reads it
+        arr[good] = [_coords(boxes[i]) for i in good]
+    for i in [i for i, ok in zip(shaped, fast) if not ok]:
+        c = _coords(boxes[i])
+        if c is not None:
+            arr[i] = c
+    valid = np.isfinite(arr).all(axis=1) & (arr[:, 2] > arr[:, 0]) & (arr[:, 3] > arr[:, 1])
+    return arr, valid
+
+
 def iou_matrix(preds: list, gts: list) -> np.ndarray:
-    """[n_pred, n_gt] float64 matrix of :func:`box_iou`."""
+    """[n_pred, n_gt] float64 matrix of :func:`box_iou`, computed with the same float64
+    operations in the same order (so bit for bit equal), vectorised over the boxes."""
     m = np.zeros((len(preds), len(gts)), dtype=np.float64)
-    for i, p in enumerate(preds):
-        for j, g in enumerate(gts):
-            m[i, j] = box_iou(p, g)
+    if not preds or not gts:
+        return m
+    p, pv = _box_array(preds)
+    g, gv = _box_array(gts)
+    p, g = p[pv], g[gv]
+    if not len(p) or not len(g):
+        return m
+    with np.errstate(all="ignore"):
+        iw = np.minimum(p[:, None, 2], g[None, :, 2]) - np.maximum(p[:, None, 0], g[None, :, 0])
+        ih = np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 1], g[None, :, 1])
+        inter = iw * ih
+        area_p = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1])
+        area_g = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
+        union = area_p[:, None] + area_g[None, :] - inter
+        iou = inter / np.where(union > 0, union, 1.0)
+    ok = (iw > 0) & (ih > 0) & (union > 0) & np.isfinite(iou) & (iou > 0)
+    m[np.ix_(pv, gv)] = np.where(ok, np.minimum(iou, 1.0), 0.0)
     return m
 
 
@@ -76,11 +155,24 @@ def hungarian_match(preds: list, gts: list) -> list[float]:
     return [float(m[r, c]) for r, c in zip(rows, cols)]
 
 
+# A run of 1000 or more digits: a number no float can hold exactly. Written to start with
+# a character class and to try the long repetition only at the first digit of a run, so
+# the search is linear.
+_LONG_DIGIT_RUN = re.compile(r"[0-9](?<![0-9][0-9])[0-9]{999}")
+
+
 def _loads(text: str) -> tuple[Any, bool]:
+    """``(data, True)`` for JSON (or JSON written with single quotes), else ``(None, False)``.
+
+    When the text holds a run of 1000+ digits, integers are parsed as floats (one that
+    large becomes +-inf): Python's int parser is quadratic in the digit count and refuses
+    more than ``sys.get_int_max_str_digits()`` digits. Integers that do not fit a float
+    become +-inf in :func:`_coords`."""
+    parse_int = float if _LONG_DIGIT_RUN.search(text) else None
     for candidate in (text, text.replace("'", '"')):
         try:
-            return json.loads(candidate), True
-        except Exception:  # JSONDecodeError, RecursionError, ...
+            return json.loads(candidate, parse_int=parse_int), True
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             continue
     return None, False
 
