@@ -1,12 +1,36 @@
-"""Answer matching for VQA and multiple choice: normalisation, alternatives, yes/no and
-choice letters. Pure string functions; they never raise on odd input."""
+"""Answer matching for VQA and multiple choice: normalisation, alternatives, yes/no,
+choice letters and the hedging rule. The rules are written out in docs/rewards.md
+("VQA accuracy", "Multiple-choice accuracy", "Hedged answers").
+
+Pure string functions: they never raise on an odd prediction (only on an unusable ground
+truth) and run in time linear in the length of their input. Every regular expression
+here has only bounded repetitions, or repetitions that stop at the next word character
+(so no stretch of text is rescanned from many start positions), and the ones that scan a
+whole answer start with a character class so that the engine skips non-candidates in C
+(docs/rewards.md, "Cost").
+"""
 
 from __future__ import annotations
 
+import functools
 import re
+import string
 import unicodedata
+from typing import NamedTuple
 
-__all__ = ["normalize_answer", "alternatives", "yes_no", "extract_choice", "answers_match", "choice_match"]
+__all__ = [
+    "Verdict",
+    "normalize_answer",
+    "alternatives",
+    "yes_no",
+    "names_yes_and_no",
+    "extract_choice",
+    "choice_letters",
+    "judge_answer",
+    "hedged_answer",
+    "answers_match",
+    "choice_match",
+]
 
 _NUMBERS = {
     w: str(i)
@@ -15,20 +39,46 @@ _NUMBERS = {
         "fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
     )
 }
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[!\"#$%&'()*+/:;<=>?@\[\\\]^_`{|}~\-]")
-_OR = re.compile(r"\s+or\s+", re.IGNORECASE)
+_ARTICLES = frozenset({"a", "an", "the"})
+# "." and "," that are not between digits ("3.5" and "1,000" keep theirs).
+_DOT_COMMA = re.compile(r"[.,](?:(?<!\d.)|(?!\d))")
+# Every other character that is neither a letter/digit (any script) nor whitespace --
+# punctuation, symbols, control and invisible format characters, underscore -- becomes
+# a space: ASCII ones by a translation table (C speed however many there are), the
+# others by a character class.
+_ASCII_SEPARATORS = {
+    c: " " for c in range(128) if not (chr(c).isalnum() or chr(c).isspace() or chr(c) in ".,")
+}
+_NON_ASCII_SEPARATOR = re.compile(r"[^\w\s\x00-\x7f]")
+
+# Words of each polarity a yes/no answer may use. An answer naming words of both
+# polarities is hedged ("yes or no", "Yes/No", "yes, no", "either yes or no").
+_YES_WORDS = frozenset({"yes", "yeah", "yep", "yup"})
+_NO_WORDS = frozenset({"no", "nope", "nah"})
+
+
+class Verdict(NamedTuple):
+    """correct: the answer earns accuracy. hedged: it commits to more than one option
+    (then ``correct`` is False)."""
+
+    correct: bool
+    hedged: bool
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, NFKC, punctuation to spaces (keeping decimal points and thousands
-    commas inside numbers), number words zero..twenty to digits, articles dropped from
-    multi-word answers, whitespace collapsed."""
+    """Lower-case, NFKC, punctuation and symbols to spaces (keeping decimal points and
+    thousands commas inside numbers), number words zero..twenty to digits, articles
+    dropped from multi-word answers, whitespace collapsed."""
     t = unicodedata.normalize("NFKC", text).lower()
-    t = re.sub(r"(?<!\d)[.,]|[.,](?!\d)", " ", t)
-    t = _PUNCT.sub(" ", t)
-    words = [_NUMBERS.get(w, w) for w in t.split()]
-    if len(words) > 1:
+    t = t.translate(_ASCII_SEPARATORS)
+    if not t.isascii():
+        t = _NON_ASCII_SEPARATOR.sub(" ", t)
+    if "." in t or "," in t:
+        t = _DOT_COMMA.sub(" ", t)
+    words = t.split()
+    if not _NUMBERS.keys().isdisjoint(words):
+        words = [_NUMBERS.get(w, w) for w in words]
+    if len(words) > 1 and not _ARTICLES.isdisjoint(words):
         words = [w for w in words if w not in _ARTICLES] or words
     return " ".join(words)
 
@@ -37,68 +87,243 @@ def alternatives(ground_truth: str) -> set[str]:
     """Accepted normalised answers: the whole ground truth and each side of " or "
     ("two or 2" accepts "two", "2", "two or 2")."""
     out = {normalize_answer(ground_truth)}
-    out.update(normalize_answer(part) for part in _OR.split(ground_truth))
+    words = ground_truth.split()
+    parts: list[list[str]] = [[]]
+    for i, w in enumerate(words):
+        if 0 < i < len(words) - 1 and w.lower() == "or":
+            parts.append([])
+        else:
+            parts[-1].append(w)
+    if len(parts) > 1:
+        out.update(normalize_answer(" ".join(p)) for p in parts)
     out.discard("")
     return out
 
 
 def yes_no(normalised: str) -> str | None:
     """"yes"/"no" when a normalised answer starts with it, else when it ends with it,
-    else None ("yes, it is" -> yes; "the cup is reachable so no" -> no)."""
-    words = normalised.split()
+    else None ("yes, it is" -> yes; "the cup is reachable so no" -> no). Says nothing
+    about hedging: see :func:`names_yes_and_no`."""
+    words = normalised.split(maxsplit=1)
     if not words:
         return None
     if words[0] in ("yes", "no"):
         return words[0]
-    if words[-1] in ("yes", "no"):
-        return words[-1]
-    return None
+    last = normalised.rsplit(maxsplit=1)[-1]
+    return last if last in ("yes", "no") else None
 
 
-_CHOICE_PATTERNS = [
-    re.compile(r"^[\(\[]?([A-Za-z])[\)\]]?[.:,]?$"),  # "A", "(a)", "B.", "[C]"
-    re.compile(r"^[\(\[]([A-Za-z])[\)\]]"),  # "(A) Biology"
-    re.compile(r"^([A-Z])(?:[.:)]|\s*$)"),  # "A. Biology", "B) ..."
-    re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:：]?\s*[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])"),
+def names_yes_and_no(normalised: str) -> bool:
+    """True when a normalised answer contains a word of each polarity (yes / yeah / yep /
+    yup and no / nope / nah): "yes or no", "yes no", "no, yes" -- a hedge."""
+    words = set(normalised.split())
+    return not words.isdisjoint(_YES_WORDS) and not words.isdisjoint(_NO_WORDS)
+
+
+# ------------------------------------------------------------------ choice letters
+#
+# All patterns below run on the "choice text": NFKC, whitespace runs collapsed to one
+# space, stripped. A "single letter" is an ASCII letter with no letter, digit or
+# underscore (\w) directly on either side.
+
+# "answer", "option" or "choice" (any case), optionally "is" and ":", optionally "(".
+# Written to start with a character class (the search then skips other characters in C).
+_LEAD_IN = r"[AaOoCc](?<!\w.)(?i:(?<=a)nswer|(?<=o)ption|(?<=c)hoice)(?: (?i:is))? ?:? ?[(\[]?"
+_HEAD_PATTERNS = [
+    (re.compile(r"[(\[]?([A-Za-z])[)\]]?[.:,]?"), "fullmatch"),  # "A", "(a)", "B.", "[C]"
+    (re.compile(r"[(\[]([A-Za-z])[)\]]"), "match"),  # "(A) Biology"
+    (re.compile(r"([A-Z])(?:[.:)]|$)"), "match"),  # "A. Biology", "B) ..."
+    (re.compile(_LEAD_IN + r"([A-Z])[)\]]?(?![A-Za-z])"), "search"),  # "The answer is D"
 ]
+# Words that join or hedge between options, and punctuation that joins them.
+_LIST_WORDS = ("or", "and", "vs", "versus", "either", "maybe", "perhaps", "possibly", "probably")
+_LIST_PUNCT = ",;/&|+"
+# The list words as whole words, any case; starts with a character class (see _LEAD_IN).
+_LIST_WORD_RE = re.compile(
+    "[" + "".join(sorted({w[0] + w[0].upper() for w in _LIST_WORDS})) + r"](?<!\w.)(?i:"
+    + "|".join(f"(?<={w[0]}){w[1:]}" for w in sorted(_LIST_WORDS, key=len, reverse=True))
+    + r")(?!\w)"
+)
+# What a list word becomes before the letter rules run: one character that is neither a
+# word character nor a space, so that the rules see "A or C" as "A \x01 C".
+_LIST_MARK = "\x01"
 
 
-def extract_choice(text: str) -> str | None:
-    """Upper-case choice letter from an answer ("A", "(b)", "C. Cooking", "The answer is
-    D"), or None. A lone lower-case letter counts only as the whole answer, so prose such
-    as "a book" is not read as choice A."""
-    t = unicodedata.normalize("NFKC", text).strip()
-    for pat in _CHOICE_PATTERNS:
-        m = pat.search(t)
+def _choice_text(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+@functools.lru_cache(maxsize=64)
+def _named_letter_patterns(exclude: str | None) -> tuple[re.Pattern, re.Pattern]:
+    r"""Two patterns finding a single letter that an answer names as an option, other than
+    ``exclude`` (an upper-case letter, or None: any); group 1 is the letter. They run on the
+    choice text with list words replaced by _LIST_MARK. One alternative per clause of the
+    rule in docs/rewards.md, "Hedged answers".
+
+    The first pattern starts with the letter's character class, so the search skips
+    everything else in C; ``(?<!\w.)(?!\w)`` then keeps single letters only, and the
+    context is checked by lookbehinds that end after the letter (their ``.`` is the letter
+    itself) and by lookaheads whose repetitions stop at the next word character."""
+    up = "".join(c for c in string.ascii_uppercase if c != exclude)
+    lo = up.lower()
+    up_i, lo_i = up.replace("I", ""), lo.replace("i", "")  # the pronoun I: only in brackets / after a lead-in
+    mark, punct = re.escape(_LIST_MARK), re.escape(_LIST_PUNCT)
+    to_end = r"(?=[^\w]*\Z)"  # nothing but punctuation and spaces up to the end
+    # Clauses 1-4 need a non-word character right before the letter (past one space);
+    # this gate rejects every other candidate in two steps.
+    after_nonword = r"(?:(?<=[^\w ].)|(?<=[^\w ] .)|(?<=^.))"
+    gated_upper = "|".join([
+        # 2. right after a list word: "A or C", "either B or D", "red or C. blue"
+        rf"(?<={mark} .)|(?<={mark}\. .)",
+        # 3. right after list punctuation, with no word after it: "A, C", "A/B", "A & B."
+        rf"(?:(?<=[{punct}].)|(?<=[{punct}] .))(?= ?(?:\Z|[^\w ]|[A-Za-z](?!\w)))",
+        # 4. the last or last-but-one single letter of a run of single letters and
+        #    punctuation that ends the answer: "A. B.", "B) C)", "A: B" (4b below: "A B")
+        to_end,
+        r"(?=[^\w]*[A-Za-z](?!\w)[^\w]*\Z)",
+    ])
+    # lower case counts after a list word / list punctuation only when it ends the answer: "(b) or c"
+    gated_lower = rf"(?:(?<={mark} .)|(?<={mark}\. .)|(?<=[{punct}].)|(?<=[{punct}] .)){to_end}"
+    ungated_upper = "|".join([
+        # 4b. the last letter of such a run, right after another single letter: "A B"
+        rf"(?<=(?<!\w)[A-Za-z] .){to_end}",
+        # 5. before list punctuation / a list word leading to another single letter:
+        #    "A or B" names A, "Both A and B", "(A), (B)"
+        rf"(?= ?[)\].:(\[{punct}{mark}])[)\].:]? ?[(\[]?(?: ?[{punct}{mark}]){{1,3}} ?[(\[]?"
+        rf"(?:[A-HJ-Z](?!\w)|[a-z](?!\w){to_end})",
+    ])
+    letters = (
+        rf"([{up}{lo}])(?<!\w.)(?!\w)(?:"
+        rf"(?<=[(\[].)(?=[)\]])"  # 1. in brackets, any case: "(C)", "[c]"
+        rf"|(?<=[{up_i}])(?:{after_nonword}(?:{gated_upper})|{ungated_upper})"
+        rf"|(?<=[{lo_i}]){after_nonword}{gated_lower}"
+        ")"
+    )
+    # 6. after "answer", "option" or "choice": "Answer: B. Option C"
+    lead_in = _LEAD_IN + rf"([{up}])[)\]]?(?![A-Za-z])"
+    return re.compile(letters), re.compile(lead_in)
+
+
+_LEAD_IN_WORDS = ("answer", "option", "choice")
+
+
+def _head(s: str, lead_in: bool = True) -> str | None:
+    """The choice letter of a choice text; ``lead_in=False`` skips the lead-in pattern
+    (the caller knows the text has no lead-in word)."""
+    for pat, how in _HEAD_PATTERNS if lead_in else _HEAD_PATTERNS[:-1]:
+        m = getattr(pat, how)(s)
         if m:
             return m.group(1).upper()
     return None
 
 
-def answers_match(prediction: str | None, ground_truth: str) -> bool:
-    """Free-form VQA match on the answer text: empty or missing prediction -> False;
-    yes/no ground truths compare the prediction's yes/no; otherwise normalised exact match
-    against :func:`alternatives`."""
-    if prediction is None:
-        return False
-    pred = normalize_answer(prediction)
-    if not pred:
-        return False
+def _named_letter(marked: str, exclude: str | None, lead_in: bool) -> str | None:
+    letters, lead = _named_letter_patterns(exclude)
+    m = letters.search(marked) or (lead.search(marked) if lead_in else None)
+    return None if m is None else m.group(1).upper()
+
+
+def extract_choice(text: str) -> str | None:
+    """Upper-case choice letter from an answer ("A", "(b)", "C. Cooking", "The answer is
+    D"), or None. A lone lower-case letter counts only as the whole answer or in brackets,
+    so prose such as "a book" is not read as choice A. Says nothing about hedging: see
+    :func:`choice_letters`."""
+    return _head(_choice_text(text))
+
+
+def choice_letters(text: str) -> tuple[str | None, bool]:
+    """``(choice, hedged)``: the letter :func:`extract_choice` reads, and whether the answer
+    names at least two different letters as options (docs/rewards.md, "Hedged answers":
+    "A or B", "A, C", "(A)(B)", "B. red or C. blue"). A letter inside option text ("C. A
+    travel guide", "B. Vitamin C", "A. J. K. Rowling") is not named as an option."""
+    s = _choice_text(text)
+    low = s.lower()  # only to skip patterns that cannot match (str.find runs in C)
+    lead_in = any(w in low for w in _LEAD_IN_WORDS)
+    head = _head(s, lead_in)
+    marked = _LIST_WORD_RE.sub(_LIST_MARK, s) if any(w in low for w in _LIST_WORDS) else s
+    if head is not None:
+        return head, _named_letter(marked, head, lead_in) is not None
+    first = _named_letter(marked, None, lead_in)
+    return None, first is not None and _named_letter(marked, first, lead_in) is not None
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+def _alternatives_checked(ground_truth: str) -> set[str]:
     alts = alternatives(ground_truth)
     if not alts:
         raise ValueError(f"ground truth {ground_truth!r} is empty after normalisation")
-    gt_yn = {yes_no(a) for a in alts if a in ("yes", "no")}
-    if len(gt_yn) == 1:
-        return yes_no(pred) == gt_yn.pop()
-    return pred in alts
+    return alts
+
+
+def _free_form_verdict(prediction: str, ground_truth: str) -> Verdict:
+    alts = _alternatives_checked(ground_truth)
+    pred = normalize_answer(prediction)
+    yn = {a for a in alts if a in ("yes", "no")}
+    if len(yn) == 1:  # a yes/no question
+        hedged = names_yes_and_no(pred)
+        return Verdict(not hedged and yes_no(pred) == yn.pop(), hedged)
+    if not pred:
+        return Verdict(False, False)
+    if pred in alts:  # includes the ground truth's own list ("two or 2")
+        return Verdict(True, False)
+    values = set(_or_values(pred))
+    if values <= alts:  # every value it names is accepted: "2 or two", "truck or car"
+        return Verdict(True, False)
+    return Verdict(False, len(values) > 1)
+
+
+def _or_values(normalised: str) -> list[str]:
+    """The values a normalised answer lists with " or " ("either 2 or 3" -> ["2", "3"])."""
+    parts = normalised.split(" or ")  # normalised text is single-spaced and stripped
+    if len(parts) > 1 and parts[0].startswith("either "):
+        parts[0] = parts[0][len("either "):]
+    return parts
+
+
+def judge_answer(prediction: str | None, ground_truth: str, *, multiple_choice: bool = False) -> Verdict:
+    """Accuracy of an ``<answer>`` content against a ground-truth string, with the hedging
+    rule (docs/rewards.md): a missing or blank prediction is not correct; an answer that
+    commits to more than one option is ``hedged`` and not correct.
+
+    multiple_choice: when the ground truth has a choice letter, compare choice letters
+    (:func:`choice_letters`); otherwise (and for free-form VQA) normalised exact match
+    against :func:`alternatives`, yes/no ground truths comparing the answer's yes/no.
+    Raises ValueError only for a ground truth that is empty after normalisation.
+    """
+    if multiple_choice:
+        gt_letter = extract_choice(ground_truth)
+        if gt_letter is not None:
+            if prediction is None:
+                return Verdict(False, False)
+            letter, hedged = choice_letters(prediction)
+            return Verdict(letter == gt_letter and not hedged, hedged)
+    if prediction is None:
+        _alternatives_checked(ground_truth)
+        return Verdict(False, False)
+    return _free_form_verdict(prediction, ground_truth)
+
+
+def hedged_answer(prediction: str | None, ground_truth: str, *, multiple_choice: bool = False) -> bool:
+    """True when ``prediction`` commits to more than one option (docs/rewards.md, "Hedged
+    answers"): two different choice letters for a multiple-choice ground truth, both yes
+    and no for a yes/no ground truth, or " or "-alternatives with different values for a
+    free-form one (unless the answer is one of the ground truth's accepted forms)."""
+    return judge_answer(prediction, ground_truth, multiple_choice=multiple_choice).hedged
+
+
+def answers_match(prediction: str | None, ground_truth: str) -> bool:
+    """Free-form VQA match on the answer text (docs/rewards.md, "VQA accuracy"): empty or
+    missing prediction -> False; yes/no ground truths compare the prediction's yes/no, and
+    an answer naming both yes and no never matches; otherwise normalised exact match
+    against :func:`alternatives`, where an answer listing values with " or " matches
+    when every value it names is accepted ("2 or two" for "two or 2"; "2 or 3" does not)."""
+    return judge_answer(prediction, ground_truth).correct
 
 
 def choice_match(prediction: str | None, ground_truth: str) -> bool:
-    """Multiple-choice match: compares choice letters when the ground truth has one,
-    otherwise falls back to :func:`answers_match`."""
-    if prediction is None or not prediction.strip():
-        return False
-    gt_letter = extract_choice(ground_truth)
-    if gt_letter is None:
-        return answers_match(prediction, ground_truth)
-    return extract_choice(prediction) == gt_letter
+    """Multiple-choice match (docs/rewards.md, "Multiple-choice accuracy"): when the ground
+    truth has a choice letter, the answer's letter must equal it and the answer must not
+    name another letter as an option; otherwise falls back to :func:`answers_match`."""
+    return judge_answer(prediction, ground_truth, multiple_choice=True).correct

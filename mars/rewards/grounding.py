@@ -1,4 +1,4 @@
-"""Grounding reward (LLVIP person detection), SPEC section 7, corrected.
+"""Grounding reward (LLVIP person detection); the full rule is in docs/rewards.md ("Grounding").
 
 reward = format + iou_part, where
 
@@ -13,10 +13,12 @@ reward = format + iou_part, where
       iou_part = max(0, score - penalty)
 
   Every entry of the predicted list counts in n_pred; invalid, inverted or degenerate
-  boxes have IoU 0. Unparsable answers give iou_part 0. With no ground-truth boxes
-  (n_gt == 0) iou_part is 1 for an empty prediction list, else 0.
+  boxes (including coordinates too large for a float, NaN, infinities) have IoU 0.
+  Unparsable answers give iou_part 0. With no ground-truth boxes (n_gt == 0) iou_part
+  is 1 for an empty prediction list, else 0.
 
-Maximum: 0.75 + 1 + 0.3 ln n_gt (n_gt >= 1).
+Range: any completion string gives a finite reward in [0, 0.75 + 1 + 0.3 ln n_gt]
+(n_gt >= 1; [0, 1.75] for n_gt == 0). Only a malformed ground truth raises (ValueError).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def grounding_max_reward(ground_truth: Any) -> float:
 @register_reward("grounding", max_reward=grounding_max_reward)
 def grounding_reward(completion: str, ground_truth: Any) -> RewardBreakdown:
     """Grounding reward of ``completion`` against ground-truth boxes (list or JSON string,
-    optionally ``<answer>``-wrapped). ValueError if the ground truth is malformed."""
+    optionally ``<answer>``-wrapped). Never raises for a completion; ValueError if the
+    ground truth is malformed (not a list of valid boxes)."""
     gt = parse_gt_boxes(ground_truth)
     fmt = format_score(completion, json_block=True)
     preds, status = parse_pred_boxes(completion)

@@ -1,10 +1,11 @@
-"""Evaluation metrics per sample (SPEC section 7, "Eval metrics").
+"""Evaluation metrics per sample (docs/rewards.md, "Evaluation metrics").
 
 * grounding: mIoU = (sum of Hungarian-matched IoUs, no threshold) / n_gt, extra
   predictions not penalised; a sample is correct when mIoU > 0.5. An unparsable output
   (no ``<answer>``, no readable JSON) has mIoU 0 and is counted, never dropped. With no
   ground-truth boxes, mIoU is 1 for an empty prediction and 0 otherwise.
-* vqa / mcq: correct when the ``<answer>`` content matches (the reward's accuracy part).
+* vqa / mcq: correct when the ``<answer>`` content matches (the reward's accuracy part,
+  so a hedged answer is not correct).
 
 ``sample_metric(task, completion, ground_truth)`` returns a dict with ``correct`` (0/1),
 ``parse_status`` and, for grounding, ``miou``.

@@ -1,4 +1,5 @@
-"""VQA and multiple-choice rewards (SpatialQA, nuScenes, OCR-VQA), SPEC section 7.
+"""VQA and multiple-choice rewards (SpatialQA, nuScenes, OCR-VQA); the full rules are in
+docs/rewards.md ("VQA accuracy", "Multiple-choice accuracy", "Hedged answers").
 
 reward = format + accuracy, where
 
@@ -6,16 +7,19 @@ reward = format + accuracy, where
 * accuracy (0 or 1): judged on the first ``<answer>`` content only, never the reasoning.
   Missing or empty answer -> 0. ``vqa``: normalised exact match with "or"-alternatives and
   yes/no normalisation (:func:`mars.rewards.answers.answers_match`). ``mcq``: choice
-  letters compared (:func:`mars.rewards.answers.choice_match`).
+  letters compared (:func:`mars.rewards.answers.choice_match`). A hedged answer, one that
+  commits to more than one option ("yes or no", "A or B", "(A)(B)"), earns no accuracy;
+  ``details["hedged"]`` says so.
 
-Maximum 1.5. The ground truth may be plain or ``<answer>``-wrapped.
+Range: any completion string gives a finite reward in [0, 1.5]. Only a malformed ground
+truth raises (ValueError). The ground truth may be plain or ``<answer>``-wrapped.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .answers import answers_match, choice_match, normalize_answer
+from .answers import judge_answer, normalize_answer
 from .registry import RewardBreakdown, register_reward
 from .tags import extract_answer, format_score, unwrap_answer
 
@@ -43,22 +47,25 @@ def answer_status(answer: str | None) -> str:
     return "ok" if answer.strip() else "empty_answer"
 
 
-def _score(completion: str, ground_truth: Any, match) -> RewardBreakdown:
+def _score(completion: str, ground_truth: Any, multiple_choice: bool) -> RewardBreakdown:
     gt = _gt_text(ground_truth)
     answer = extract_answer(completion)
-    acc = 1.0 if match(answer, gt) else 0.0
+    verdict = judge_answer(answer, gt, multiple_choice=multiple_choice)
     return RewardBreakdown(
-        format_score(completion, json_block=False), acc, answer_status(answer), {"answer": answer}
+        format_score(completion, json_block=False),
+        1.0 if verdict.correct else 0.0,
+        answer_status(answer),
+        {"answer": answer, "hedged": verdict.hedged},
     )
 
 
 @register_reward("vqa", max_reward=VQA_MAX_REWARD)
 def vqa_reward(completion: str, ground_truth: Any) -> RewardBreakdown:
     """Free-form VQA reward (yes/no, short answers, "two or 2")."""
-    return _score(completion, ground_truth, answers_match)
+    return _score(completion, ground_truth, multiple_choice=False)
 
 
 @register_reward("mcq", max_reward=VQA_MAX_REWARD)
 def mcq_reward(completion: str, ground_truth: Any) -> RewardBreakdown:
     """Multiple-choice reward (choice letter in the answer)."""
-    return _score(completion, ground_truth, choice_match)
+    return _score(completion, ground_truth, multiple_choice=True)
