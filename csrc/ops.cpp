@@ -23,10 +23,13 @@ TORCH_LIBRARY(mars, m) {
   // in ascending label order like torch.unique. CPU only: the eager fast path of
   // mars.groups.factorize; elsewhere torch.unique does it.
   m.def("dense_labels(Tensor labels, Tensor anchor_labels) -> (Tensor, Tensor, Tensor)");
-  // SPEC section 3 (mars.reference.policy_loss). logp/old_logp/ref_logp [B, T] one float
-  // dtype, advantages [B] or [B, T] of that dtype, mask [B, T] bool. dual_clip <= 0 and
-  // log_ratio_clamp <= 0 mean off; num_tokens/num_seqs/loss_scale <= 0 mean local (loss_scale:
-  // T). kl_type: 0 k1, 1 k2, 2 k3; agg: index in mars.reference.LOSS_AGGS.
+  // The policy loss (mars.reference.policy_loss; docs/loss.md). logp/old_logp/ref_logp
+  // [B, T] one float dtype, advantages [B] or [B, T] of that dtype, mask [B, T] bool.
+  // dual_clip <= 0 and log_ratio_clamp <= 0 mean off; num_tokens/num_seqs/loss_scale <= 0
+  // mean local (loss_scale: T). kl_type: 0 k1, 1 k2, 2 k3; agg: index in
+  // mars.reference.LOSS_AGGS. NaN options, clip_low outside [0, 1), clip_high < 0, a
+  // dual_clip in (0, 1] or inf, kl_coef < 0 or inf, an infinite clamp or normaliser raise
+  // ValueError (mars.loss validates the full ranges before calling).
   // Returns (loss 0-dim, metrics [6] (mars.reference.LOSS_METRICS), grad [B, T] =
   // d(row loss sum)/d(logp) unscaled, row_scale [B]: d(loss)/d(logp) = grad * row_scale[:, None]);
   // float32 outputs (float64 for float64 inputs).

@@ -37,20 +37,28 @@ MARS_HD T clamp_lr(T lr, T c, bool on, T& inside) {
 }
 
 // Policy term for ratio r = exp(lr) and advantage A: l = max(-A r, -A clip(r)), then
-// min(l, -A c) for A < 0 with dual clip. dl_dlr = d l / d lr (0 where a clip is active).
+// min(l, -A c) for A < 0 with dual clip; A == 0 gives l = 0 (also for r = inf: never
+// 0 * inf). dl_dlr = d l / d lr (0 where a bound decides l). A tie (r inside the clip
+// range) takes the unclipped term. With r = inf (clamp off) and A < 0 without dual clip,
+// l = dl_dlr = +inf, the true value (docs/loss.md, "Huge ratios").
 template <typename T>
 MARS_HD void pg_term(T r, T A, const Params& p, T& l, T& dl_dlr, bool& high, bool& low,
                      bool& dual) {
   const T lo = static_cast<T>(1.0 - p.clip_low), hi = static_cast<T>(1.0 + p.clip_high);
+  high = A > T(0) && r > hi;
+  low = A < T(0) && r < lo;
+  dual = false;
+  if (A == T(0)) {
+    l = T(0);
+    dl_dlr = T(0);
+    return;
+  }
   const T l1 = -A * r;
   const T rc = r < lo ? lo : (r > hi ? hi : r);
   const T l2 = -A * rc;
   const bool clipped = l2 > l1;
   l = clipped ? l2 : l1;
   dl_dlr = clipped ? T(0) : l1;  // d(-A r)/d lr = -A r
-  high = A > T(0) && r > hi;
-  low = A < T(0) && r < lo;
-  dual = false;
   if (p.has_dual && A < T(0)) {
     const T l3 = -A * static_cast<T>(p.dual_clip);
     if (l > l3) {
@@ -61,7 +69,41 @@ MARS_HD void pg_term(T r, T A, const Params& p, T& l, T& dl_dlr, bool& high, boo
   }
 }
 
-// KL estimate to the reference and its derivative in logp x (verl's k3 numerics).
+// Below this |d|, k3 = e^d - 1 - d is its Taylor series (mars.reference.K3_SERIES_BELOW).
+constexpr double kK3SeriesBelow = 0.5;
+
+// k3 = e^d - 1 - d and em1 = e^d - 1 without cancellation near d = 0
+// (mars.reference.kl_estimate): |d| < 0.5: k3 = sum_(n=2..15) d^n / n! by Horner's rule
+// (highest term first, the reference's order), em1 = d + k3; else em1 = exp(d) - 1 and
+// k3 = em1 - d (no cancellation there: |em1| >= 0.39, k3 >= 0.1).
+template <typename T, typename ExpF>
+MARS_HD void k3_expm1(T d, ExpF expf, T& k3, T& em1) {
+  const T ad = d < T(0) ? -d : d;
+  if (ad < T(kK3SeriesBelow)) {
+    T p = T(7.647163731819816e-13);
+    p = p * d + T(1.1470745597729725e-11);
+    p = p * d + T(1.6059043836821613e-10);
+    p = p * d + T(2.08767569878681e-09);
+    p = p * d + T(2.505210838544172e-08);
+    p = p * d + T(2.755731922398589e-07);
+    p = p * d + T(2.7557319223985893e-06);
+    p = p * d + T(2.48015873015873e-05);
+    p = p * d + T(0.0001984126984126984);
+    p = p * d + T(0.001388888888888889);
+    p = p * d + T(0.008333333333333333);
+    p = p * d + T(0.041666666666666664);
+    p = p * d + T(0.16666666666666666);
+    p = p * d + T(0.5);
+    k3 = p * d * d;
+    em1 = d + k3;
+  } else {
+    em1 = expf(d) - T(1);
+    k3 = em1 - d;
+  }
+}
+
+// KL estimate to the reference and its derivative in logp x (verl's k3 clamps: d to +-20,
+// k3 to [-10, 10]; d/dx k3 = -expm1(d)).
 template <typename T, typename ExpF>
 MARS_HD void kl_term(T x, T ref, int kl_type, ExpF expf, T& kl, T& dkl) {
   const T d = ref - x;
@@ -74,11 +116,11 @@ MARS_HD void kl_term(T x, T ref, int kl_type, ExpF expf, T& kl, T& dkl) {
   } else {
     T inside;
     const T dc = clamp_lr(d, T(20), true, inside);
-    const T e = expf(dc);
-    const T k = e - dc - T(1);
+    T k, em1;
+    k3_expm1(dc, expf, k, em1);
     if (k < T(-10)) { kl = T(-10); dkl = T(0); }
     else if (k > T(10)) { kl = T(10); dkl = T(0); }
-    else { kl = k; dkl = -(e - T(1)) * inside; }
+    else { kl = k; dkl = -em1 * inside; }
   }
 }
 

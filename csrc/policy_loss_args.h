@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 #include "policy_loss.h"
@@ -11,11 +12,28 @@ namespace mars {
 namespace pl {
 
 // Raises ValueError for a bad shape, dtype or option; returns the kernels' parameters.
+// mars.reference.check_policy_loss_args validates the options for every backend; this
+// repeats the op's own contract (csrc/ops.cpp) for direct callers of torch.ops.mars: no
+// NaN, no inf where it means nothing, so every branch below is well defined.
 inline Params check_args(const at::Tensor& logp, const at::Tensor& old_logp,
                          const at::Tensor& advantages, const at::Tensor& mask,
                          const std::optional<at::Tensor>& ref_logp, double clip_low,
                          double clip_high, double dual_clip, double kl_coef, int64_t kl_type,
-                         int64_t agg, bool seq_ratio, double log_ratio_clamp) {
+                         int64_t agg, double num_tokens, double num_seqs, double loss_scale,
+                         bool seq_ratio, double log_ratio_clamp) {
+  TORCH_CHECK_VALUE(clip_low >= 0 && clip_low < 1, "clip_low must be in [0, 1), got ", clip_low);
+  TORCH_CHECK_VALUE(clip_high >= 0, "clip_high must be >= 0, got ", clip_high);
+  TORCH_CHECK_VALUE(dual_clip <= 0 || (dual_clip > 1 && std::isfinite(dual_clip)),
+                    "dual_clip must be <= 0 (off) or a finite number > 1, got ", dual_clip);
+  TORCH_CHECK_VALUE(kl_coef >= 0 && std::isfinite(kl_coef),
+                    "kl_coef must be a finite number >= 0, got ", kl_coef);
+  TORCH_CHECK_VALUE(log_ratio_clamp <= 0 || std::isfinite(log_ratio_clamp),
+                    "log_ratio_clamp must be <= 0 (off) or a finite number > 0, got ",
+                    log_ratio_clamp);
+  TORCH_CHECK_VALUE(std::isfinite(num_tokens) && std::isfinite(num_seqs) &&
+                        std::isfinite(loss_scale),
+                    "num_tokens, num_seqs and loss_scale must be finite (<= 0: local), got ",
+                    num_tokens, ", ", num_seqs, ", ", loss_scale);
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must be [B, T], got ", logp.sizes());
   TORCH_CHECK_VALUE(old_logp.sizes() == logp.sizes(), "old_logp must have logp's shape");
   TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have logp's shape");

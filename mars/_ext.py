@@ -65,7 +65,37 @@ if HAS_TRITON:
         return _advantage_fake_impl(rewards, num_groups)
 
 
-# --- mars::policy_loss (SPEC section 3; schema in csrc/ops.cpp) -------------------------
+# --- mars::policy_loss (docs/loss.md; schema in csrc/ops.cpp) -----------------------------
+
+HIGHER_ORDER_MESSAGE = (
+    "mars: {what} gives first-order gradients only: a backward through its backward "
+    "(torch.autograd.grad(..., create_graph=True) followed by another backward, e.g. a "
+    "gradient penalty or a Hessian-vector product) is not supported by the kernel backends. "
+    "Use backend=\"reference\" (plain PyTorch autograd) for higher-order gradients.")
+
+
+def first_order_only(grads: tuple, what: str) -> tuple:
+    """The gradients a kernel's backward returns, made to raise on a backward through them.
+
+    A backward runs with grad mode on only under create_graph=True. Gradients computed from
+    saved kernel outputs have no graph back to the inputs, so a second-order derivative
+    through them would silently come out as 0 (or the gradient would not require grad at
+    all). Like torch.autograd.function.once_differentiable, but always (even when no
+    incoming gradient requires grad) and with a message that names the way out."""
+    if not torch.is_grad_enabled():
+        return grads
+    err = torch._C._functions.DelayedError(HIGHER_ORDER_MESSAGE.format(what=what), len(grads))
+
+    def alias(t):
+        if t is None:
+            return None
+        t = t.detach()
+        t.requires_grad_(True)
+        return t
+
+    out = err(*[alias(t) for t in grads])
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
 
 def _policy_loss_fake_impl(logp):
     """Shapes of (loss [], metrics [6], grad [B, T], row_scale [B]); fp32 (fp64 for fp64)."""
@@ -83,11 +113,14 @@ def _policy_loss_setup_context(ctx, inputs, output):
 
 def _policy_loss_backward(ctx, grad_loss, *_unused):
     """d(loss)/d(logp) = grad_loss * row_scale[i] * grad[i, t]: the forward saved the rest.
-    Only logp gets a gradient (old_logp, advantages, ref_logp are data)."""
+    Only logp gets a gradient (old_logp, advantages, ref_logp are data). First order only:
+    under create_graph=True the gradient raises when differentiated (first_order_only)."""
     grad, row_scale = ctx.saved_tensors
     dlogp = None
     if grad_loss is not None:
-        dlogp = (grad * (row_scale * grad_loss)[:, None]).to(ctx.logp_dtype)
+        with torch.no_grad():
+            dlogp = (grad * (row_scale * grad_loss)[:, None]).to(ctx.logp_dtype)
+    (dlogp,) = first_order_only((dlogp,), "the policy_loss kernel (backend cpu / cuda / triton)")
     return (dlogp,) + (None,) * 15
 
 

@@ -1,11 +1,12 @@
-"""Fused lm-head + log-softmax + policy loss (SPEC section 4): no [tokens x vocab] logits.
+"""Fused lm-head + log-softmax + policy loss (docs/loss.md, "Fused path"): no [tokens x vocab]
+logits.
 
 `fused_linear_policy_loss(hidden, weight, ids, ...)` gives the number
 `mars.reference.fused_linear_policy_loss` gives (logits materialised, then
 `policy_loss`), holding at most one [chunk, V] block of logits at a time:
 
 - Only the tokens under the mask are computed (padding costs nothing; its ids may be
-  anything, e.g. -100).
+  anything, e.g. -100, and its hidden states too, NaN / inf included: they are never read).
 - Per chunk of tokens: logits = h_c @ W^T (+ b) into one reused buffer (cuBLAS / MKL),
   then an epilogue (Triton on the GPU, in-place torch ops on the CPU): the log-sum-exp of
   logits / temperature and the chosen token's log-prob.
@@ -21,6 +22,8 @@
   g, and pass 2 recomputes each chunk's logits for the gradients (4 matmuls per chunk).
 - All of it runs in the forward of one autograd.Function; backward scales the stored
   gradients by grad_output in place (so a second backward through the same graph raises).
+  First-order only: under create_graph=True the gradients raise when differentiated
+  (`mars._ext.first_order_only`); backend="reference" gives higher-order gradients.
 
 The loss and metrics always come from one `mars.loss.policy_loss` call on the assembled
 [B, T] log-probs, so they are that function's numbers.
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 from . import _ext, reference
+from .backends import resolve
 from .reference import LOSS_METRICS, LossOutput
 
 __all__ = ["fused_linear_policy_loss", "FusedLinearMarsLoss", "token_logprobs",
@@ -52,9 +56,9 @@ GPU_BLOCK_BYTES = 512 << 20
 MIN_CHUNK = 256
 
 
-def _policy_loss():
-    from .loss import policy_loss  # lazy: mars.loss re-exports this module
-    return policy_loss
+def _loss_module():
+    from . import loss  # lazy: mars.loss re-exports this module
+    return loss
 
 
 # ----------------------------------------------------------------------------- checks
@@ -326,10 +330,12 @@ def _aggregation_weights(mask, opts, dtype):
 
 def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, temperature,
                chunk_size, backend, opts, need):
-    """(loss, metrics [6], grad_hidden, grad_weight, grad_bias); grads None where not needed."""
-    policy_loss = _policy_loss()
+    """(loss, metrics [6], grad_hidden, grad_weight, grad_bias); grads None where not needed.
+    opts: validated by check_policy_loss_args (normalisers already checked)."""
+    run_loss = _loss_module().policy_loss_checked
     B, T, _ = hidden.shape
-    pl_backend = backend if backend != "triton" or hidden.device.type == "cuda" else "auto"
+    pl_backend = resolve(backend if backend != "triton" or hidden.device.type == "cuda"
+                         else "auto", hidden.device)
     triton = _use_triton(backend, hidden.device, hidden.dtype)
     idx = _valid_positions(mask, B, T, hidden.device)
     head = _Head(hidden, weight, bias, ids, idx, temperature, chunk_size, triton, *need)
@@ -343,17 +349,16 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
         old_v = _gather(old_logp, idx, T)
         ref_v = _gather(ref_logp, idx, T)
         adv_v = _gather(advantages, idx, T, per_row=advantages.dim() == 1)
-        tok_opts = {k: v for k, v in opts.items()
-                    if k not in ("agg", "num_tokens", "num_seqs", "loss_scale")}
+        tok_opts = {**opts, "agg": "token-sum", "num_tokens": None, "num_seqs": None,
+                    "loss_scale": None}
 
         def g_of_chunk(c0, c1, logp_c):
             x = logp_c.detach()[None].requires_grad_(True)
             with torch.enable_grad():
-                out = policy_loss(
-                    x, None if old_v is None else old_v[None, c0:c1], adv_v[None, c0:c1],
-                    torch.ones_like(x, dtype=torch.bool),
-                    ref_logp=None if ref_v is None else ref_v[None, c0:c1],
-                    agg="token-sum", backend=pl_backend, **tok_opts)
+                out = run_loss(
+                    pl_backend, x, x.detach() if old_v is None else old_v[None, c0:c1],
+                    adv_v[None, c0:c1], torch.ones_like(x, dtype=torch.bool),
+                    None if ref_v is None else ref_v[None, c0:c1], tok_opts)
                 (g,) = torch.autograd.grad(out.loss, x)
             return g[0].to(acc) * w[c0:c1]
 
@@ -361,16 +366,15 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
     logp = torch.zeros(B * T, dtype=acc, device=hidden.device)
     logp.index_copy_(0, idx, logp_v)
     logp = logp.reshape(B, T)
+    old = logp.detach() if old_logp is None else old_logp
     if token_level or not head.need_grad:
         head.release()
         with torch.no_grad():
-            out = policy_loss(logp, old_logp, advantages, full_mask, ref_logp=ref_logp,
-                              backend=pl_backend, **opts)
+            out = run_loss(pl_backend, logp, old, advantages, full_mask, ref_logp, opts)
     else:  # GSPO: g needs whole rows; second pass over the chunks
         x = logp.requires_grad_(True)
         with torch.enable_grad():
-            out = policy_loss(x, old_logp, advantages, full_mask, ref_logp=ref_logp,
-                              backend=pl_backend, **opts)
+            out = run_loss(pl_backend, x, old, advantages, full_mask, ref_logp, opts)
             (g,) = torch.autograd.grad(out.loss, x)
         head.backward_pass(lse_v, g.reshape(-1).index_select(0, idx).to(acc))
         head.release()
@@ -383,7 +387,8 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
 
 
 class _FusedLinearPolicyLossFn(torch.autograd.Function):
-    """Gradients computed in the forward; backward scales them by grad_output."""
+    """Gradients computed in the forward; backward scales them by grad_output. First order
+    only (first_order_only: a backward through this backward raises)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, run):
@@ -398,7 +403,10 @@ class _FusedLinearPolicyLossFn(torch.autograd.Function):
         grads = ctx.saved_tensors
         # in place: the saved gradients are used once (a second backward raises on the
         # version counter instead of returning scaled-twice gradients)
-        out = [None if t is None else t.mul_(grad_loss.to(t.dtype)) for t in grads]
+        with torch.no_grad():
+            out = [None if t is None else t.mul_(grad_loss.to(t.dtype)) for t in grads]
+        out = _ext.first_order_only(tuple(out), "the fused loss (backend auto / cpu / cuda / "
+                                    "triton)")
         return out[0], out[1], out[2], None
 
 
@@ -408,7 +416,8 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
                              agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
                              ratio_level="token", log_ratio_clamp=20.0,
                              backend="auto") -> LossOutput:
-    """Policy loss of the lm head's log-probs, never holding [B*T, V] logits (SPEC 4, 9).
+    """Policy loss of the lm head's log-probs, never holding [B*T, V] logits (docs/loss.md,
+    "Fused path").
 
     Equals `mars.loss.policy_loss(logp, old_logp, advantages, mask, **options)` with
     logp = log_softmax((hidden @ weight^T + bias) / temperature)[ids] (see
@@ -432,7 +441,10 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
             accumulator + the [B*T, H] hidden gradient.
         backend: "auto" (Triton epilogue on a GPU, torch on CPU) | "triton" | "cpu" |
             "cuda" (torch epilogue; the policy loss on that backend) | "reference"
-            (materialised logits).
+            (materialised logits; the only one with higher-order gradients).
+
+    Masked positions (mask False) contribute nothing to the loss or to any gradient, even
+    if their hidden states are NaN / inf or their ids out of range.
 
     Returns:
         LossOutput(loss 0-dim fp32 (fp64 for fp64 inputs), metrics dict as policy_loss).
@@ -447,9 +459,11 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
                                                   bias=bias, temperature=temperature,
                                                   ref_logp=ref_logp, **opts)
     B, T, _ = hidden.shape
-    dummy = hidden.new_empty((B, T), dtype=torch.float32)
-    reference.check_policy_loss_args(dummy, dummy if old_logp is None else old_logp, advantages,
-                                     mask, ref_logp, **opts)  # mask: a [B, T] tensor
+    # stands for logp: shape, device and the loss's dtype (fp64 for fp64 hidden)
+    dummy = hidden.new_empty((B, T), dtype=torch.float64 if hidden.dtype == torch.float64
+                             else torch.float32)
+    opts = reference.check_policy_loss_args(dummy, dummy if old_logp is None else old_logp,
+                                            advantages, mask, ref_logp, **opts)
 
     def run(need):
         return _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp,
@@ -502,9 +516,9 @@ class FusedLinearMarsLoss(nn.Module):
                             backend=backend)
         pl = {k: v for k, v in self.options.items()
               if k not in ("temperature", "chunk_size", "backend")}
-        reference.check_policy_loss_args(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1),
-                                         torch.ones(1, 1), torch.zeros(1, 1) if kl_coef else None,
-                                         num_tokens=None, num_seqs=None, **pl)
+        reference.check_policy_loss_options(**pl)
+        _check_head(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long),
+                    None, temperature, chunk_size, backend)
 
     def forward(self, hidden, weight, ids, old_logp, advantages, mask, bias=None, ref_logp=None,
                 num_tokens=None, num_seqs=None) -> LossOutput:

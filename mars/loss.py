@@ -1,9 +1,11 @@
-"""`mars.loss`: the clipped-ratio token loss of SPEC section 3 (policy_loss, MarsLoss).
+"""`mars.loss`: the clipped-ratio token loss (policy_loss, MarsLoss; docs/loss.md).
 
 Every backend computes `mars.reference.policy_loss`. The kernels ("cpu", "cuda", "triton")
 are one op, `mars::policy_loss` (`mars::policy_loss_triton`), whose forward reads the
 inputs once and returns, besides the loss and the metrics, d(sum of row losses)/d(logp)
-per token and a per-row scale (the aggregation weight): backward is one multiply.
+per token and a per-row scale (the aggregation weight): backward is one multiply. The
+kernels give first-order gradients only (a backward through their backward raises);
+backend="reference" is plain autograd, to any order.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import torch
 from torch import nn
 
 from . import _ext, reference
-from .backends import resolve
-from .reference import KL_TYPES, LOSS_AGGS, LOSS_METRICS, LossOutput, check_policy_loss_args
+from .backends import NAMES, resolve
+from .reference import (KL_TYPES, LOSS_AGGS, LOSS_METRICS, LossOutput, check_policy_loss_args,
+                        check_policy_loss_options)
 
 __all__ = ["policy_loss", "MarsLoss", "LossOutput", "LOSS_AGGS", "KL_TYPES", "policy_loss_parts",
            "fused_linear_policy_loss", "FusedLinearMarsLoss", "token_logprobs"]
@@ -26,22 +29,19 @@ def _kernel(name: str):
 
 def _as_arg(v):
     """(float passed to the kernel, tensor to divide by afterwards or None). A tensor
-    normaliser (e.g. an all-reduced count) is applied outside the op: no host sync."""
+    normaliser (e.g. an all-reduced count) is applied outside the op, so the op needs no
+    host value of it."""
     if v is None:
         return -1.0, None
     if isinstance(v, torch.Tensor):
-        return 1.0, v.reshape(())
+        return 1.0, v
     return float(v), None
 
 
-def _prepare(logp, old_logp, advantages, mask, ref_logp, opts):
-    """Validated, dtype-unified kernel arguments. opts: the keyword options."""
-    if old_logp is None:
-        old_logp = logp.detach()
-    check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, **opts)
-    # One dtype for the kernel: logp's when every input has it (bf16 is read as bf16),
-    # else the compute dtype (fp32; fp64 for fp64 logp), to which the reference casts too:
-    # fp32 advantages are not rounded to bf16, fp64 old_logp does not make an fp64 loss.
+def _unify(logp, old_logp, advantages, mask, ref_logp):
+    """One dtype for the kernel: logp's when every input has it (bf16 is read as bf16),
+    else the compute dtype (fp32; fp64 for fp64 logp), to which the reference casts too:
+    fp32 advantages are not rounded to bf16, fp64 old_logp does not make an fp64 loss."""
     others = [t for t in (old_logp, advantages, ref_logp) if t is not None]
     dtype = logp.dtype
     if any(t.dtype != dtype for t in others):
@@ -51,15 +51,23 @@ def _prepare(logp, old_logp, advantages, mask, ref_logp, opts):
     ref_logp = None if ref_logp is None else ref_logp.detach().to(dtype)
     advantages = advantages.detach().to(dtype)
     mask = mask if mask.dtype == torch.bool else mask != 0
+    return logp, old_logp, advantages, mask, ref_logp
+
+
+def _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts):
+    """(op arguments, tensor divisors applied after the op) from validated options
+    (`check_policy_loss_args`'s result)."""
+    logp, old_logp, advantages, mask, ref_logp = _unify(logp, old_logp, advantages, mask,
+                                                        ref_logp)
     nt, nt_t = _as_arg(opts["num_tokens"])
     ns, ns_t = _as_arg(opts["num_seqs"])
     # loss_scale default T, at least 1 (T = 0 gives loss 0, not 0 / 0), as the reference
     ls, ls_t = _as_arg(max(logp.shape[1], 1) if opts["loss_scale"] is None else opts["loss_scale"])
-    clamp = opts["log_ratio_clamp"]
-    args = (logp, old_logp, advantages, mask, ref_logp, float(opts["clip_low"]),
-            float(opts["clip_high"]), -1.0 if opts["dual_clip"] is None else float(opts["dual_clip"]),
-            float(opts["kl_coef"]), KL_TYPES.index(opts["kl_type"]), LOSS_AGGS.index(opts["agg"]),
-            nt, ns, ls, opts["ratio_level"] == "sequence", -1.0 if clamp is None else float(clamp))
+    clamp, dual = opts["log_ratio_clamp"], opts["dual_clip"]
+    args = (logp, old_logp, advantages, mask, ref_logp, opts["clip_low"], opts["clip_high"],
+            -1.0 if dual is None else dual, opts["kl_coef"], KL_TYPES.index(opts["kl_type"]),
+            LOSS_AGGS.index(opts["agg"]), nt, ns, ls, opts["ratio_level"] == "sequence",
+            -1.0 if clamp is None else clamp)
     agg = opts["agg"]
     divisors = [d for d, used in ((nt_t, agg == "token-mean"),
                                   (ns_t, agg.startswith("seq-mean")),
@@ -77,14 +85,18 @@ def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, clip_l
     Returns (loss 0-dim, metrics [6] in LOSS_METRICS order, dlogp [B, T]) where
     dlogp = d(loss)/d(logp), already scaled by the aggregation (fp32; fp64 for fp64 logp),
     0 under the mask. Options as policy_loss; backend must not be "reference"."""
-    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                kl_type=kl_type, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                loss_scale=loss_scale, ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp)
     with torch.no_grad():
-        args, divisors = _prepare(logp, old_logp, advantages, mask, ref_logp, opts)
+        if old_logp is None:
+            old_logp = logp.detach()
+        opts = check_policy_loss_args(
+            logp, old_logp, advantages, mask, ref_logp, clip_low=clip_low, clip_high=clip_high,
+            dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
+            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
+            ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp)
         name = resolve(backend, logp.device)
         if name == "reference":
             raise ValueError("policy_loss_parts needs a kernel backend (cpu, cuda or triton)")
+        args, divisors = _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts)
         loss, metrics, grad, row_scale = _kernel(name)(*args)
         scale = row_scale
         for d in divisors:
@@ -97,7 +109,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2
                 clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3", agg="token-mean",
                 num_tokens=None, num_seqs=None, loss_scale=None, ratio_level="token",
                 log_ratio_clamp=20.0, backend="auto") -> LossOutput:
-    """Clipped-ratio token loss of SPEC section 3 with its metrics (SPEC section 9).
+    """Clipped-ratio token loss with its metrics (docs/loss.md: formulas, options, ranges).
 
     Args:
         logp: [B, T] log-probs of the chosen tokens under the current policy (requires grad).
@@ -105,30 +117,50 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2
         advantages: [B] (broadcast over tokens inside the kernel) or [B, T].
         mask: [B, T] bool or 0/1. Masked positions may hold anything (-inf, NaN).
         ref_logp: [B, T] reference-policy log-probs, required when kl_coef > 0.
-        clip_low, clip_high: ratio clipped to [1 - clip_low, 1 + clip_high].
-        dual_clip: None or c > 1: for A < 0 the loss is at most -A c (verl c = 3).
-        kl_coef, kl_type: adds kl_coef * KL per token, "k1" | "k2" | "k3" (verl's numerics).
+        clip_low: in [0, 1); clip_high: >= 0 (inf: no upper clip). The ratio is clipped to
+            [1 - clip_low, 1 + clip_high].
+        dual_clip: None or a finite c > 1: for A < 0 the loss is at most -A c (verl c = 3).
+        kl_coef: finite, >= 0; kl_type "k1" | "k2" | "k3": adds kl_coef * KL per token
+            (k3 with verl's clamps, computed without cancellation near 0).
         agg: one of LOSS_AGGS (see mars.reference.aggregate_loss).
-        num_tokens, num_seqs, loss_scale: global normalisers (numbers or tensors) so that
-            micro-batches / data-parallel ranks sum to the whole batch's gradient.
+        num_tokens, num_seqs, loss_scale: global normalisers, numbers or one-element tensors
+            (e.g. all-reduced), finite and > 0 (0 only when this micro-batch has no valid
+            token: the loss is then 0), so that micro-batches / data-parallel ranks sum to
+            the whole batch's gradient. Tensors on the GPU are checked with one host sync
+            (docs/loss.md, "Global normalisers"); pass numbers to avoid it.
         ratio_level: "token" or "sequence" (GSPO: ratio of the mean log-ratio of the row).
-        log_ratio_clamp: clamp of the log-ratio before exp (20, verl); None turns it off.
-        backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
+        log_ratio_clamp: clamp of the log-ratio before exp (20, verl); None turns it off
+            (an overflowing ratio is then handled as docs/loss.md, "Huge ratios", says).
+        backend: "auto" | "reference" | "cpu" | "cuda" | "triton". Kernel backends give
+            first-order gradients (a second backward through them raises a RuntimeError);
+            "reference" supports higher-order gradients.
 
     Returns:
         LossOutput(loss: 0-dim float32 (float64 for float64 logp), metrics: dict of 0-dim
         tensors clip_frac_high, clip_frac_low, dual_clip_frac, approx_kl, ref_kl,
-        num_tokens). Computed in fp32 for bf16/fp16, deterministic, no host sync.
+        num_tokens). Computed in fp32 for bf16/fp16, deterministic, no host sync (except
+        the one above for GPU tensor normalisers). Bad options raise ValueError naming them.
     """
-    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                kl_type=kl_type, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                loss_scale=loss_scale, ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp)
     name = resolve(backend, logp.device if isinstance(logp, torch.Tensor) else torch.device("cpu"))
+    if old_logp is None and isinstance(logp, torch.Tensor):
+        old_logp = logp.detach()
+    opts = check_policy_loss_args(
+        logp, old_logp, advantages, mask, ref_logp, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type, agg=agg, num_tokens=num_tokens,
+        num_seqs=num_seqs, loss_scale=loss_scale, ratio_level=ratio_level,
+        log_ratio_clamp=log_ratio_clamp)
+    return policy_loss_checked(name, logp, old_logp, advantages, mask, ref_logp, opts)
+
+
+def policy_loss_checked(name, logp, old_logp, advantages, mask, ref_logp, opts) -> LossOutput:
+    """`policy_loss` on backend `name` (resolved) with arguments already validated by
+    `check_policy_loss_args` (opts: its result; old_logp not None). For fused losses that
+    validated once up front."""
     if name == "reference":
-        return reference.policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, **opts)
+        return reference.policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts)
     if name == "triton" and logp.device.type == "cpu" and not _ext.triton_interpret():
         raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
-    args, divisors = _prepare(logp, old_logp, advantages, mask, ref_logp, opts)
+    args, divisors = _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts)
     loss, metrics, _, _ = _kernel(name)(*args)
     for d in divisors:
         loss = loss / d
@@ -137,7 +169,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2
 
 
 class MarsLoss(nn.Module):
-    """`policy_loss` as a module: options fixed at construction (see policy_loss).
+    """`policy_loss` as a module: options fixed (and validated) at construction (see
+    policy_loss and docs/loss.md).
 
     >>> crit = mars.loss.MarsLoss(clip_high=0.28, agg="token-mean")
     >>> out = crit(logp, old_logp, advantages, mask); out.loss.backward()
@@ -151,10 +184,9 @@ class MarsLoss(nn.Module):
                             kl_coef=kl_coef, kl_type=kl_type, agg=agg, loss_scale=loss_scale,
                             ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
                             backend=backend)
-        check_policy_loss_args(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1),
-                               torch.ones(1, 1), torch.zeros(1, 1) if kl_coef else None,
-                               num_tokens=None, num_seqs=None,
-                               **{k: v for k, v in self.options.items() if k != "backend"})
+        check_policy_loss_options(**{k: v for k, v in self.options.items() if k != "backend"})
+        if backend not in ("auto",) + NAMES:
+            raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
 
     def forward(self, logp, old_logp, advantages, mask, ref_logp=None, num_tokens=None,
                 num_seqs=None) -> LossOutput:
@@ -165,5 +197,5 @@ class MarsLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-# SPEC section 4, in its own module; it imports this one only inside its functions.
+# The fused loss lives in its own module; it imports this one only inside its functions.
 from .fused_linear import FusedLinearMarsLoss, fused_linear_policy_loss, token_logprobs  # noqa: E402

@@ -1,10 +1,14 @@
-"""The readable PyTorch specification of every mars op (SPEC sections 2-4).
+"""The readable PyTorch specification of every mars op: the advantage, the policy loss and
+the fused lm-head loss (the losses are documented in docs/loss.md).
 
-Each kernel backend cites the function here that it must match. Computation is in
-float64; outputs are float32 like the kernels'. Speed is not a goal of this file.
+Each kernel backend cites the function here that it must match. The advantage is computed
+in float64, the losses in float32 (float64 for float64 inputs); outputs are float32 like
+the kernels'. Speed is not a goal of this file.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -77,8 +81,8 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
 
 
 # ---------------------------------------------------------------------------------------
-# SPEC section 3: clipped-ratio token loss (mars.loss.policy_loss). Validation of the
-# arguments lives here once; mars.loss and every backend use it.
+# The clipped-ratio token loss (mars.loss.policy_loss; docs/loss.md). Validation of the
+# arguments lives here once: mars.loss, the fused loss and every backend use it.
 # ---------------------------------------------------------------------------------------
 
 LOSS_AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -87,6 +91,15 @@ KL_TYPES = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
 LOSS_METRICS = ("clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl", "ref_kl",
                 "num_tokens")
+NORMALISERS = ("num_tokens", "num_seqs", "loss_scale")
+F32_MAX = torch.finfo(torch.float32).max
+# k3 = e^d - 1 - d (docs/loss.md, "KL estimators"): for |d| < K3_SERIES_BELOW its Taylor
+# series sum_{n=2..15} d^n / n! by Horner's rule (K3_COEFS: 1/n!, highest n first), else
+# expm1(d) - d. exp(d) - d - 1 would lose every digit near d = 0 (fp32: d = 1e-4 gives
+# ~1000% error); expm1(d) - d still loses ~eps/|d|. Every kernel evaluates the same
+# polynomial in the same order. Truncation error < 1e-17 relative at |d| = 0.5.
+K3_SERIES_BELOW = 0.5
+K3_COEFS = tuple(1.0 / math.factorial(n) for n in range(15, 1, -1))
 
 
 class LossOutput(NamedTuple):
@@ -100,20 +113,169 @@ class LossOutput(NamedTuple):
     metrics: dict
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _real(name: str, v, expect: str) -> float:
+    """v as a Python float: a real number (not bool; numpy scalars too), or a one-element
+    real CPU tensor that does not require grad. Raises ValueError naming `name`."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
+            raise ValueError(f"{name} must be {expect}, got a tensor of shape {list(v.shape)} "
+                             f"and dtype {v.dtype}")
+        if v.device.type != "cpu":
+            raise ValueError(f"{name} must be {expect}, as a Python number or a CPU tensor "
+                             f"(reading a {v.device} tensor would wait for the device)")
+        if v.requires_grad:
+            raise ValueError(f"{name} must not require grad (it is a constant of the loss)")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be {expect}, got {v!r}")
+    try:
+        return float(v)
+    except (OverflowError, ValueError, TypeError):
+        raise ValueError(f"{name} must be {expect}, got {v!r}") from None
 
 
-def check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, *, clip_low, clip_high,
-                           dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs, loss_scale,
-                           ratio_level, log_ratio_clamp):
-    """Raises ValueError naming the argument for a bad shape, dtype, device or option."""
+def check_policy_loss_options(*, clip_low, clip_high, dual_clip, kl_coef, kl_type, agg,
+                              ratio_level, log_ratio_clamp, num_tokens=None, num_seqs=None,
+                              loss_scale=None) -> dict:
+    """The options of policy_loss validated against the ranges of docs/loss.md ("Options"),
+    as Python floats (or None / the strings). Raises ValueError naming the option and its
+    valid range (NaN, inf, a negative value, a bool, a tensor of more than one element...).
+    Tensor normalisers are checked here for kind only (one element, real, no grad); their
+    values by check_policy_loss_args, which knows the mask."""
     if agg not in LOSS_AGGS:
         raise ValueError(f"agg must be one of {LOSS_AGGS}, got {agg!r}")
     if kl_type not in KL_TYPES:
         raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}")
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    what = "a number in [0, 1)"
+    cl = _real("clip_low", clip_low, what)
+    if not 0.0 <= cl < 1.0:
+        raise ValueError(f"clip_low must be {what}, got {clip_low!r}")
+    what = "a number >= 0 (inf: no upper clip)"
+    ch = _real("clip_high", clip_high, what)
+    if not ch >= 0.0:
+        raise ValueError(f"clip_high must be {what}, got {clip_high!r}")
+    dc = None
+    if dual_clip is not None:
+        what = "None (off) or a finite number > 1 (verl's clip_ratio_c, e.g. 3)"
+        dc = _real("dual_clip", dual_clip, what)
+        if not 1.0 < dc < math.inf:
+            raise ValueError(f"dual_clip must be {what}, got {dual_clip!r}")
+    what = f"a finite number in [0, {F32_MAX:.7g}] (float32's largest)"
+    kc = _real("kl_coef", kl_coef, what)
+    if not 0.0 <= kc <= F32_MAX:
+        raise ValueError(f"kl_coef must be {what}, got {kl_coef!r}")
+    lc = None
+    if log_ratio_clamp is not None:
+        what = "None (no clamp) or a finite number > 0 (verl: 20)"
+        lc = _real("log_ratio_clamp", log_ratio_clamp, what)
+        if not 0.0 < lc < math.inf:
+            raise ValueError(f"log_ratio_clamp must be {what}, got {log_ratio_clamp!r}")
+    out = dict(clip_low=cl, clip_high=ch, dual_clip=dc, kl_coef=kc, kl_type=kl_type, agg=agg,
+               ratio_level=ratio_level, log_ratio_clamp=lc)
+    for name, v in (("num_tokens", num_tokens), ("num_seqs", num_seqs),
+                    ("loss_scale", loss_scale)):
+        out[name] = v if v is None else _normaliser_kind(name, v)
+    return out
+
+
+_NORM_RANGE = "a finite number > 0 (0 only when this micro-batch has no valid token)"
+
+
+def _normaliser_kind(name, v):
+    """A tensor normaliser reshaped to 0-dim (value checked later), or a number as float."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape "
+                             f"{list(v.shape)}")
+        if v.dtype == torch.bool or v.is_complex():
+            raise ValueError(f"{name} must be a real (float or integer) tensor, got {v.dtype}")
+        if v.requires_grad:
+            raise ValueError(f"{name} must not require grad (a normaliser is a constant; pass "
+                             f"{name}.detach())")
+        return v.reshape(())
+    x = _real(name, v, _NORM_RANGE)
+    if not 0.0 <= x < math.inf:
+        raise ValueError(f"{name} must be {_NORM_RANGE}, got {v!r}")
+    return x
+
+
+def _traced() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_normalisers(opts: dict, mask, device, acc) -> None:
+    """Checks the values of the given normalisers in place of `opts`: each finite and > 0,
+    or 0 when the mask has no valid token (then replaced by 1: the loss is 0 either way).
+    Numbers cost nothing. Tensors: CPU ones are read directly; those on the device are
+    read together, one host sync for all of them (docs/loss.md, "Global normalisers"). Under
+    torch.compile or CUDA graph capture, where no value can be read, torch._assert_async
+    checks them on the device instead (a failing check stops the program: a RuntimeError on
+    CPU, a device-side assert on CUDA). Tensors are cast to `acc`, the loss's dtype."""
+    given = {k: opts[k] for k in NORMALISERS if opts[k] is not None}
+    if not given:
+        return
+    tensors = {k: v for k, v in given.items() if isinstance(v, torch.Tensor)}
+    for k, v in tensors.items():
+        if v.device != device and v.device.type != "cpu":
+            raise ValueError(f"{k} is on {v.device} but logp is on {device} (a CPU scalar "
+                             "tensor is fine too)")
+    no_token = None
+
+    def empty() -> bool:  # reads the mask only when a normaliser is 0 (rare)
+        nonlocal no_token
+        if no_token is None:
+            no_token = not bool(mask.any())
+        return no_token
+
+    capturing = any(v.is_cuda for v in tensors.values()) and torch.cuda.is_available() \
+        and torch.cuda.is_current_stream_capturing()
+    if _traced() or capturing:
+        for k, v in given.items():
+            msg = f"{k} must be {_NORM_RANGE}"
+            if isinstance(v, torch.Tensor):
+                v = v.to(device)
+                ok = torch.isfinite(v) & ((v > 0) | ((v == 0) & ~mask.any()))
+                torch._assert_async(ok, msg)
+                opts[k] = torch.where(v == 0, torch.ones_like(v), v).to(acc)
+            elif v == 0:
+                torch._assert_async(~mask.any(), msg)
+                opts[k] = 1.0
+        return
+    values = {k: v for k, v in given.items() if not isinstance(v, torch.Tensor)}
+    on_dev = [k for k, v in tensors.items() if v.device.type != "cpu"]
+    if on_dev:  # one host sync for all of them
+        read = torch.stack([tensors[k].to(torch.float64) for k in on_dev]).tolist()
+        values.update(zip(on_dev, read))
+    values.update({k: float(v.item()) for k, v in tensors.items() if v.device.type == "cpu"})
+    for k in NORMALISERS:
+        if k not in values:
+            continue
+        x = values[k]
+        if not 0.0 <= x < math.inf:
+            raise ValueError(f"{k} must be {_NORM_RANGE}, got {x!r}"
+                             f"{' (tensor value)' if k in tensors else ''}")
+        if x == 0.0:
+            if not empty():
+                raise ValueError(f"{k} is 0 but this micro-batch has valid tokens: {k} must "
+                                 f"be {_NORM_RANGE}")
+            opts[k] = 1.0
+        elif k in tensors:
+            opts[k] = tensors[k].to(acc)
+
+
+def check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, *, clip_low, clip_high,
+                           dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs, loss_scale,
+                           ratio_level, log_ratio_clamp) -> dict:
+    """Raises ValueError naming the argument for a bad shape, dtype, device or option (the
+    ranges of docs/loss.md). Returns the options validated: floats / None, and each given
+    normaliser as a number > 0 or a 0-dim tensor of the loss's dtype (a 0 allowed by the
+    rules replaced by 1). Every backend computes from these."""
+    opts = check_policy_loss_options(
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+        kl_type=kl_type, agg=agg, ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
+        num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2:
         raise ValueError(f"logp must be a [B, T] tensor, got "
                          f"{tuple(logp.shape) if isinstance(logp, torch.Tensor) else type(logp)}")
@@ -138,59 +300,61 @@ def check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, *, clip_l
             raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
     if mask.is_complex():
         raise ValueError(f"mask must be bool or 0/1, got {mask.dtype}")
-    if not _is_number(kl_coef) or kl_coef < 0:
-        raise ValueError(f"kl_coef must be a number >= 0, got {kl_coef!r}")
-    if kl_coef > 0 and ref_logp is None:
+    if opts["kl_coef"] > 0 and ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logp (the reference policy's log-probs)")
-    if not _is_number(clip_low) or not 0 <= clip_low < 1:
-        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
-    if not _is_number(clip_high) or clip_high < 0:
-        raise ValueError(f"clip_high must be >= 0, got {clip_high!r}")
-    if dual_clip is not None and (not _is_number(dual_clip) or dual_clip <= 1):
-        raise ValueError(f"dual_clip must be None or > 1 (verl's clip_ratio_c), got {dual_clip!r}")
-    if log_ratio_clamp is not None and (not _is_number(log_ratio_clamp) or log_ratio_clamp <= 0):
-        raise ValueError(f"log_ratio_clamp must be None (off) or > 0, got {log_ratio_clamp!r}")
-    for name, v in (("num_tokens", num_tokens), ("num_seqs", num_seqs), ("loss_scale", loss_scale)):
-        if v is None:
-            continue
-        if isinstance(v, torch.Tensor):
-            if v.numel() != 1:
-                raise ValueError(f"{name} must be a number or a one-element tensor, got shape "
-                                 f"{list(v.shape)}")
-            if v.device != device and v.dim() != 0:
-                raise ValueError(f"{name} is on {v.device} but logp is on {device}")
-        elif not _is_number(v) or not v > 0:
-            raise ValueError(f"{name} must be a number > 0 or a tensor, got {v!r}")
+    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    _check_normalisers(opts, mask if mask.dtype == torch.bool else mask != 0, device, acc)
+    return opts
+
+
+def k3_series(d):
+    """e^d - 1 - d for |d| < K3_SERIES_BELOW: sum_{n=2..15} d^n / n! (Horner, the kernels'
+    order of operations), in d's dtype."""
+    p = torch.full_like(d, K3_COEFS[0])
+    for c in K3_COEFS[1:]:
+        p = p * d + c
+    return p * d * d
 
 
 def kl_estimate(logp, ref_logp, kl_type: str):
-    """KL(pi || pi_ref) per token with d = ref_logp - logp: k1 = -d, k2 = d^2 / 2,
-    k3 = exp(d) - d - 1 with d clamped to +-20 and the result to [-10, 10] (verl)."""
+    """KL(pi || pi_ref) per token with d = ref_logp - logp (docs/loss.md, "KL estimators"):
+    k1 = -d, k2 = d^2 / 2, k3 = e^d - 1 - d with d clamped to +-20 and the result to
+    [-10, 10] (verl's clamps), computed without cancellation near d = 0: the series
+    `k3_series` for |d| < 0.5, expm1(d) - d above. d/d(logp) k3 = -expm1(d) (autograd of
+    either branch; the unused branch is finite, so no NaN leaks through torch.where)."""
     d = ref_logp - logp
     if kl_type == "k1":
         return -d
     if kl_type == "k2":
         return 0.5 * d * d
     d = d.clamp(-20.0, 20.0)
-    return (d.exp() - d - 1.0).clamp(-10.0, 10.0)
+    k3 = torch.where(d.abs() < K3_SERIES_BELOW, k3_series(d), torch.expm1(d) - d)
+    return k3.clamp(-10.0, 10.0)
 
 
 def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2,
                           clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
                           ratio_level="token", log_ratio_clamp=20.0):
-    """SPEC section 3 per token. Returns (loss_tok [B, T], valid [B, T] bool, stats) where
-    loss_tok is 0 under the mask, and stats holds [B, T] tensors clip_high, clip_low, dual
-    (bool), approx_kl (old - logp, clamped), ref_kl (or None). Computed in float32 (float64
-    for float64 logp). Only logp carries a gradient.
+    """The per-token loss of docs/loss.md. Returns (loss_tok [B, T], valid [B, T] bool, stats)
+    where loss_tok is 0 under the mask, and stats holds [B, T] tensors clip_high, clip_low,
+    dual (bool), approx_kl (old - logp, clamped), ref_kl (or None). Computed in float32
+    (float64 for float64 logp). Only logp carries a gradient. Options already validated.
 
     Masked positions are *selected* away (where) before any arithmetic, so -inf or NaN
     under the mask never reaches exp and no NaN reaches a gradient.
-        log_ratio = clamp(logp - old_logp, -c, c)     (c = log_ratio_clamp; None: no clamp)
+        log_ratio = clamp(logp - old, -c, c)     (c = log_ratio_clamp; None: no clamp)
         GSPO (ratio_level="sequence"): log_ratio_i = clamp(sum_t m (logp - old) / L_i, -c, c)
         ratio = exp(log_ratio)
         l = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high))
         A < 0 and dual_clip: l = min(l, -A dual_clip)
+        A == 0: l = 0 (also when ratio overflows to inf: never 0 * inf)
         l += kl_coef * KL(logp, ref_logp)
+    Where a bound decides l (or A == 0), l is that constant and its gradient exactly 0: the
+    differentiable term -A exp(log_ratio) is only evaluated where it is the loss (exp of 0
+    elsewhere), so an infinite ratio (clamp off) never meets a zero gradient as 0 * inf.
+    Where it is the loss and the ratio is inf (A < 0, no dual clip) loss and gradient are
+    +inf: the true value, not a NaN (docs/loss.md, "Huge ratios"). Ties (ratio inside the
+    clip range, or on its edge) take the unclipped term, as the kernels do.
     """
     acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
     valid = mask.bool() if mask.dtype != torch.bool else mask
@@ -198,33 +362,38 @@ def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, cl
     x = torch.where(valid, logp.to(acc), zero)
     old = torch.where(valid, old_logp.detach().to(acc), zero)
     adv = advantages.detach().to(acc)
-    A = adv[:, None] if adv.dim() == 1 else torch.where(valid, adv, zero)
+    A = (adv[:, None] if adv.dim() == 1 else torch.where(valid, adv, zero)).expand_as(x)
     tok_lr = x - old
-    if log_ratio_clamp is not None:
-        tok_lr_c = tok_lr.clamp(-log_ratio_clamp, log_ratio_clamp)
-    else:
-        tok_lr_c = tok_lr
+    tok_lr_c = tok_lr if log_ratio_clamp is None else tok_lr.clamp(-log_ratio_clamp,
+                                                                     log_ratio_clamp)
     if ratio_level == "sequence":
         L = valid.sum(-1, keepdim=True).clamp(min=1).to(acc)
         lr = tok_lr.sum(-1, keepdim=True) / L
         if log_ratio_clamp is not None:
             lr = lr.clamp(-log_ratio_clamp, log_ratio_clamp)
+        lr = lr.expand_as(x)
     else:
         lr = tok_lr_c
-    ratio = lr.exp()
+    ratio = lr.detach().exp()  # values: which branch, the constant branches, the metrics
     l1 = -A * ratio
     l2 = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(l1, l2)
-    ratio_b = ratio.expand_as(x)
-    stats = {"clip_high": valid & (A > 0) & (ratio_b > 1.0 + clip_high),
-             "clip_low": valid & (A < 0) & (ratio_b < 1.0 - clip_low),
+    live = ~(l2 > l1)  # the unclipped term -A ratio is the loss (NaN compares False)
+    const = l2
+    stats = {"clip_high": valid & (A > 0) & (ratio > 1.0 + clip_high),
+             "clip_low": valid & (A < 0) & (ratio < 1.0 - clip_low),
              "approx_kl": -tok_lr_c.detach(), "ref_kl": None}
     if dual_clip is not None:
         l3 = -A * dual_clip
-        stats["dual"] = valid & (A < 0) & (loss > l3)
-        loss = torch.where(A < 0, torch.minimum(loss, l3), loss)
+        dual = (A < 0) & (torch.maximum(l1, l2) > l3)
+        stats["dual"] = valid & dual
+        const = torch.where(dual, l3, const)
+        live = live & ~dual
     else:
         stats["dual"] = torch.zeros_like(valid)
+    a0 = A == 0
+    const = torch.where(a0, zero, const)
+    live = live & ~a0 & valid  # masked: exp(0), so a 0 gradient never meets exp = inf (GSPO)
+    loss = torch.where(live, -A * torch.where(live, lr, zero).exp(), const)
     if ref_logp is not None:
         ref = torch.where(valid, ref_logp.detach().to(acc), zero)
         kl = kl_estimate(x, ref, kl_type)
@@ -235,8 +404,9 @@ def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, cl
 
 
 def aggregate_loss(loss_tok, valid, agg: str, num_tokens=None, num_seqs=None, loss_scale=None):
-    """SPEC section 3 aggregation of per-token losses (0 under the mask); L_i = valid tokens
-    of row i. Global normalisers (numbers or tensors) replace the local counts:
+    """Aggregation of per-token losses (0 under the mask; docs/loss.md, "Aggregations");
+    L_i = valid tokens of row i. Global normalisers (numbers or tensors, validated by
+    check_policy_loss_args) replace the local counts:
         token-mean:              sum m l / num_tokens            (local: max(sum L_i, 1))
         token-sum:               sum m l
         seq-mean-token-mean:     sum_i [sum_t m l / L_i] / num_seqs   (rows with L_i = 0
@@ -264,19 +434,27 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2
                 log_ratio_clamp=20.0, backend="reference"):
     """Reference of `mars.loss.policy_loss` (same signature; `backend` is ignored): the
     per-token loss of `per_token_policy_loss`, aggregated by `aggregate_loss`, with the
-    metrics of LossOutput as masked means over this micro-batch's valid tokens."""
+    metrics of LossOutput as masked means over this micro-batch's valid tokens
+    (docs/loss.md). Plain autograd: higher-order gradients work (double backward)."""
     if old_logp is None:  # on-policy: ratio 1, gradient of the ratio still flows
         old_logp = logp.detach()
-    check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, clip_low=clip_low,
-                           clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                           kl_type=kl_type, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                           loss_scale=loss_scale, ratio_level=ratio_level,
-                           log_ratio_clamp=log_ratio_clamp)
-    loss_tok, valid, st = per_token_policy_loss(
-        logp, old_logp, advantages, mask, ref_logp=ref_logp, clip_low=clip_low,
-        clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type,
-        ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp)
-    loss = aggregate_loss(loss_tok, valid, agg, num_tokens, num_seqs, loss_scale)
+    opts = check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, clip_low=clip_low,
+                                  clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                                  kl_type=kl_type, agg=agg, num_tokens=num_tokens,
+                                  num_seqs=num_seqs, loss_scale=loss_scale,
+                                  ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp)
+    return policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts)
+
+
+def policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts: dict) -> LossOutput:
+    """`policy_loss` on arguments already validated: `opts` as check_policy_loss_args
+    returns them (old_logp not None)."""
+    tok = {k: opts[k] for k in ("clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type",
+                                "ratio_level", "log_ratio_clamp")}
+    loss_tok, valid, st = per_token_policy_loss(logp, old_logp, advantages, mask,
+                                                ref_logp=ref_logp, **tok)
+    loss = aggregate_loss(loss_tok, valid, opts["agg"], opts["num_tokens"], opts["num_seqs"],
+                          opts["loss_scale"])
     n = valid.sum().to(loss_tok.dtype)
     d = n.clamp(min=1)
     zero = loss_tok.new_zeros(())
@@ -293,19 +471,24 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2
 
 
 # ---------------------------------------------------------------------------------------
-# SPEC section 4: fused lm-head + log-softmax + policy loss (mars.loss.fused_linear_policy_loss,
-# mars.loss.token_logprobs). Here the [B, T, V] logits are materialised on purpose.
+# Fused lm-head + log-softmax + policy loss (mars.loss.fused_linear_policy_loss,
+# mars.loss.token_logprobs; docs/loss.md, "Fused path"). Here the [B, T, V] logits are
+# materialised on purpose.
 # ---------------------------------------------------------------------------------------
 
 def token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, mask=None,
                    chunk_size=None, backend="reference"):
     """Reference of `mars.loss.token_logprobs`: log-prob of each chosen id [B, T] under
     softmax((hidden @ weight^T + bias) / temperature), float32 (float64 for float64 hidden).
-    Positions outside `mask` (when given) are 0 and their ids may be anything.
-    `chunk_size` and `backend` are ignored. Differentiable (the fused path is not)."""
+    Positions outside `mask` (when given) are 0 and their ids and hidden states may be
+    anything (NaN, inf): the hidden rows are *selected* away (replaced by 0) before the
+    matmul, so nothing of them reaches a gradient of hidden, weight or bias (0 * NaN would).
+    `chunk_size` and `backend` are ignored. Differentiable, to any order (the fused path
+    is not)."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    logits = torch.nn.functional.linear(hidden.to(acc), weight.to(acc),
+    h = torch.where(valid[..., None], hidden.to(acc), hidden.new_zeros((), dtype=acc))
+    logits = torch.nn.functional.linear(h, weight.to(acc),
                                         None if bias is None else bias.to(acc))  # [B, T, V]
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
     safe_ids = torch.where(valid, ids, 0).long()
@@ -319,7 +502,8 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
     """Reference of `mars.loss.fused_linear_policy_loss`: materialises the logits,
     logp = token_logprobs(hidden, weight, ids, bias, temperature, mask), then
     `policy_loss(logp, old_logp, advantages, mask, **policy_loss_options)`. Gradients reach
-    hidden, weight and bias through plain autograd. `chunk_size`, `backend` are ignored."""
+    hidden, weight and bias through plain autograd (any order); masked positions contribute
+    nothing to them. `chunk_size`, `backend` are ignored."""
     logp = token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature, mask=mask)
     return policy_loss(logp, old_logp, advantages, mask, **policy_loss_options)
 

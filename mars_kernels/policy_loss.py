@@ -1,4 +1,4 @@
-"""Triton kernels of the clipped-ratio token loss (SPEC section 3).
+"""Triton kernels of the clipped-ratio token loss (docs/loss.md).
 
 Matches `mars.reference.policy_loss`. One program per row reads logp, old_logp, (ref_logp),
 mask and the advantage once and, in the same pass, writes d(row loss sum)/d(logp) per token
@@ -7,10 +7,16 @@ clip-low / dual-clip counts, approx-KL and ref-KL sums. GSPO (SEQ) first reduces
 mean log-ratio and finally adds the sequence term to the row's gradient. The rows are then
 aggregated by a fixed-order reduction (no atomics: deterministic). Masked tokens are
 replaced by 0 on load, so -inf / NaN under the mask never reaches exp or a gradient.
+A == 0 gives loss 0 and gradient 0 even for an infinite ratio (clamp off), and k3 is
+e^d - 1 - d by the reference's series below |d| < 0.5 (mars.reference.kl_estimate), the
+same order of operations as the C++ / CUDA bodies (csrc/policy_loss.h).
 """
 import torch
 import triton
 import triton.language as tl
+
+from mars.reference import K3_COEFS, K3_SERIES_BELOW
+
 
 NCOL = 7  # S, L, high, low, dual, approx_kl, ref_kl
 AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -21,7 +27,8 @@ AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
 def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, prm_ptr, grad_ptr, part_ptr,
                      T, ADV_2D: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
                      HAS_KL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_CLAMP: tl.constexpr,
-                     SEQ: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr):
+                     SEQ: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
+                     NK3: tl.constexpr, K3_BELOW: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     base = i * T
     offs = tl.arange(0, BLOCK)
@@ -92,6 +99,9 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, prm_ptr, grad_
             loss = tl.where(dm, l3, loss)
             dl = tl.where(dm, zero, dl)
             nd += (m & dm).to(tl.int32)
+        a0 = A == 0.0  # loss 0 and no gradient, even for r = inf (never 0 * inf)
+        loss = tl.where(a0, zero, loss)
+        dl = tl.where(a0, zero, dl)
         if SEQ:
             G += tl.where(m, dl, zero)
             gt = zero
@@ -110,11 +120,19 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, prm_ptr, grad_
             else:
                 d_in = (d >= -20.0) & (d <= 20.0)
                 dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
-                e = tl.exp(dc)
-                k = e - dc - 1.0
+                # k3 = e^d - 1 - d: series below |d| < 0.5 (coefficients 1/n! from prm, in
+                # the compute dtype), exp(d) - 1 - d above; em1 = e^d - 1
+                q = zero + tl.load(prm_ptr + 5)
+                for j in tl.static_range(1, NK3):
+                    q = q * dc + tl.load(prm_ptr + 5 + j)
+                ks = q * dc * dc
+                small = (dc < K3_BELOW) & (dc > -K3_BELOW)
+                eb = tl.exp(dc) - 1.0
+                em1 = tl.where(small, dc + ks, eb)
+                k = tl.where(small, ks, eb - dc)
                 k_in = (k >= -10.0) & (k <= 10.0)
                 kl = tl.minimum(tl.maximum(k, -10.0), 10.0)
-                dkl = tl.where(d_in & k_in, -(e - 1.0), zero)
+                dkl = tl.where(d_in & k_in, -em1, zero)
             rkl += tl.where(m, kl, zero)
             if HAS_KL:
                 loss = loss + kl_coef * kl
@@ -177,8 +195,13 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, clip_low: float, cli
     has_ref = ref_logp is not None
     r = ref_logp.contiguous() if has_ref else x
     # non_blocking: a blocking host-to-device copy would wait for the GPU (a host sync)
-    prm = torch.tensor([1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, log_ratio_clamp],
-                       dtype=torch.float64).to(acc).to(x.device, non_blocking=True)
+    for name, v in (("clip_low", clip_low), ("clip_high", clip_high), ("dual_clip", dual_clip),
+                    ("kl_coef", kl_coef), ("log_ratio_clamp", log_ratio_clamp),
+                    ("num_tokens", num_tokens), ("num_seqs", num_seqs), ("loss_scale", loss_scale)):
+        if v != v:  # the op's own contract (mars.reference.check_policy_loss_args checks all)
+            raise ValueError(f"{name} must not be NaN")
+    prm = torch.tensor([1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, log_ratio_clamp,
+                        *K3_COEFS], dtype=torch.float64).to(acc).to(x.device, non_blocking=True)
     grad = torch.empty((B, T), dtype=acc, device=x.device)
     part = torch.empty((B, NCOL), dtype=acc, device=x.device)
     if B > 0:
@@ -188,6 +211,6 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, clip_low: float, cli
             KL_TYPE=int(kl_type), HAS_KL=bool(kl_coef > 0 and has_ref),
             HAS_DUAL=bool(dual_clip > 0), HAS_CLAMP=bool(log_ratio_clamp > 0),
             SEQ=bool(seq_ratio), DT=tl.float64 if acc == torch.float64 else tl.float32,
-            BLOCK=block)
+            BLOCK=block, NK3=len(K3_COEFS), K3_BELOW=K3_SERIES_BELOW)
     loss, metrics, row_scale = _finalize(part, T, agg, num_tokens, num_seqs, loss_scale)
     return loss, metrics, grad, row_scale

@@ -221,8 +221,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cpu(
     double kl_coef, int64_t kl_type, int64_t agg, double num_tokens, double num_seqs,
     double loss_scale, bool seq_ratio, double log_ratio_clamp) {
   const pl::Params p = pl::check_args(logp, old_logp, advantages, mask, ref_logp, clip_low,
-                                      clip_high, dual_clip, kl_coef, kl_type, agg, seq_ratio,
-                                      log_ratio_clamp);
+                                      clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens,
+                                      num_seqs, loss_scale, seq_ratio, log_ratio_clamp);
   const int64_t B = logp.size(0), Tn = logp.size(1);
   const bool adv_2d = advantages.dim() == 2, has_ref = p.has_ref;
   const auto acc = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -423,6 +423,9 @@ MARS_PL_INLINE void vec_tokens(const In* lp, const In* old, const In* adv, float
     l = V::sel(dual, l3, l);
     dl = V::sel(dual, zero, dl);
   }
+  const I a0 = A == zero;  // A == 0: l = 0 and no gradient, even for r = inf (0 * inf)
+  l = V::sel(a0, zero, l);
+  dl = V::sel(a0, zero, dl);
   F gt;
   if (p.seq) {
     st.G += V::widen(V::sel(m, dl, zero));
@@ -443,11 +446,30 @@ MARS_PL_INLINE void vec_tokens(const In* lp, const In* old, const In* adv, float
       const I below = d < V::splat(-20.0f), above = d > V::splat(20.0f);
       const F dc = V::sel(below, V::splat(-20.0f), V::sel(above, V::splat(20.0f), d));
       const F ins = V::sel(below | above, zero, V::splat(1.0f));
-      const F e = V::exp(dc);
-      const F k = e - dc - V::splat(1.0f);
+      // pl::k3_expm1: the series below |d| < 0.5, exp(d) - 1 above (same order of ops)
+      F q = V::splat(static_cast<float>(7.647163731819816e-13));
+      q = q * dc + V::splat(static_cast<float>(1.1470745597729725e-11));
+      q = q * dc + V::splat(static_cast<float>(1.6059043836821613e-10));
+      q = q * dc + V::splat(static_cast<float>(2.08767569878681e-09));
+      q = q * dc + V::splat(static_cast<float>(2.505210838544172e-08));
+      q = q * dc + V::splat(static_cast<float>(2.755731922398589e-07));
+      q = q * dc + V::splat(static_cast<float>(2.7557319223985893e-06));
+      q = q * dc + V::splat(static_cast<float>(2.48015873015873e-05));
+      q = q * dc + V::splat(static_cast<float>(0.0001984126984126984));
+      q = q * dc + V::splat(static_cast<float>(0.001388888888888889));
+      q = q * dc + V::splat(static_cast<float>(0.008333333333333333));
+      q = q * dc + V::splat(static_cast<float>(0.041666666666666664));
+      q = q * dc + V::splat(static_cast<float>(0.16666666666666666));
+      q = q * dc + V::splat(0.5f);
+      const F ks = q * dc * dc;
+      const I small = (dc < V::splat(static_cast<float>(pl::kK3SeriesBelow))) &
+                      (dc > V::splat(-static_cast<float>(pl::kK3SeriesBelow)));
+      const F eb = V::exp(dc) - V::splat(1.0f);
+      const F em1 = V::sel(small, dc + ks, eb);
+      const F k = V::sel(small, ks, eb - dc);
       const I klo = k < V::splat(-10.0f), khi = k > V::splat(10.0f);
       kl = V::sel(klo, V::splat(-10.0f), V::sel(khi, V::splat(10.0f), k));
-      dkl = V::sel(klo | khi, zero, -(e - V::splat(1.0f)) * ins);
+      dkl = V::sel(klo | khi, zero, -em1 * ins);
     }
     st.rkl += V::widen(V::sel(m, kl, zero));
     if (p.has_kl) {

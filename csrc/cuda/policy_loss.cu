@@ -196,8 +196,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
     double kl_coef, int64_t kl_type, int64_t agg, double num_tokens, double num_seqs,
     double loss_scale, bool seq_ratio, double log_ratio_clamp) {
   const pl::Params p = pl::check_args(logp, old_logp, advantages, mask, ref_logp, clip_low,
-                                      clip_high, dual_clip, kl_coef, kl_type, agg, seq_ratio,
-                                      log_ratio_clamp);
+                                      clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens,
+                                      num_seqs, loss_scale, seq_ratio, log_ratio_clamp);
   const int64_t B = logp.size(0), Tn = logp.size(1);
   const bool adv_2d = advantages.dim() == 2, has_ref = p.has_ref;
   TORCH_CHECK_VALUE(B <= 2147483647LL, "too many rows");
