@@ -93,6 +93,7 @@ LOSS_METRICS = ("clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl"
                 "num_tokens")
 NORMALISERS = ("num_tokens", "num_seqs", "loss_scale")
 F32_MAX = torch.finfo(torch.float32).max
+_KL_COEF_RANGE = f"a finite number in [0, {F32_MAX:.7g}] (float32's largest)"
 # k3 = e^d - 1 - d (docs/loss.md, "KL estimators"): for |d| < K3_SERIES_BELOW its Taylor
 # series sum_{n=2..15} d^n / n! by Horner's rule (K3_COEFS: 1/n!, highest n first), else
 # expm1(d) - d. exp(d) - d - 1 would lose every digit near d = 0 (fp32: d = 1e-4 gives
@@ -162,7 +163,7 @@ def check_policy_loss_options(*, clip_low, clip_high, dual_clip, kl_coef, kl_typ
         dc = _real("dual_clip", dual_clip, what)
         if not 1.0 < dc < math.inf:
             raise ValueError(f"dual_clip must be {what}, got {dual_clip!r}")
-    what = f"a finite number in [0, {F32_MAX:.7g}] (float32's largest)"
+    what = _KL_COEF_RANGE
     kc = _real("kl_coef", kl_coef, what)
     if not 0.0 <= kc <= F32_MAX:
         raise ValueError(f"kl_coef must be {what}, got {kl_coef!r}")

@@ -339,23 +339,27 @@ def test_torch_compile_tensor_normaliser(backend):
     (torch._assert_async): the eager numbers when valid, a RuntimeError when not."""
     logp, old, adv, mask, ref = small_batch(dtype=torch.float32)
 
-    def step(x, n):
+    def step(x, n, clip_high):
         return mars.loss.policy_loss(x, old, adv, mask, ref_logp=ref, kl_coef=0.1,
-                                     num_tokens=n, backend=backend).loss
+                                     clip_high=clip_high, num_tokens=n, backend=backend).loss
 
+    torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    n = torch.tensor(11.0)
-    x1 = logp.detach().requires_grad_()
-    l1 = compiled(x1, n)
-    l1.backward()
-    x2 = logp.detach().requires_grad_()
-    l2 = step(x2, n)
-    l2.backward()
-    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-8)
+    for n, ch in ((torch.tensor(11.0), 0.28), (torch.tensor(7.0), 0.28), (3.0, 0.28)):
+        x1 = logp.detach().requires_grad_()
+        l1 = compiled(x1, n, ch)
+        l1.backward()
+        x2 = logp.detach().requires_grad_()
+        l2 = step(x2, n, ch)
+        l2.backward()
+        torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-8)
     for bad in (torch.tensor(math.nan), torch.tensor(-3.0), torch.tensor(0.0)):
         with pytest.raises(RuntimeError, match="num_tokens must be"):
-            compiled(logp.detach().requires_grad_(), bad)
+            compiled(logp.detach().requires_grad_(), bad, 0.28)
+    # options are checked while tracing (fullgraph: dynamo re-raises it as its own error)
+    with pytest.raises(Exception, match="clip_high must be"):
+        compiled(logp.detach().requires_grad_(), 3.0, math.nan)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
