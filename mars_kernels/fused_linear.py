@@ -1,4 +1,4 @@
-"""Triton epilogue of the fused lm-head loss (SPEC section 4).
+"""Triton epilogue of the fused lm-head loss (docs/loss.md, "Fused path").
 
 Matches `mars.reference.token_logprobs` / `mars.reference.fused_linear_policy_loss` on one
 chunk of tokens whose logits x = hidden_chunk @ W^T (+ b) were written by a cuBLAS matmul
