@@ -12,7 +12,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(mars, m) {
-  // SPEC section 2. group_index/anchor_index: int64 dense labels in [0, num_groups), every
+  // docs/advantage.md. group_index/anchor_index: int64 dense labels in [0, num_groups), every
   // group holding at least one row (mars.groups.factorize guarantees it).
   // Returns (advantages [B] f32, mean [G] f32, std [G] f32, count [G] i64, gain [G] f32).
   m.def(

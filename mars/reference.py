@@ -31,7 +31,7 @@ class AdvantageOutput(NamedTuple):
 
 def advantage_dense(rewards, group_index, anchor_rewards, anchor_index, num_groups: int,
                     norm_by_std: bool, eps: float, unbiased: bool, singleton_raw: bool):
-    """SPEC section 2 on dense group indices (each group has >= 1 rollout).
+    """docs/advantage.md on dense group indices (each group has >= 1 rollout).
 
     Pool S_g = rollouts + anchors of group g, N = |S_g|:
         mu = mean(S_g);  sigma = sqrt(sum (s - mu)^2 / (N - 1))  (or / N if not unbiased)
