@@ -1,6 +1,7 @@
-"""mars.rewards: the reference implementation's reward defects (SPEC section 6) as
-regression tests, hand-computed grounding values, answer matching, the registry and
-property tests (any string -> finite reward within [0, documented max])."""
+"""mars.rewards: the reference implementation's reward defects as regression tests,
+hand-computed grounding values, answer matching, the registry and property tests (any
+string -> finite reward within [0, documented max]). The rules: docs/rewards.md; hedges,
+degenerate completions and huge numbers: tests/test_rewards_adversarial.py."""
 
 import math
 
@@ -34,7 +35,7 @@ def v_out(answer, think="let me look"):
     return f"<think>{think}</think><answer>{answer}</answer>"
 
 
-# ---------------------------------------------------------------- SPEC section 6 defects
+# ---------------------------------------------------------------- the reference implementation's defects
 
 @pytest.mark.parametrize("name", ["vqa", "mcq", "grounding"])
 @pytest.mark.parametrize("text", ["", "yes", "<think>yes</think>", "<answer>yes", "yes</answer>"])
@@ -210,6 +211,9 @@ def test_grounding_metric_miou():
     ("2", "two or 2", True), ("two", "two or 2", True), ("Two.", "two or 2", True), ("two or 2", "two or 2", True),
     ("3", "two or 2", False), ("White", "white", True), ("the white car", "white car", True),
     ("3.5 m", "3.5 m", True), ("35 m", "3.5 m", False), ("left-front", "left front", True),
+    # hedges name more than one option: never a match (docs/rewards.md, "Hedged answers")
+    ("yes or no", "yes", False), ("Yes/No", "no", False), ("yes, no", "yes", False), ("2 or 3", "two or 2", False),
+    ("2 or two", "two or 2", True), ("No, there is not.", "no", True),
 ])
 def test_vqa_matching(pred, gt, ok):
     assert answers_match(pred, gt) is ok
@@ -227,6 +231,8 @@ def test_choice_extraction(text, letter):
 
 def test_mcq_reward():
     assert mcq(v_out("B. No, one is a novel"), "B") == pytest.approx(1.5)
+    for hedge in ("A or B", "(A)(B)", "A, B", "Answer: B or C", "B. red or C. blue"):
+        assert mcq(v_out(hedge), "B") == pytest.approx(0.5), hedge  # format only
     assert mcq(v_out("(b)"), "<answer>B</answer>") == pytest.approx(1.5)
     assert mcq(v_out("C"), "B") == pytest.approx(0.5)
     assert choice_match("yes, both", "yes, both") is True  # no letter in the ground truth: text match

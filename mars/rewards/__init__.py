@@ -9,7 +9,10 @@
 
 verl: ``mars.rewards.compute_score(data_source, solution_str, ground_truth, extra_info)``.
 
-Built-in: "grounding" (max 0.75 + 1 + 0.3 ln n_gt), "vqa" and "mcq" (max 1.5).
+Built-in: "grounding" (max 0.75 + 1 + 0.3 ln n_gt), "vqa" and "mcq" (max 1.5). Any
+completion string scores a finite reward in that range (a hedged answer, e.g. "yes or
+no" or "A or B", earns no accuracy); only a malformed ground truth raises ValueError.
+The rules: docs/rewards.md.
 """
 
 from .registry import (

@@ -124,7 +124,9 @@ def names_yes_and_no(normalised: str) -> bool:
 #
 # All patterns below run on the "choice text": NFKC, whitespace runs collapsed to one
 # space, stripped. A "single letter" is an ASCII letter with no letter, digit or
-# underscore (\w) directly on either side.
+# underscore (\w) directly on either side that is not part of a dotted abbreviation
+# ("U.S.", "J.R.R."), of a hyphenated word ("X-ray", "e-book") or of a name such as
+# "C++" or "C#".
 
 # "answer", "option" or "choice" (any case), optionally "is" and ":", optionally "(".
 # Written to start with a character class (the search then skips other characters in C).
@@ -135,6 +137,7 @@ _HEAD_PATTERNS = [
     (re.compile(r"([A-Z])(?:[.:)]|$)"), "match"),  # "A. Biology", "B) ..."
     (re.compile(_LEAD_IN + r"([A-Z])[)\]]?(?![A-Za-z])"), "search"),  # "The answer is D"
 ]
+_LEAD_IN_WORDS = ("answer", "option", "choice")
 # Words that join or hedge between options, and punctuation that joins them.
 _LIST_WORDS = ("or", "and", "vs", "versus", "either", "maybe", "perhaps", "possibly", "probably")
 _LIST_PUNCT = ",;/&|+"
@@ -147,78 +150,108 @@ _LIST_WORD_RE = re.compile(
 # What a list word becomes before the letter rules run: one character that is neither a
 # word character nor a space, so that the rules see "A or C" as "A \x01 C".
 _LIST_MARK = "\x01"
+# Right after matching a letter: it is a single letter (see above).
+_SINGLE = r"(?<!\w.)(?!\w)(?!\.[A-Za-z](?!\w))(?<!(?<!\w)[A-Za-z]\..)(?!\+\+|#)(?![-'’]\w\w)(?<!\w\w[-'’].)"
+# Clause 4 needs the text from the choice to the end to hold nothing but single letters,
+# punctuation and spaces; these find what breaks that: a word character that is not an
+# ASCII letter, or is followed by another word character, "++" or "#", or (unless the
+# choice itself is dotted, "A.B.") starts a dotted abbreviation. They start with \w, so the search skips
+# punctuation and spaces in C.
+_NOT_A_RUN = re.compile(r"\w(?:(?<=[^\WA-Za-z])|(?=\w)|(?=\.[A-Za-z](?!\w))|(?=\+\+|#))")
+_NOT_A_DOTTED_RUN = re.compile(r"\w(?:(?<=[^\WA-Za-z])|(?=\w)|(?=\+\+|#))")
+# The choice glued to the next letter by a dot ("A.B.", "A.B.C"): then dotted letters are
+# options, not an abbreviation.
+_DOTTED_CHOICE = re.compile(r"[A-Za-z]\.[A-Za-z](?!\w)")
+_FIRST_LETTER = re.compile(r"[A-Za-z]")
 
 
 def _choice_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
-@functools.lru_cache(maxsize=64)
-def _named_letter_patterns(exclude: str | None) -> tuple[re.Pattern, re.Pattern]:
+def _letter_class(exclude: str | None) -> tuple[str, str]:
+    up = "".join(c for c in string.ascii_uppercase if c != exclude)
+    return up, up.lower()
+
+
+@functools.lru_cache(maxsize=256)
+def _single_letter_pattern(exclude: str | None, dotted: bool, cases: str) -> re.Pattern:
+    """A single letter other than ``exclude``, of ``cases`` "upper", "lower" or "both"."""
+    up, lo = _letter_class(exclude)
+    letters = {"upper": up, "lower": lo, "both": up + lo}[cases]
+    return re.compile(rf"([{letters}])" + (r"(?<!\w.)(?!\w)" if dotted else _SINGLE))
+
+
+@functools.lru_cache(maxsize=128)
+def _named_letter_patterns(exclude: str | None, lower: bool) -> tuple[re.Pattern, re.Pattern]:
     r"""Two patterns finding a single letter that an answer names as an option, other than
-    ``exclude`` (an upper-case letter, or None: any); group 1 is the letter. They run on the
-    choice text with list words replaced by _LIST_MARK. One alternative per clause of the
-    rule in docs/rewards.md, "Hedged answers".
+    ``exclude`` (an upper-case letter, or None: any), by clauses 1-3, 5 and 6 of the rule in
+    docs/rewards.md, "Hedged answers" (clause 4 is :func:`_named_letter`'s run); group 1 is the
+    letter. They run on the choice text with list words replaced by _LIST_MARK. ``lower``:
+    whether lower-case letters count outside brackets (the choice is written in lower case,
+    or there is none).
 
     The first pattern starts with the letter's character class, so the search skips
-    everything else in C; ``(?<!\w.)(?!\w)`` then keeps single letters only, and the
-    context is checked by lookbehinds that end after the letter (their ``.`` is the letter
-    itself) and by lookaheads whose repetitions stop at the next word character."""
-    up = "".join(c for c in string.ascii_uppercase if c != exclude)
-    lo = up.lower()
+    everything else in C; :data:`_SINGLE` then keeps single letters only, and the context
+    is checked by lookbehinds that end after the letter (their ``.`` is the letter itself)
+    and by bounded lookaheads."""
+    up, lo = _letter_class(exclude)
     up_i, lo_i = up.replace("I", ""), lo.replace("i", "")  # the pronoun I: only in brackets / after a lead-in
     mark, punct = re.escape(_LIST_MARK), re.escape(_LIST_PUNCT)
     to_end = r"(?=[^\w]*\Z)"  # nothing but punctuation and spaces up to the end
-    # Clauses 1-4 need a non-word character right before the letter (past one space);
-    # this gate rejects every other candidate in two steps.
-    after_nonword = r"(?:(?<=[^\w ].)|(?<=[^\w ] .)|(?<=^.))"
-    gated_upper = "|".join([
+    after_word = rf"(?<={mark} .)|(?<={mark}\. .)"
+    after_punct = rf"(?<=[{punct}].)|(?<=[{punct}] .)"
+    upper_rules = "|".join([
         # 2. right after a list word: "A or C", "either B or D", "red or C. blue"
-        rf"(?<={mark} .)|(?<={mark}\. .)",
-        # 3. right after list punctuation, with no word after it: "A, C", "A/B", "A & B."
-        rf"(?:(?<=[{punct}].)|(?<=[{punct}] .))(?= ?(?:\Z|[^\w ]|[A-Za-z](?!\w)))",
-        # 4. the last or last-but-one single letter of a run of single letters and
-        #    punctuation that ends the answer: "A. B.", "B) C)", "A: B" (4b below: "A B")
-        to_end,
-        r"(?=[^\w]*[A-Za-z](?!\w)[^\w]*\Z)",
-    ])
-    # lower case counts after a list word / list punctuation only when it ends the answer: "(b) or c"
-    gated_lower = rf"(?:(?<={mark} .)|(?<={mark}\. .)|(?<=[{punct}].)|(?<=[{punct}] .)){to_end}"
-    ungated_upper = "|".join([
-        # 4b. the last letter of such a run, right after another single letter: "A B"
-        rf"(?<=(?<!\w)[A-Za-z] .){to_end}",
+        after_word,
+        # 3. right after list punctuation, with no word or initial after it: "A, C", "A/B",
+        #    "A & B." (not "Rowling, J. K.")
+        rf"(?:{after_punct})(?= ?(?:\Z|[^\w .]|\.(?! ?[A-Za-z](?!\w))))",
         # 5. before list punctuation / a list word leading to another single letter:
         #    "A or B" names A, "Both A and B", "(A), (B)"
         rf"(?= ?[)\].:(\[{punct}{mark}])[)\].:]? ?[(\[]?(?: ?[{punct}{mark}]){{1,3}} ?[(\[]?"
         rf"(?:[A-HJ-Z](?!\w)|[a-z](?!\w){to_end})",
     ])
+    # lower case counts after a list word / list punctuation only when it ends the answer: "(b) or c"
+    lower_rules = rf"(?:{after_word}|{after_punct}){to_end}"
+    # Every clause needs punctuation (or a list mark) next to the letter, past one space:
+    # this gate rejects other candidates ("A A A ...") before anything else is tried.
+    gate = r"(?:(?<=[^\w ].)|(?<=[^\w ] .)|(?= ?[^\w ]))"
     letters = (
-        rf"([{up}{lo}])(?<!\w.)(?!\w)(?:"
+        rf"([{up}{lo}]){gate}{_SINGLE}(?:"
         rf"(?<=[(\[].)(?=[)\]])"  # 1. in brackets, any case: "(C)", "[c]"
-        rf"|(?<=[{up_i}])(?:{after_nonword}(?:{gated_upper})|{ungated_upper})"
-        rf"|(?<=[{lo_i}]){after_nonword}{gated_lower}"
-        ")"
+        rf"|(?<=[{up_i}])(?:{upper_rules})"
+        + (rf"|(?<=[{lo_i}])(?:{lower_rules})" if lower else "")
+        + ")"
     )
     # 6. after "answer", "option" or "choice": "Answer: B. Option C"
     lead_in = _LEAD_IN + rf"([{up}])[)\]]?(?![A-Za-z])"
     return re.compile(letters), re.compile(lead_in)
 
 
-_LEAD_IN_WORDS = ("answer", "option", "choice")
-
-
-def _head(s: str, lead_in: bool = True) -> str | None:
-    """The choice letter of a choice text; ``lead_in=False`` skips the lead-in pattern
-    (the caller knows the text has no lead-in word)."""
-    for pat, how in _HEAD_PATTERNS if lead_in else _HEAD_PATTERNS[:-1]:
+def _head(s: str, lead_in: bool = True) -> tuple[str | None, int]:
+    """``(choice letter, which head pattern read it)`` of a choice text (``(None, -1)``
+    for none); ``lead_in=False`` skips the lead-in pattern (the caller knows the text has
+    no lead-in word)."""
+    for k, (pat, how) in enumerate(_HEAD_PATTERNS if lead_in else _HEAD_PATTERNS[:-1]):
         m = getattr(pat, how)(s)
         if m:
+            return m.group(1).upper(), k
+    return None, -1
+
+
+def _named_letter(marked: str, exclude: str | None, lead_in: bool, run_start: int, cases: str) -> str | None:
+    """A letter other than ``exclude`` (the choice, or None) that the (marked) choice text
+    names as an option, or None. ``run_start``: where clause 4's stretch starts (the
+    choice's position). ``cases``: the case the choice is written in ("upper", "lower"),
+    or "both" when there is no choice; lower-case letters outside brackets count only in
+    "lower" / "both", and clause 4 counts only letters of ``cases``."""
+    dotted = _DOTTED_CHOICE.match(marked, run_start) is not None
+    if (_NOT_A_DOTTED_RUN if dotted else _NOT_A_RUN).search(marked, run_start) is None:
+        m = _single_letter_pattern(exclude, dotted, cases).search(marked, run_start)
+        if m:
             return m.group(1).upper()
-    return None
-
-
-def _named_letter(marked: str, exclude: str | None, lead_in: bool) -> str | None:
-    letters, lead = _named_letter_patterns(exclude)
+    letters, lead = _named_letter_patterns(exclude, cases != "upper")
     m = letters.search(marked) or (lead.search(marked) if lead_in else None)
     return None if m is None else m.group(1).upper()
 
@@ -228,23 +261,29 @@ def extract_choice(text: str) -> str | None:
     D"), or None. A lone lower-case letter counts only as the whole answer or in brackets,
     so prose such as "a book" is not read as choice A. Says nothing about hedging: see
     :func:`choice_letters`."""
-    return _head(_choice_text(text))
+    return _head(_choice_text(text))[0]
 
 
 def choice_letters(text: str) -> tuple[str | None, bool]:
     """``(choice, hedged)``: the letter :func:`extract_choice` reads, and whether the answer
     names at least two different letters as options (docs/rewards.md, "Hedged answers":
-    "A or B", "A, C", "(A)(B)", "B. red or C. blue"). A letter inside option text ("C. A
-    travel guide", "B. Vitamin C", "A. J. K. Rowling") is not named as an option."""
+    "A or B", "A, C", "(A)(B)", "A. B.", "B. red or C. blue"). A letter inside option text
+    ("C. A travel guide", "B. Vitamin C", "A. J. K. Rowling", "A. U.S.") is not named."""
     s = _choice_text(text)
     low = s.lower()  # only to skip patterns that cannot match (str.find runs in C)
     lead_in = any(w in low for w in _LEAD_IN_WORDS)
-    head = _head(s, lead_in)
+    head, how = _head(s, lead_in)
     marked = _LIST_WORD_RE.sub(_LIST_MARK, s) if any(w in low for w in _LIST_WORDS) else s
+    run_start = 0
+    if how == len(_HEAD_PATTERNS) - 1:  # read after a lead-in: the run starts at the letter
+        m = _HEAD_PATTERNS[-1][0].search(marked)
+        run_start = m.start(1) if m else len(marked)
     if head is not None:
-        return head, _named_letter(marked, head, lead_in) is not None
-    first = _named_letter(marked, None, lead_in)
-    return None, first is not None and _named_letter(marked, first, lead_in) is not None
+        written = _FIRST_LETTER.search(marked, run_start)  # the choice as written
+        cases = "lower" if written is not None and written.group().islower() else "upper"
+        return head, _named_letter(marked, head, lead_in, run_start, cases) is not None
+    first = _named_letter(marked, None, lead_in, 0, "both")
+    return None, first is not None and _named_letter(marked, first, lead_in, 0, "both") is not None
 
 
 # ------------------------------------------------------------------ verdicts

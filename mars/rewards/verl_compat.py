@@ -4,7 +4,11 @@ verl calls ``compute_score(data_source, solution_str, ground_truth, extra_info)`
 ``custom_reward_function.path`` to this file and ``custom_reward_function.name`` to
 ``compute_score``). The reward is chosen by ``extra_info["reward"]`` or
 ``extra_info["task"]`` when present, else inferred from ``data_source`` / the ground
-truth (:func:`mars.data.infer_task`). Errors are raised, not hidden: verl reports them.
+truth (:func:`mars.data.infer_task`).
+
+Any completion string gives a finite float in the reward's range, in time linear in its
+length; a malformed ground truth raises ValueError (verl reports it). See
+docs/rewards.md, "What raises and what does not".
 """
 
 from __future__ import annotations
