@@ -468,3 +468,28 @@ def test_iou_matrix_equals_scalar_iou_bitwise(preds, gts):
     assert m.shape == ref.shape and m.dtype == np.float64
     assert np.array_equal(m, ref)
     assert ((m >= 0) & (m <= 1)).all()
+
+
+def test_iou_matrix_blocks_equal_scalar_iou_bitwise():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(-50, 650, (5000, 2))
+    wh = rng.uniform(-5, 80, (5000, 2))  # some inverted / zero-area boxes
+    preds = [[x, y, x + w, y + h] for (x, y), (w, h) in zip(xy.tolist(), wh.tolist())]
+    preds[7] = [0, 0, 1e308, 1e308]
+    preds[2049] = [math.nan, 0, 5, 5]
+    preds[4099] = {"bbox_2d": [0, 0, 10 ** 400, 5]}
+    gts = [[10 * i, 5 * i, 10 * i + 60, 5 * i + 90] for i in range(7)] + [[-1e308, -1e308, 1e308, 1e308]]
+    m = iou_matrix(preds, gts)
+    ref = np.array([[box_iou(p, g) for g in gts] for p in preds])
+    assert np.array_equal(m, ref) and (m > 0).sum() > 300
+
+
+def test_many_boxes_against_many_ground_truth_boxes_is_fast():
+    rng = np.random.default_rng(1)
+    gt = [[x, y, x + 20, y + 40] for x, y in rng.integers(0, 600, (50, 2)).tolist()]
+    preds = ",".join(f"[{x},{y},{x + 20},{y + 40}]" for x, y in rng.integers(0, 600, (60000, 2)).tolist())
+    text = f"<think>x</think><answer>```json\n[{preds}]\n```</answer>"
+    b, seconds = _timed(lambda: grounding.breakdown(text, gt))
+    assert b.details["n_pred"] == 60000 and len(b.details["matched_ious"]) == 50
+    assert math.isfinite(b.total) and 0.75 <= b.total <= grounding.max_reward(gt)
+    assert seconds < SECONDS_PER_MB * len(text) / MB

@@ -119,9 +119,13 @@ def _box_array(boxes: list) -> tuple[np.ndarray, np.ndarray]:
     return arr, valid
 
 
+_ROWS_PER_CHUNK = 2048  # predictions per block of the IoU matrix (keeps the temporaries in cache)
+
+
 def iou_matrix(preds: list, gts: list) -> np.ndarray:
     """[n_pred, n_gt] float64 matrix of :func:`box_iou`, computed with the same float64
-    operations in the same order (so bit for bit equal), vectorised over the boxes."""
+    operations in the same order (so bit for bit equal), vectorised over the boxes in
+    blocks of predictions."""
     m = np.zeros((len(preds), len(gts)), dtype=np.float64)
     if not preds or not gts:
         return m
@@ -130,16 +134,23 @@ def iou_matrix(preds: list, gts: list) -> np.ndarray:
     p, g = p[pv], g[gv]
     if not len(p) or not len(g):
         return m
-    with np.errstate(all="ignore"):
-        iw = np.minimum(p[:, None, 2], g[None, :, 2]) - np.maximum(p[:, None, 0], g[None, :, 0])
-        ih = np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 1], g[None, :, 1])
-        inter = iw * ih
-        area_p = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1])
-        area_g = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
-        union = area_p[:, None] + area_g[None, :] - inter
-        iou = inter / np.where(union > 0, union, 1.0)
-    ok = (iw > 0) & (ih > 0) & (union > 0) & np.isfinite(iou) & (iou > 0)
-    m[np.ix_(pv, gv)] = np.where(ok, np.minimum(iou, 1.0), 0.0)
+    out = np.empty((len(p), len(g)), dtype=np.float64)
+    gx1, gy1, gx2, gy2 = g[:, 0], g[:, 1], g[:, 2], g[:, 3]
+    with np.errstate(all="ignore"):  # overflow to inf / nan is masked out below
+        area_g = (gx2 - gx1) * (gy2 - gy1)
+        for start in range(0, len(p), _ROWS_PER_CHUNK):
+            c = p[start:start + _ROWS_PER_CHUNK]
+            iw = np.minimum(c[:, 2:3], gx2) - np.maximum(c[:, 0:1], gx1)
+            ih = np.minimum(c[:, 3:4], gy2) - np.maximum(c[:, 1:2], gy1)
+            inter = iw * ih
+            union = ((c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1]))[:, None] + area_g - inter
+            iou = inter / union
+            ok = (iw > 0) & (ih > 0) & (union > 0) & (iou > 0) & (iou < np.inf)
+            out[start:start + _ROWS_PER_CHUNK] = np.where(ok, np.minimum(iou, 1.0), 0.0)
+    if gv.all():
+        m[pv] = out
+    else:
+        m[np.ix_(pv, gv)] = out
     return m
 
 
