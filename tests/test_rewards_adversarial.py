@@ -210,7 +210,8 @@ def test_free_form_hedges(answer, gt):
     ("(B) A red car", "B"), ("B. i.e. the car", "B"), ("B. No, one is a novel", "B"), ("D. No, one is a textbook", "D"),
     ("A. X-ray vision", "A"), ("B. C++ programming", "B"), ("B. a car or a truck", "B"), ("A. A", "A"),
     ("B. The answer is B", "B"), ("B. Plan A or Plan C", "B"), ("A. U.S.", "A"), ("A. History of the U.S.", "A"),
-    ("A. Rowling, J. K.", "A"), ("C. Canada or U.S.", "C"), ("B. A.B. testing", "B"),
+    ("A. Rowling, J. K.", "A"), ("C. Canada or U.S.", "C"), ("B. A.B. testing", "B"), ("(B), A novel", "B"),
+    ("(B), not C", "B"), ("A. C++", "A"), ("B. a", "B"),
 ])
 def test_letters_inside_option_text_are_not_options(text, letter):
     assert choice_letters(text) == (letter, False)
