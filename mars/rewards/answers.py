@@ -151,12 +151,17 @@ _LIST_WORD_RE = re.compile(
 # word character nor a space, so that the rules see "A or C" as "A \x01 C".
 _LIST_MARK = "\x01"
 # Right after matching a letter: it is a single letter (see above).
-_SINGLE = r"(?<!\w.)(?!\w)(?!\.[A-Za-z](?!\w))(?<!(?<!\w)[A-Za-z]\..)(?!\+\+|#)(?![-'’]\w\w)(?<!\w\w[-'’].)"
+_SINGLE = (
+    r"(?<!\w.)(?!\w)"  # no word character on either side
+    r"(?!\.[A-Za-z](?!\w))(?<!(?<!\w)[A-Za-z]\..)"  # not in "U.S."
+    r"(?!\+\+|#)"  # not "C++", "C#"
+    r"(?![-'’]\w\w)(?<!\w\w[-'’].)"  # not in "X-ray", "e-book"
+)
 # Clause 4 needs the text from the choice to the end to hold nothing but single letters,
 # punctuation and spaces; these find what breaks that: a word character that is not an
 # ASCII letter, or is followed by another word character, "++" or "#", or (unless the
-# choice itself is dotted, "A.B.") starts a dotted abbreviation. They start with \w, so the search skips
-# punctuation and spaces in C.
+# choice itself is dotted, "A.B.") starts a dotted abbreviation. They start with \w, so
+# the search skips punctuation and spaces in C.
 _NOT_A_RUN = re.compile(r"\w(?:(?<=[^\WA-Za-z])|(?=\w)|(?=\.[A-Za-z](?!\w))|(?=\+\+|#))")
 _NOT_A_DOTTED_RUN = re.compile(r"\w(?:(?<=[^\WA-Za-z])|(?=\w)|(?=\+\+|#))")
 # The choice glued to the next letter by a dot ("A.B.", "A.B.C"): then dotted letters are
