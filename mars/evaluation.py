@@ -173,13 +173,14 @@ def evaluate(
     Returns an EvalResult. Malformed data or ground truths raise a DataFormatError naming
     the samples before anything is generated.
     """
-    from mars.data import MONO_MODES, load_samples
+    from mars.data import MONO_MODES, check_limit, load_samples
     from mars.rewards import get_reward
     from mars.rewards.metrics import sample_metric
     from mars.rollout import SamplingConfig, build_engine
 
     if mono_mode not in MONO_MODES:
         raise ValueError(f"mono_mode must be one of {MONO_MODES}, got {mono_mode!r}")
+    limit = check_limit(limit)  # a negative limit would slice off the last samples silently
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=1, seed=seed)
     if isinstance(data, (str, os.PathLike)):
         data_name = os.fspath(data)

@@ -96,6 +96,15 @@ def test_mcq_answer_only_and_limit():
     assert res.summary["tasks"]["mcq"]["multi"]["accuracy"] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("limit", [-1, -2, 1.5, True, "2"])
+def test_bad_limit_refused_for_paths_and_sample_lists(limit):
+    """limit=-1 on a list must not silently drop the last sample (list(data)[:-1])."""
+    samples = load_eval_json(path("spatialqa_eval.json"))
+    for data in (samples, path("spatialqa_eval.json")):
+        with pytest.raises(ValueError, match="limit must be"):
+            evaluate(Scripted({}), data, limit=limit, progress=False)
+
+
 def test_samples_list_and_task_override():
     samples = load_eval_json(path("spatialqa_eval.json"))
     script = {(s.id, None): "<think>x</think><answer>Yes</answer>" for s in samples}
