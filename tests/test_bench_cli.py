@@ -230,3 +230,36 @@ def test_plan_validation_and_measure_interleaves():
     assert stats["a"].rounds == stats["b"].rounds == 3 and stats["a"].inner == 1
     timed = calls[4:]                      # after 1 warm-up + 1 calibration call each
     assert timed == ["a", "b", "b", "a", "a", "b"]   # the start rotates every round
+
+
+def test_roofline_share_is_bytes_over_bandwidth_over_time():
+    from mars.bench.run import roofline
+    op = C.get_op("policy_loss")
+    size = C.get_size(op, "1024x8192 bf16", "cuda")
+    moved = 1024 * 8192 * (4 * 2 + 1) + 1024 * 2            # logp, old, ref, grad bf16 + mask
+    r = roofline(op, size, median_s=1e-4, roofs={"copy_Bps": 4e12})
+    assert r["bytes_moved"] == moved
+    assert r["roofline_share"] == pytest.approx(moved / 4e12 / 1e-4, rel=5e-3)   # 3 digits
+    head = C.get_op("fused_lm_head")
+    hs = C.get_size(head, G.HEAD_GPU, "cuda")
+    r = roofline(head, hs, median_s=0.1, roofs={"matmul_flops": 1e15})
+    assert r["tflops"] == pytest.approx(6 * 16384 * 2048 * 151936 / 0.1 / 1e12, rel=5e-3)
+    assert r["matmul_share"] == pytest.approx(r["tflops"] / 1000, rel=5e-3)
+    assert roofline(op, size, 1e-4, {}) == {}                # CPU runs: no roofs measured
+
+
+def test_markdown_reports_goals_with_margins():
+    from mars.bench.report import markdown
+    doc = {"device": {"type": "cpu", "name": "x"}, "versions": {"torch": "1"}, "mode": "full",
+           "date": "d", "plan": {"block_s": 0.005, "min_rounds": 5, "max_rounds": 30,
+                                 "warmup": 2}, "ops": {}}
+    goals = [{"goal": "g1", "measured": 2000.0, "status": "met", "margin": 2.0, "why": "",
+              "note": ""},
+             {"goal": "g2", "measured": 1.5, "status": "not met", "margin": 0.5, "why": "w",
+              "note": ""},
+             {"goal": "g3", "measured": None, "status": "not measured", "margin": None,
+              "why": "", "note": "loop-int not run"}]
+    md = markdown(doc, goals)
+    assert "| g1 | 2e+03 | met by 2.00x |" in md
+    assert "| g2 | 1.5 | **not met**: 0.50 of the target | w |" in md
+    assert "| g3 | - | not measured | loop-int not run |" in md

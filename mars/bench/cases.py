@@ -383,8 +383,12 @@ def _head_inputs(size, device, grad: bool):
     adv = torch.randn(B, generator=gen).to(device)
     inp = dict(hidden=hidden, weight=weight, ids=ids, mask=mask, adv=adv)
     if grad:
-        # old log-probs near the current ones (ratios near 1, as in training)
-        logp = _mars().loss.token_logprobs(hidden, weight, ids, mask=mask)
+        # old log-probs near the current ones (ratios near 1, as in training), computed in
+        # plain torch chunk by chunk (no mars kernel: a broken one must not break the inputs)
+        h2, i2 = hidden.reshape(B * T, H), ids.reshape(-1)
+        logp = torch.cat([torch.log_softmax(h2[j:j + 1024].float() @ weight.float().T, -1)
+                          .gather(-1, i2[j:j + 1024, None])[:, 0]
+                          for j in range(0, B * T, 1024)]).reshape(B, T)
         inp["old"] = logp + (torch.randn(B, T, generator=gen) * 0.05).to(device)
         hidden.requires_grad_()
         weight.requires_grad_()

@@ -198,13 +198,7 @@ def run_size(op: C.Op, size: C.Size, device: str, plan: Plan, quick: bool,
         if device == "cuda":
             if op.sync_check and get_kind(op, name) == "mars":
                 rec["host_syncs"] = count_syncs(call.fn)
-            med = rec["median_s"]
-            if op.bytes_moved and roofs.get("copy_Bps"):
-                rec["bytes_moved"] = int(op.bytes_moved(size))
-                rec["roofline_share"] = sig(rec["bytes_moved"] / roofs["copy_Bps"] / med, 3)
-            if op.flops and roofs.get("matmul_flops"):
-                rec["tflops"] = sig(op.flops(size) / med / 1e12, 3)
-                rec["matmul_share"] = sig(op.flops(size) / roofs["matmul_flops"] / med, 3)
+            rec.update(roofline(op, size, rec["median_s"], roofs))
         call.reset()
     base = group["results"].get(op.baseline(device), {}).get("median_s")
     ref = group["results"].get("reference", {}).get("median_s")
@@ -226,6 +220,19 @@ def run_size(op: C.Op, size: C.Size, device: str, plan: Plan, quick: bool,
         if not group[k]:
             del group[k]
     return group
+
+
+def roofline(op: C.Op, size: C.Size, median_s: float, roofs: dict) -> dict:
+    """bytes_moved and roofline_share (the bytes the op must move over the measured copy
+    bandwidth, over the median time); tflops and matmul_share for the ops that count FLOPs."""
+    out = {}
+    if op.bytes_moved and roofs.get("copy_Bps"):
+        out["bytes_moved"] = int(op.bytes_moved(size))
+        out["roofline_share"] = sig(out["bytes_moved"] / roofs["copy_Bps"] / median_s, 3)
+    if op.flops and roofs.get("matmul_flops"):
+        out["tflops"] = sig(op.flops(size) / median_s / 1e12, 3)
+        out["matmul_share"] = sig(op.flops(size) / roofs["matmul_flops"] / median_s, 3)
+    return out
 
 
 def get_kind(op: C.Op, name: str) -> str:
