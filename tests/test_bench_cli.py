@@ -263,3 +263,9 @@ def test_markdown_reports_goals_with_margins():
     assert "| g1 | 2e+03 | met by 2.00x |" in md
     assert "| g2 | 1.5 | **not met**: 0.50 of the target | w |" in md
     assert "| g3 | - | not measured | loop-int not run |" in md
+
+
+def test_help_returns_0(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--output" in out and "--device" in out
