@@ -24,7 +24,10 @@ TORCH_LIBRARY(mars, m) {
   // mars.groups.factorize; elsewhere torch.unique does it.
   m.def("dense_labels(Tensor labels, Tensor anchor_labels) -> (Tensor, Tensor, Tensor)");
   // The policy loss (mars.reference.policy_loss; docs/loss.md). logp/old_logp/ref_logp
-  // [B, T] one float dtype, advantages [B] or [B, T] of that dtype, mask [B, T] bool.
+  // [B, T] one float dtype, advantages and is_weights [B] or [B, T] of that dtype, mask
+  // [B, T] bool, all on one device. is_weights (importance-sampling weights) multiply the
+  // policy term of each token; their values (finite, >= 0 where the mask is set) are
+  // mars.loss's to check: the op reads no value on the host.
   // dual_clip <= 0 and log_ratio_clamp <= 0 mean off; num_tokens/num_seqs/loss_scale <= 0
   // mean local (loss_scale: T). kl_type: 0 k1, 1 k2, 2 k3; agg: index in
   // mars.reference.LOSS_AGGS. NaN options, clip_low outside [0, 1), clip_high < 0, a
@@ -35,7 +38,8 @@ TORCH_LIBRARY(mars, m) {
   // float32 outputs (float64 for float64 inputs).
   m.def(
       "policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
-      "Tensor? ref_logp, float clip_low, float clip_high, float dual_clip, float kl_coef, "
+      "Tensor? ref_logp, Tensor? is_weights, float clip_low, float clip_high, float dual_clip, "
+      "float kl_coef, "
       "int kl_type, int agg, float num_tokens, float num_seqs, float loss_scale, bool seq_ratio, "
       "float log_ratio_clamp) -> (Tensor, Tensor, Tensor, Tensor)");
 }

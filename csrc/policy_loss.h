@@ -23,6 +23,7 @@ struct Params {
   double clip_low, clip_high, dual_clip, kl_coef, clamp;
   int kl_type;  // 0 k1, 1 k2, 2 k3
   bool has_ref, has_dual, has_clamp, has_kl, seq;
+  bool has_is, is_2d;  // importance-sampling weights given; [B, T] (else [B])
 };
 
 // Clamp of the log-ratio: returns the clamped value; `inside` is the clamp's derivative
@@ -66,6 +67,19 @@ MARS_HD void pg_term(T r, T A, const Params& p, T& l, T& dl_dlr, bool& high, boo
       dl_dlr = T(0);
       dual = true;
     }
+  }
+}
+
+// Importance-sampling weight w of the policy term (not of the KL term): l = l w and
+// dl = dl w; w == 0 gives l = dl = 0, also where l is inf (never 0 * inf), like A == 0.
+template <typename T>
+MARS_HD void is_weight(T w, T& l, T& dl_dlr) {
+  if (w == T(0)) {
+    l = T(0);
+    dl_dlr = T(0);
+  } else {
+    l = l * w;
+    dl_dlr = dl_dlr * w;
   }
 }
 

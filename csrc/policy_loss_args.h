@@ -17,7 +17,8 @@ namespace pl {
 // NaN, no inf where it means nothing, so every branch below is well defined.
 inline Params check_args(const at::Tensor& logp, const at::Tensor& old_logp,
                          const at::Tensor& advantages, const at::Tensor& mask,
-                         const std::optional<at::Tensor>& ref_logp, double clip_low,
+                         const std::optional<at::Tensor>& ref_logp,
+                         const std::optional<at::Tensor>& is_weights, double clip_low,
                          double clip_high, double dual_clip, double kl_coef, int64_t kl_type,
                          int64_t agg, double num_tokens, double num_seqs, double loss_scale,
                          bool seq_ratio, double log_ratio_clamp) {
@@ -35,6 +36,19 @@ inline Params check_args(const at::Tensor& logp, const at::Tensor& old_logp,
                     "num_tokens, num_seqs and loss_scale must be finite (<= 0: local), got ",
                     num_tokens, ", ", num_seqs, ", ", loss_scale);
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must be [B, T], got ", logp.sizes());
+  // One device for every input: the kernels read them all through raw pointers.
+  const auto dev = logp.device();
+  TORCH_CHECK_VALUE(old_logp.device() == dev, "old_logp is on ", old_logp.device(),
+                    " but logp is on ", dev);
+  TORCH_CHECK_VALUE(advantages.device() == dev, "advantages is on ", advantages.device(),
+                    " but logp is on ", dev);
+  TORCH_CHECK_VALUE(mask.device() == dev, "mask is on ", mask.device(), " but logp is on ", dev);
+  if (ref_logp.has_value())
+    TORCH_CHECK_VALUE(ref_logp->device() == dev, "ref_logp is on ", ref_logp->device(),
+                      " but logp is on ", dev);
+  if (is_weights.has_value())
+    TORCH_CHECK_VALUE(is_weights->device() == dev, "is_weights is on ", is_weights->device(),
+                      " but logp is on ", dev);
   TORCH_CHECK_VALUE(old_logp.sizes() == logp.sizes(), "old_logp must have logp's shape");
   TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have logp's shape");
   TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, "mask must be bool");
@@ -54,8 +68,19 @@ inline Params check_args(const at::Tensor& logp, const at::Tensor& old_logp,
                       "ref_logp must have logp's shape and dtype");
   }
   TORCH_CHECK_VALUE(!(kl_coef > 0) || has_ref, "kl_coef > 0 needs ref_logp");
+  const bool has_is = is_weights.has_value();
+  bool is_2d = false;
+  if (has_is) {
+    is_2d = is_weights->dim() == 2;
+    TORCH_CHECK_VALUE(is_2d ? is_weights->sizes() == logp.sizes()
+                            : (is_weights->dim() == 1 && is_weights->size(0) == logp.size(0)),
+                      "is_weights must be [B] or [B, T], got ", is_weights->sizes());
+    TORCH_CHECK_VALUE(is_weights->scalar_type() == logp.scalar_type(),
+                      "is_weights must have logp's dtype");
+  }
   return Params{clip_low, clip_high, dual_clip, kl_coef, log_ratio_clamp, static_cast<int>(kl_type),
-                has_ref, dual_clip > 0, log_ratio_clamp > 0, kl_coef > 0 && has_ref, seq_ratio};
+                has_ref, dual_clip > 0, log_ratio_clamp > 0, kl_coef > 0 && has_ref, seq_ratio,
+                has_is, is_2d};
 }
 
 }  // namespace pl

@@ -121,14 +121,14 @@ def _policy_loss_backward(ctx, grad_loss, *_unused):
         with torch.no_grad():
             dlogp = (grad * (row_scale * grad_loss)[:, None]).to(ctx.logp_dtype)
     (dlogp,) = first_order_only((dlogp,), "the policy_loss kernel (backend cpu / cuda / triton)")
-    return (dlogp,) + (None,) * 15
+    return (dlogp,) + (None,) * 16
 
 
 if HAS_C:
     @torch.library.register_fake("mars::policy_loss")
-    def _policy_loss_fake(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high,
-                          dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs, loss_scale,
-                          seq_ratio, log_ratio_clamp):
+    def _policy_loss_fake(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low,
+                          clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs,
+                          loss_scale, seq_ratio, log_ratio_clamp):
         return _policy_loss_fake_impl(logp)
 
     torch.library.register_autograd("mars::policy_loss", _policy_loss_backward,
@@ -138,20 +138,21 @@ if HAS_C:
 if HAS_TRITON:
     @torch.library.custom_op("mars::policy_loss_triton", mutates_args=())
     def policy_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                           mask: torch.Tensor, ref_logp: torch.Tensor | None, clip_low: float,
+                           mask: torch.Tensor, ref_logp: torch.Tensor | None,
+                           is_weights: torch.Tensor | None, clip_low: float,
                            clip_high: float, dual_clip: float, kl_coef: float, kl_type: int,
                            agg: int, num_tokens: float, num_seqs: float, loss_scale: float,
                            seq_ratio: bool, log_ratio_clamp: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         from mars_kernels.policy_loss import policy_loss
-        return policy_loss(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high,
-                           dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs, loss_scale,
-                           seq_ratio, log_ratio_clamp)
+        return policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low,
+                           clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs,
+                           loss_scale, seq_ratio, log_ratio_clamp)
 
     @policy_loss_triton.register_fake
-    def _policy_loss_triton_fake(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high,
-                                 dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs,
-                                 loss_scale, seq_ratio, log_ratio_clamp):
+    def _policy_loss_triton_fake(logp, old_logp, advantages, mask, ref_logp, is_weights,
+                                 clip_low, clip_high, dual_clip, kl_coef, kl_type, agg,
+                                 num_tokens, num_seqs, loss_scale, seq_ratio, log_ratio_clamp):
         return _policy_loss_fake_impl(logp)
 
     torch.library.register_autograd("mars::policy_loss_triton", _policy_loss_backward,

@@ -329,7 +329,7 @@ def _aggregation_weights(mask, opts, dtype):
 
 
 def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, temperature,
-               chunk_size, backend, opts, need):
+               chunk_size, backend, opts, need, is_weights=None):
     """(loss, metrics [6], grad_hidden, grad_weight, grad_bias); grads None where not needed.
     opts: validated by check_policy_loss_args (normalisers already checked)."""
     run_loss = _loss_module().policy_loss_checked
@@ -349,6 +349,8 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
         old_v = _gather(old_logp, idx, T)
         ref_v = _gather(ref_logp, idx, T)
         adv_v = _gather(advantages, idx, T, per_row=advantages.dim() == 1)
+        isw_v = None if is_weights is None else _gather(is_weights, idx, T,
+                                                        per_row=is_weights.dim() == 1)
         tok_opts = {**opts, "agg": "token-sum", "num_tokens": None, "num_seqs": None,
                     "loss_scale": None}
 
@@ -358,7 +360,8 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
                 out = run_loss(
                     pl_backend, x, x.detach() if old_v is None else old_v[None, c0:c1],
                     adv_v[None, c0:c1], torch.ones_like(x, dtype=torch.bool),
-                    None if ref_v is None else ref_v[None, c0:c1], tok_opts)
+                    None if ref_v is None else ref_v[None, c0:c1], tok_opts,
+                    None if isw_v is None else isw_v[None, c0:c1])
                 (g,) = torch.autograd.grad(out.loss, x)
             return g[0].to(acc) * w[c0:c1]
 
@@ -370,11 +373,12 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
     if token_level or not head.need_grad:
         head.release()
         with torch.no_grad():
-            out = run_loss(pl_backend, logp, old, advantages, full_mask, ref_logp, opts)
+            out = run_loss(pl_backend, logp, old, advantages, full_mask, ref_logp, opts,
+                           is_weights)
     else:  # GSPO: g needs whole rows; second pass over the chunks
         x = logp.requires_grad_(True)
         with torch.enable_grad():
-            out = run_loss(pl_backend, x, old, advantages, full_mask, ref_logp, opts)
+            out = run_loss(pl_backend, x, old, advantages, full_mask, ref_logp, opts, is_weights)
             (g,) = torch.autograd.grad(out.loss, x)
         head.backward_pass(lse_v, g.reshape(-1).index_select(0, idx).to(acc))
         head.release()
@@ -411,7 +415,8 @@ class _FusedLinearPolicyLossFn(torch.autograd.Function):
 
 
 def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *, bias=None,
-                             temperature=1.0, chunk_size=None, ref_logp=None, clip_low=0.2,
+                             temperature=1.0, chunk_size=None, ref_logp=None, is_weights=None,
+                             clip_low=0.2,
                              clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
                              agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
                              ratio_level="token", log_ratio_clamp=20.0,
@@ -430,9 +435,9 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
             ValueError rather than silently upcasting a [V, H] tensor).
         ids: [B, T] integer ids of the chosen tokens; in [0, V) where mask is set, anything
             (e.g. -100) elsewhere.
-        old_logp, advantages, mask, ref_logp and the keyword options: as
+        old_logp, advantages, mask, ref_logp, is_weights and the keyword options: as
             `mars.loss.policy_loss` (all aggregations, global normalisers, KL, dual clip,
-            GSPO via ratio_level="sequence").
+            importance-sampling weights, GSPO via ratio_level="sequence").
         bias: optional [V] lm-head bias.
         temperature: logits are divided by it before the softmax (as during sampling).
         chunk_size: tokens per [chunk, V] logits block (None: a block of up to 32 MiB on
@@ -457,17 +462,18 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
     if backend == "reference":
         return reference.fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask,
                                                   bias=bias, temperature=temperature,
-                                                  ref_logp=ref_logp, **opts)
+                                                  ref_logp=ref_logp, is_weights=is_weights, **opts)
     B, T, _ = hidden.shape
     # stands for logp: shape, device and the loss's dtype (fp64 for fp64 hidden)
     dummy = hidden.new_empty((B, T), dtype=torch.float64 if hidden.dtype == torch.float64
                              else torch.float32)
     opts = reference.check_policy_loss_args(dummy, dummy if old_logp is None else old_logp,
-                                            advantages, mask, ref_logp, **opts)
+                                            advantages, mask, ref_logp, is_weights=is_weights,
+                                            **opts)
 
     def run(need):
         return _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp,
-                          temperature, chunk_size, backend, opts, need)
+                          temperature, chunk_size, backend, opts, need, is_weights)
 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (hidden, weight, bias)):
@@ -521,10 +527,10 @@ class FusedLinearMarsLoss(nn.Module):
                     None, temperature, chunk_size, backend)
 
     def forward(self, hidden, weight, ids, old_logp, advantages, mask, bias=None, ref_logp=None,
-                num_tokens=None, num_seqs=None) -> LossOutput:
+                num_tokens=None, num_seqs=None, is_weights=None) -> LossOutput:
         return fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask,
                                         bias=bias, ref_logp=ref_logp, num_tokens=num_tokens,
-                                        num_seqs=num_seqs, **self.options)
+                                        num_seqs=num_seqs, is_weights=is_weights, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

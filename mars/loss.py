@@ -38,11 +38,11 @@ def _as_arg(v):
     return float(v), None
 
 
-def _unify(logp, old_logp, advantages, mask, ref_logp):
+def _unify(logp, old_logp, advantages, mask, ref_logp, is_weights=None):
     """One dtype for the kernel: logp's when every input has it (bf16 is read as bf16),
     else the compute dtype (fp32; fp64 for fp64 logp), to which the reference casts too:
     fp32 advantages are not rounded to bf16, fp64 old_logp does not make an fp64 loss."""
-    others = [t for t in (old_logp, advantages, ref_logp) if t is not None]
+    others = [t for t in (old_logp, advantages, ref_logp, is_weights) if t is not None]
     dtype = logp.dtype
     if any(t.dtype != dtype for t in others):
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -50,21 +50,23 @@ def _unify(logp, old_logp, advantages, mask, ref_logp):
     old_logp = old_logp.detach().to(dtype)
     ref_logp = None if ref_logp is None else ref_logp.detach().to(dtype)
     advantages = advantages.detach().to(dtype)
+    is_weights = None if is_weights is None else is_weights.detach().to(dtype)
     mask = mask if mask.dtype == torch.bool else mask != 0
-    return logp, old_logp, advantages, mask, ref_logp
+    return logp, old_logp, advantages, mask, ref_logp, is_weights
 
 
-def _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts):
+def _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts, is_weights=None):
     """(op arguments, tensor divisors applied after the op) from validated options
     (`check_policy_loss_args`'s result)."""
-    logp, old_logp, advantages, mask, ref_logp = _unify(logp, old_logp, advantages, mask,
-                                                        ref_logp)
+    logp, old_logp, advantages, mask, ref_logp, is_weights = _unify(
+        logp, old_logp, advantages, mask, ref_logp, is_weights)
     nt, nt_t = _as_arg(opts["num_tokens"])
     ns, ns_t = _as_arg(opts["num_seqs"])
     # loss_scale default T, at least 1 (T = 0 gives loss 0, not 0 / 0), as the reference
     ls, ls_t = _as_arg(max(logp.shape[1], 1) if opts["loss_scale"] is None else opts["loss_scale"])
     clamp, dual = opts["log_ratio_clamp"], opts["dual_clip"]
-    args = (logp, old_logp, advantages, mask, ref_logp, opts["clip_low"], opts["clip_high"],
+    args = (logp, old_logp, advantages, mask, ref_logp, is_weights, opts["clip_low"],
+            opts["clip_high"],
             -1.0 if dual is None else dual, opts["kl_coef"], KL_TYPES.index(opts["kl_type"]),
             LOSS_AGGS.index(opts["agg"]), nt, ns, ls, opts["ratio_level"] == "sequence",
             -1.0 if clamp is None else clamp)
@@ -75,8 +77,8 @@ def _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts):
     return args, divisors
 
 
-def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2,
-                      clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
+def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=None,
+                      clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
                       agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
                       ratio_level="token", log_ratio_clamp=20.0, backend="auto"):
     """Building block for fused losses: the loss, metrics and d(loss)/d(logp) from one kernel,
@@ -92,11 +94,12 @@ def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, clip_l
             logp, old_logp, advantages, mask, ref_logp, clip_low=clip_low, clip_high=clip_high,
             dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
             num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
-            ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp)
+            ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp, is_weights=is_weights)
         name = resolve(backend, logp.device)
         if name == "reference":
             raise ValueError("policy_loss_parts needs a kernel backend (cpu, cuda or triton)")
-        args, divisors = _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts)
+        args, divisors = _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts,
+                                      is_weights)
         loss, metrics, grad, row_scale = _kernel(name)(*args)
         scale = row_scale
         for d in divisors:
@@ -105,10 +108,10 @@ def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, clip_l
         return loss, metrics, grad * scale[:, None]
 
 
-def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2,
-                clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3", agg="token-mean",
-                num_tokens=None, num_seqs=None, loss_scale=None, ratio_level="token",
-                log_ratio_clamp=20.0, backend="auto") -> LossOutput:
+def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=None,
+                clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
+                agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
+                ratio_level="token", log_ratio_clamp=20.0, backend="auto") -> LossOutput:
     """Clipped-ratio token loss with its metrics (docs/loss.md: formulas, options, ranges).
 
     Args:
@@ -117,6 +120,11 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2
         advantages: [B] (broadcast over tokens inside the kernel) or [B, T].
         mask: [B, T] bool or 0/1. Masked positions may hold anything (-inf, NaN).
         ref_logp: [B, T] reference-policy log-probs, required when kl_coef > 0.
+        is_weights: None or [B] / [B, T] importance-sampling weights (the engine/trainer
+            mismatch correction: verl's rollout_is_weights, TRL's importance_sampling_ratio,
+            Liger's vllm_is_ratio), data (no gradient), finite and >= 0 where the mask is
+            set; they multiply the per-token policy term, not the KL term
+            (docs/loss.md, "Importance-sampling weights").
         clip_low: in [0, 1); clip_high: >= 0 (inf: no upper clip). The ratio is clipped to
             [1 - clip_low, 1 + clip_high].
         dual_clip: None or a finite c > 1: for A < 0 the loss is at most -A c (verl c = 3).
@@ -148,19 +156,22 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2
         logp, old_logp, advantages, mask, ref_logp, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type, agg=agg, num_tokens=num_tokens,
         num_seqs=num_seqs, loss_scale=loss_scale, ratio_level=ratio_level,
-        log_ratio_clamp=log_ratio_clamp)
-    return policy_loss_checked(name, logp, old_logp, advantages, mask, ref_logp, opts)
+        log_ratio_clamp=log_ratio_clamp, is_weights=is_weights)
+    return policy_loss_checked(name, logp, old_logp, advantages, mask, ref_logp, opts,
+                               is_weights)
 
 
-def policy_loss_checked(name, logp, old_logp, advantages, mask, ref_logp, opts) -> LossOutput:
+def policy_loss_checked(name, logp, old_logp, advantages, mask, ref_logp, opts,
+                        is_weights=None) -> LossOutput:
     """`policy_loss` on backend `name` (resolved) with arguments already validated by
     `check_policy_loss_args` (opts: its result; old_logp not None). For fused losses that
     validated once up front."""
     if name == "reference":
-        return reference.policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts)
+        return reference.policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts,
+                                             is_weights)
     if name == "triton" and logp.device.type == "cpu" and not _ext.triton_interpret():
         raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
-    args, divisors = _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts)
+    args, divisors = _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts, is_weights)
     loss, metrics, _, _ = _kernel(name)(*args)
     for d in divisors:
         loss = loss / d
@@ -189,9 +200,10 @@ class MarsLoss(nn.Module):
             raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
 
     def forward(self, logp, old_logp, advantages, mask, ref_logp=None, num_tokens=None,
-                num_seqs=None) -> LossOutput:
+                num_seqs=None, is_weights=None) -> LossOutput:
         return policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp,
-                           num_tokens=num_tokens, num_seqs=num_seqs, **self.options)
+                           num_tokens=num_tokens, num_seqs=num_seqs, is_weights=is_weights,
+                           **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -206,16 +206,50 @@ def _traced() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _check_normalisers(opts: dict, mask, device, acc) -> None:
+_IS_RANGE = "finite and >= 0 at unmasked positions"
+
+
+def _is_weights_bad(is_weights, valid):
+    """0-dim bool tensor: some weight that the loss uses (at a valid position; for [B]
+    weights, of a row with a valid token) is negative, NaN or inf."""
+    w = is_weights[:, None] if is_weights.dim() == 1 else is_weights
+    return (valid & ~(torch.isfinite(w) & (w >= 0))).any()
+
+
+def _is_weights_error(is_weights, valid) -> ValueError:
+    w = is_weights[:, None] if is_weights.dim() == 1 else is_weights
+    bad = (valid & ~(torch.isfinite(w) & (w >= 0))).nonzero()[:5].tolist()
+    vals = [w[i, 0 if is_weights.dim() == 1 else t].item() for i, t in bad]
+    where = [f"[{i}]" if is_weights.dim() == 1 else f"[{i}, {t}]" for i, t in bad]
+    return ValueError(f"is_weights must be {_IS_RANGE} (importance-sampling weights), got "
+                      + ", ".join(f"{v!r} at {x}" for v, x in zip(vals, where)))
+
+
+def _check_normalisers(opts: dict, mask, device, acc, is_weights=None) -> None:
     """Checks the values of the given normalisers in place of `opts`: each finite and > 0,
-    or 0 when the mask has no valid token (then replaced by 1: the loss is 0 either way).
+    or 0 when the mask has no valid token (then replaced by 1: the loss is 0 either way),
+    and the importance-sampling weights: finite and >= 0 where the loss uses them.
     Numbers cost nothing. Tensors: CPU ones are read directly; those on the device are
-    read together, one host sync for all of them (docs/loss.md, "Global normalisers"). Under
-    torch.compile or CUDA graph capture, where no value can be read, torch._assert_async
-    checks them on the device instead (a failing check stops the program: a RuntimeError on
-    CPU, a device-side assert on CUDA). Tensors are cast to `acc`, the loss's dtype."""
+    read together, one host sync for all of them, weights included (docs/loss.md, "Global
+    normalisers"). Under torch.compile or CUDA graph capture, where no value can be read,
+    torch._assert_async checks them on the device instead (a failing check stops the
+    program: a RuntimeError on CPU, a device-side assert on CUDA). Tensors are cast to
+    `acc`, the loss's dtype."""
     given = {k: opts[k] for k in NORMALISERS if opts[k] is not None}
-    if not given:
+    if not given and is_weights is None:
+        return
+    traced = _traced() or (device.type == "cuda" and torch.cuda.is_available()
+                           and torch.cuda.is_current_stream_capturing())
+    is_bad = None
+    if is_weights is not None:
+        is_bad = _is_weights_bad(is_weights, mask)
+        if traced:
+            torch._assert_async(~is_bad, f"is_weights must be {_IS_RANGE}")
+        elif is_weights.device.type == "cpu":
+            if bool(is_bad):
+                raise _is_weights_error(is_weights, mask)
+            is_bad = None
+    if not given and is_bad is None:
         return
     tensors = {k: v for k, v in given.items() if isinstance(v, torch.Tensor)}
     for k, v in tensors.items():
@@ -232,7 +266,7 @@ def _check_normalisers(opts: dict, mask, device, acc) -> None:
 
     capturing = any(v.is_cuda for v in tensors.values()) and torch.cuda.is_available() \
         and torch.cuda.is_current_stream_capturing()
-    if _traced() or capturing:
+    if traced or capturing:
         for k, v in given.items():
             msg = f"{k} must be {_NORM_RANGE}"
             if isinstance(v, torch.Tensor):
@@ -246,8 +280,11 @@ def _check_normalisers(opts: dict, mask, device, acc) -> None:
         return
     values = {k: v for k, v in given.items() if not isinstance(v, torch.Tensor)}
     on_dev = [k for k, v in tensors.items() if v.device.type != "cpu"]
-    if on_dev:  # one host sync for all of them
-        read = torch.stack([tensors[k].to(torch.float64) for k in on_dev]).tolist()
+    if on_dev or is_bad is not None:  # one host sync for all of them, weights' flag included
+        read = torch.stack([tensors[k].to(device=device, dtype=torch.float64) for k in on_dev]
+                           + ([] if is_bad is None else [is_bad.to(torch.float64)])).tolist()
+        if is_bad is not None and read.pop():
+            raise _is_weights_error(is_weights, mask)
         values.update(zip(on_dev, read))
     values.update({k: float(v.item()) for k, v in tensors.items() if v.device.type == "cpu"})
     for k in NORMALISERS:
@@ -268,11 +305,13 @@ def _check_normalisers(opts: dict, mask, device, acc) -> None:
 
 def check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, *, clip_low, clip_high,
                            dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs, loss_scale,
-                           ratio_level, log_ratio_clamp) -> dict:
-    """Raises ValueError naming the argument for a bad shape, dtype, device or option (the
-    ranges of docs/loss.md). Returns the options validated: floats / None, and each given
-    normaliser as a number > 0 or a 0-dim tensor of the loss's dtype (a 0 allowed by the
-    rules replaced by 1). Every backend computes from these."""
+                           ratio_level, log_ratio_clamp, is_weights=None) -> dict:
+    """Raises ValueError naming the argument for a bad shape, dtype, device, value or option
+    (the ranges of docs/loss.md). Returns the options validated: floats / None, and each
+    given normaliser as a number > 0 or a 0-dim tensor of the loss's dtype (a 0 allowed by
+    the rules replaced by 1). Every backend computes from these. `is_weights` ([B] or
+    [B, T] float) must be finite and >= 0 where the loss uses them (checked with the
+    normalisers: one host sync for GPU tensors, none for CPU ones)."""
     opts = check_policy_loss_options(
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
         kl_type=kl_type, agg=agg, ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
@@ -283,18 +322,21 @@ def check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, *, clip_l
     shape, device = tuple(logp.shape), logp.device
     if not logp.is_floating_point():
         raise ValueError(f"logp must be a float tensor, got {logp.dtype}")
-    named = {"old_logp": old_logp, "mask": mask, "ref_logp": ref_logp, "advantages": advantages}
+    named = {"old_logp": old_logp, "mask": mask, "ref_logp": ref_logp, "advantages": advantages,
+             "is_weights": is_weights}
     for name, t in named.items():
-        if t is None and name == "ref_logp":
+        if t is None and name in ("ref_logp", "is_weights"):
             continue
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but logp is on {device}")
-        if name == "advantages":
+        if name in ("advantages", "is_weights"):
             if tuple(t.shape) not in (shape[:1], shape):
-                raise ValueError(f"advantages must be [B] = {list(shape[:1])} or [B, T] = "
-                                 f"{list(shape)}, got {list(t.shape)}")
+                hint = (f" (per-rollout weights of shape [B, 1]: pass {name}[:, 0])"
+                        if name == "is_weights" and tuple(t.shape) == (shape[0], 1) else "")
+                raise ValueError(f"{name} must be [B] = {list(shape[:1])} or [B, T] = "
+                                 f"{list(shape)}, got {list(t.shape)}{hint}")
         elif tuple(t.shape) != shape:
             raise ValueError(f"{name} must have logp's shape {list(shape)}, got {list(t.shape)}")
         if name != "mask" and not t.is_floating_point():
@@ -304,7 +346,8 @@ def check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, *, clip_l
     if opts["kl_coef"] > 0 and ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logp (the reference policy's log-probs)")
     acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    _check_normalisers(opts, mask if mask.dtype == torch.bool else mask != 0, device, acc)
+    _check_normalisers(opts, mask if mask.dtype == torch.bool else mask != 0, device, acc,
+                       None if is_weights is None else is_weights.detach())
     return opts
 
 
@@ -335,7 +378,7 @@ def kl_estimate(logp, ref_logp, kl_type: str):
 
 def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2,
                           clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
-                          ratio_level="token", log_ratio_clamp=20.0):
+                          ratio_level="token", log_ratio_clamp=20.0, is_weights=None):
     """The per-token loss of docs/loss.md. Returns (loss_tok [B, T], valid [B, T] bool, stats)
     where loss_tok is 0 under the mask, and stats holds [B, T] tensors clip_high, clip_low,
     dual (bool), approx_kl (old - logp, clamped), ref_kl (or None). Computed in float32
@@ -349,7 +392,8 @@ def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, cl
         l = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high))
         A < 0 and dual_clip: l = min(l, -A dual_clip)
         A == 0: l = 0 (also when ratio overflows to inf: never 0 * inf)
-        l += kl_coef * KL(logp, ref_logp)
+        l = w * l           importance-sampling weight w ([B] or [B, T]; w == 0: l = 0)
+        l += kl_coef * KL(logp, ref_logp)          (not weighted: verl, TRL, Liger alike)
     Where a bound decides l (or A == 0), l is that constant and its gradient exactly 0: the
     differentiable term -A exp(log_ratio) is only evaluated where it is the loss (exp of 0
     elsewhere), so an infinite ratio (clamp off) never meets a zero gradient as 0 * inf.
@@ -393,8 +437,17 @@ def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, cl
         stats["dual"] = torch.zeros_like(valid)
     a0 = A == 0
     const = torch.where(a0, zero, const)
+    if is_weights is not None:  # w == 0 decides like A == 0: l = 0, gradient 0 (never 0 * inf)
+        w = is_weights.detach().to(acc)
+        W = torch.where(valid, w[:, None] if w.dim() == 1 else w, zero)  # NaN never multiplies
+        w0 = W == 0
+        const = torch.where(w0, zero, const * W)
+        a0 = a0 | w0
     live = live & ~a0 & valid  # masked: exp(0), so a 0 gradient never meets exp = inf (GSPO)
-    loss = torch.where(live, -A * torch.where(live, lr, zero).exp(), const)
+    pg = -A * torch.where(live, lr, zero).exp()
+    if is_weights is not None:
+        pg = pg * W
+    loss = torch.where(live, pg, const)
     if ref_logp is not None:
         ref = torch.where(valid, ref_logp.detach().to(acc), zero)
         kl = kl_estimate(x, ref, kl_type)
@@ -429,10 +482,10 @@ def aggregate_loss(loss_tok, valid, agg: str, num_tokens=None, num_seqs=None, lo
     return out
 
 
-def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2,
-                clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3", agg="token-mean",
-                num_tokens=None, num_seqs=None, loss_scale=None, ratio_level="token",
-                log_ratio_clamp=20.0, backend="reference"):
+def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=None,
+                clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
+                agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
+                ratio_level="token", log_ratio_clamp=20.0, backend="reference"):
     """Reference of `mars.loss.policy_loss` (same signature; `backend` is ignored): the
     per-token loss of `per_token_policy_loss`, aggregated by `aggregate_loss`, with the
     metrics of LossOutput as masked means over this micro-batch's valid tokens
@@ -443,17 +496,19 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2
                                   clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                                   kl_type=kl_type, agg=agg, num_tokens=num_tokens,
                                   num_seqs=num_seqs, loss_scale=loss_scale,
-                                  ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp)
-    return policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts)
+                                  ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
+                                  is_weights=is_weights)
+    return policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts, is_weights)
 
 
-def policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts: dict) -> LossOutput:
+def policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts: dict,
+                        is_weights=None) -> LossOutput:
     """`policy_loss` on arguments already validated: `opts` as check_policy_loss_args
     returns them (old_logp not None)."""
     tok = {k: opts[k] for k in ("clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type",
                                 "ratio_level", "log_ratio_clamp")}
     loss_tok, valid, st = per_token_policy_loss(logp, old_logp, advantages, mask,
-                                                ref_logp=ref_logp, **tok)
+                                                ref_logp=ref_logp, is_weights=is_weights, **tok)
     loss = aggregate_loss(loss_tok, valid, opts["agg"], opts["num_tokens"], opts["num_seqs"],
                           opts["loss_scale"])
     n = valid.sum().to(loss_tok.dtype)

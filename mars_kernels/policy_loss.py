@@ -1,15 +1,16 @@
 """Triton kernels of the clipped-ratio token loss (docs/loss.md).
 
 Matches `mars.reference.policy_loss`. One program per row reads logp, old_logp, (ref_logp),
-mask and the advantage once and, in the same pass, writes d(row loss sum)/d(logp) per token
-(backward only scales it) and the row's partial sums: loss, valid tokens, clip-high /
-clip-low / dual-clip counts, approx-KL and ref-KL sums. GSPO (SEQ) first reduces the row's
-mean log-ratio and finally adds the sequence term to the row's gradient. The rows are then
-aggregated by a fixed-order reduction (no atomics: deterministic). Masked tokens are
-replaced by 0 on load, so -inf / NaN under the mask never reaches exp or a gradient.
-A == 0 gives loss 0 and gradient 0 even for an infinite ratio (clamp off), and k3 is
-e^d - 1 - d by the reference's series below |d| < 0.5 (mars.reference.kl_estimate), the
-same order of operations as the C++ / CUDA bodies (csrc/policy_loss.h).
+(is_weights), mask and the advantage once and, in the same pass, writes d(row loss
+sum)/d(logp) per token (backward only scales it) and the row's partial sums: loss, valid
+tokens, clip-high / clip-low / dual-clip counts, approx-KL and ref-KL sums. GSPO (SEQ)
+first reduces the row's mean log-ratio and finally adds the sequence term to the row's
+gradient. The rows are then aggregated by a fixed-order reduction (no atomics:
+deterministic). Masked tokens are replaced by 0 on load, so -inf / NaN under the mask never
+reaches exp or a gradient. A == 0 (or an importance-sampling weight of 0) gives loss 0 and
+gradient 0 even for an infinite ratio (clamp off), and k3 is e^d - 1 - d by the reference's
+series below |d| < 0.5 (mars.reference.kl_estimate), the same order of operations as the
+C++ / CUDA bodies (csrc/policy_loss.h).
 """
 import torch
 import triton
@@ -24,8 +25,9 @@ AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
 
 
 @triton.jit
-def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, prm_ptr, grad_ptr, part_ptr,
-                     T, ADV_2D: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
+def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, prm_ptr, grad_ptr,
+                     part_ptr, T, ADV_2D: tl.constexpr, HAS_IS: tl.constexpr,
+                     IS_2D: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
                      HAS_KL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_CLAMP: tl.constexpr,
                      SEQ: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
                      NK3: tl.constexpr, K3_BELOW: tl.constexpr):
@@ -41,6 +43,9 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, prm_ptr, grad_
     zero = tl.zeros([BLOCK], dtype=DT)
     if not ADV_2D:
         a_row = tl.load(adv_ptr + i).to(DT)
+    if HAS_IS:
+        if not IS_2D:
+            w_row = tl.load(is_ptr + i).to(DT)
     r_seq = 1.0
     dlw = 1.0
     if SEQ:  # GSPO: log w_i = clamp(sum_t m (logp - old) / L_i)
@@ -102,6 +107,14 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, prm_ptr, grad_
         a0 = A == 0.0  # loss 0 and no gradient, even for r = inf (never 0 * inf)
         loss = tl.where(a0, zero, loss)
         dl = tl.where(a0, zero, dl)
+        if HAS_IS:  # importance-sampling weight of the policy term; w == 0 like A == 0
+            if IS_2D:
+                w = tl.load(is_ptr + base + idx, mask=m, other=0.0).to(DT)
+            else:
+                w = zero + w_row
+            w0 = w == 0.0
+            loss = tl.where(w0, zero, loss * w)
+            dl = tl.where(w0, zero, dl * w)
         if SEQ:
             G += tl.where(m, dl, zero)
             gt = zero
@@ -183,7 +196,8 @@ def _finalize(part, T: int, agg: int, num_tokens: float, num_seqs: float, loss_s
     return loss.to(dt), metrics.to(dt), (w / denom).to(dt)
 
 
-def policy_loss(logp, old_logp, advantages, mask, ref_logp, clip_low: float, clip_high: float,
+def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low: float,
+                clip_high: float,
                 dual_clip: float, kl_coef: float, kl_type: int, agg: int, num_tokens: float,
                 num_seqs: float, loss_scale: float, seq_ratio: bool, log_ratio_clamp: float):
     """Launcher, same contract as the C++ op mars::policy_loss (csrc/ops.cpp): returns
@@ -194,6 +208,8 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, clip_low: float, cli
     m = mask.contiguous().view(torch.uint8)
     has_ref = ref_logp is not None
     r = ref_logp.contiguous() if has_ref else x
+    has_is = is_weights is not None
+    w = is_weights.contiguous() if has_is else x  # not read without weights
     # non_blocking: a blocking host-to-device copy would wait for the GPU (a host sync)
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high), ("dual_clip", dual_clip),
                     ("kl_coef", kl_coef), ("log_ratio_clamp", log_ratio_clamp),
@@ -207,7 +223,8 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, clip_low: float, cli
     if B > 0:
         block = min(1024, max(16, triton.next_power_of_2(max(T, 1))))
         _policy_loss_fwd[(B,)](
-            x, o, a, m, r, prm, grad, part, T, ADV_2D=a.dim() == 2, HAS_REF=has_ref,
+            x, o, a, m, r, w, prm, grad, part, T, ADV_2D=a.dim() == 2, HAS_IS=has_is,
+            IS_2D=has_is and w.dim() == 2, HAS_REF=has_ref,
             KL_TYPE=int(kl_type), HAS_KL=bool(kl_coef > 0 and has_ref),
             HAS_DUAL=bool(dual_clip > 0), HAS_CLAMP=bool(log_ratio_clamp > 0),
             SEQ=bool(seq_ratio), DT=tl.float64 if acc == torch.float64 else tl.float32,

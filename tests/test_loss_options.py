@@ -320,11 +320,11 @@ def test_op_rejects_nan_options_directly():
     """torch.ops.mars.policy_loss, called directly (no Python validation), refuses NaN and
     meaningless options instead of silently choosing a branch."""
     logp, old, adv, mask, ref = small_batch()
-    base = [logp.detach(), old, adv, mask, ref, 0.2, 0.28, 3.0, 0.1, 2, 0, -1.0, -1.0, -1.0,
-            False, 20.0]
-    for pos, bad in ((5, math.nan), (6, math.nan), (7, math.nan), (7, 1.0), (8, math.nan),
-                     (8, math.inf), (11, math.nan), (12, math.inf), (13, math.nan), (15, math.nan),
-                     (15, math.inf)):
+    base = [logp.detach(), old, adv, mask, ref, None, 0.2, 0.28, 3.0, 0.1, 2, 0, -1.0, -1.0,
+            -1.0, False, 20.0]
+    for pos, bad in ((6, math.nan), (7, math.nan), (8, math.nan), (8, 1.0), (9, math.nan),
+                     (9, math.inf), (12, math.nan), (13, math.inf), (14, math.nan), (16, math.nan),
+                     (16, math.inf)):
         args = list(base)
         args[pos] = bad
         with pytest.raises(ValueError):

@@ -454,9 +454,12 @@ def test_deterministic(backend):
 @pytest.mark.skipif("cpu" not in KERNELS, reason="needs the C++ extension")
 def test_opcheck_cpu():
     logp, old, adv, mask, ref = batch(3, 8, poison_masked=False)
-    args = (logp, old, adv, mask, ref, 0.2, 0.28, 3.0, 0.1, 2, 2, -1.0, -1.0, -1.0, False, 20.0)
-    torch.library.opcheck(torch.ops.mars.policy_loss.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    w = torch.rand(3, 8, dtype=logp.dtype)
+    for is_weights in (None, w, w[:, 0]):
+        args = (logp, old, adv, mask, ref, is_weights, 0.2, 0.28, 3.0, 0.1, 2, 2, -1.0, -1.0,
+                -1.0, False, 20.0)
+        torch.library.opcheck(torch.ops.mars.policy_loss.default, args, test_utils=(
+            "test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @pytest.mark.skipif("cpu" not in KERNELS, reason="needs the C++ extension")

@@ -44,8 +44,9 @@ int64_t row_grain(int64_t Tn) { return std::max<int64_t>(1, 65536 / std::max<int
 template <typename scalar_t, typename T>
 void policy_loss_rows(const scalar_t* __restrict__ lp, const scalar_t* __restrict__ old,
                       const scalar_t* __restrict__ adv, bool adv_2d, const bool* __restrict__ mask,
-                      const scalar_t* __restrict__ ref, const pl::Params& p, int64_t B, int64_t Tn,
-                      T* __restrict__ grad, double* __restrict__ part) {
+                      const scalar_t* __restrict__ ref, const scalar_t* __restrict__ isw,
+                      const pl::Params& p, int64_t B, int64_t Tn, T* __restrict__ grad,
+                      double* __restrict__ part) {
   const T c = static_cast<T>(p.clamp);
   const T kc = static_cast<T>(p.kl_coef);
   at::parallel_for(0, B, row_grain(Tn), [&](int64_t begin, int64_t end) {
@@ -68,6 +69,7 @@ void policy_loss_rows(const scalar_t* __restrict__ lp, const scalar_t* __restric
         L = 0;
       }
       const T a_row = adv_2d ? T(0) : static_cast<T>(adv[i]);
+      const T w_row = p.has_is && !p.is_2d ? static_cast<T>(isw[i]) : T(1);
       double S = 0.0, akl = 0.0, rkl = 0.0, G = 0.0;
       int64_t nh = 0, nl = 0, nd = 0;
       for (int64_t t = 0; t < Tn; ++t) {
@@ -83,6 +85,7 @@ void policy_loss_rows(const scalar_t* __restrict__ lp, const scalar_t* __restric
         T l, dl;
         bool high, low, dual;
         pl::pg_term(r, A, p, l, dl, high, low, dual);
+        if (p.has_is) pl::is_weight(p.is_2d ? static_cast<T>(isw[o + t]) : w_row, l, dl);
         T gt;
         if (p.seq) {
           G += static_cast<double>(dl);
@@ -139,7 +142,7 @@ void policy_loss_rows(const scalar_t* __restrict__ lp, const scalar_t* __restric
 #if MARS_PL_VEC
 // Row-block arguments of the vectorised path (In: float or c10::BFloat16).
 struct VArgs {
-  const void *lp, *old, *adv, *ref;
+  const void *lp, *old, *adv, *ref, *isw;
   const bool* mask;
   bool adv_2d;
   const pl::Params* p;
@@ -217,10 +220,12 @@ Isa cpu_isa() {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cpu(
     const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
-    const std::optional<Tensor>& ref_logp, double clip_low, double clip_high, double dual_clip,
-    double kl_coef, int64_t kl_type, int64_t agg, double num_tokens, double num_seqs,
-    double loss_scale, bool seq_ratio, double log_ratio_clamp) {
-  const pl::Params p = pl::check_args(logp, old_logp, advantages, mask, ref_logp, clip_low,
+    const std::optional<Tensor>& ref_logp, const std::optional<Tensor>& is_weights,
+    double clip_low, double clip_high, double dual_clip, double kl_coef, int64_t kl_type,
+    int64_t agg, double num_tokens, double num_seqs, double loss_scale, bool seq_ratio,
+    double log_ratio_clamp) {
+  const pl::Params p = pl::check_args(logp, old_logp, advantages, mask, ref_logp, is_weights,
+                                      clip_low,
                                       clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens,
                                       num_seqs, loss_scale, seq_ratio, log_ratio_clamp);
   const int64_t B = logp.size(0), Tn = logp.size(1);
@@ -229,6 +234,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cpu(
   const Tensor x = logp.contiguous(), o = old_logp.contiguous(), a = advantages.contiguous();
   const Tensor m = mask.contiguous();
   const Tensor r = has_ref ? ref_logp->contiguous() : x;
+  const Tensor iw = p.has_is ? is_weights->contiguous() : x;  // not read without weights
   Tensor grad = at::empty({B, Tn}, logp.options().dtype(acc));
   std::vector<double> part(static_cast<size_t>(B) * pl::kNCol);
   const auto st = x.scalar_type();
@@ -238,7 +244,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cpu(
     const bool f32 = st == at::kFloat;
     const VRowsFn fn = isa == Isa::kAvx512 ? (f32 ? avx512::rows_f32 : avx512::rows_bf16)
                                            : (f32 ? avx2::rows_f32 : avx2::rows_bf16);
-    const VArgs va{x.data_ptr(), o.data_ptr(), a.data_ptr(), r.data_ptr(), m.data_ptr<bool>(),
+    const VArgs va{x.data_ptr(), o.data_ptr(), a.data_ptr(), r.data_ptr(), iw.data_ptr(),
+                   m.data_ptr<bool>(),
                    adv_2d, &p, Tn, grad.data_ptr<float>(), part.data()};
     at::parallel_for(0, B, row_grain(Tn), [&](int64_t begin, int64_t end) { fn(va, begin, end); });
 #endif
@@ -247,7 +254,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cpu(
       using T = at::opmath_type<scalar_t>;
       policy_loss_rows<scalar_t, T>(x.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
                                     a.data_ptr<scalar_t>(), adv_2d, m.data_ptr<bool>(),
-                                    r.data_ptr<scalar_t>(), p, B, Tn, grad.data_ptr<T>(),
+                                    r.data_ptr<scalar_t>(), iw.data_ptr<scalar_t>(), p, B, Tn,
+                                    grad.data_ptr<T>(),
                                     part.data());
     });
   }
@@ -389,8 +397,8 @@ struct RowState {
 
 template <typename In>
 MARS_PL_INLINE void vec_tokens(const In* lp, const In* old, const In* adv, float a_row,
-                               const bool* m8, const In* ref, const pl::Params& p, float r_seq,
-                               float* g, RowState& st) {
+                               const bool* m8, const In* ref, const In* isw, float w_row,
+                               const pl::Params& p, float r_seq, float* g, RowState& st) {
   const I m = V::load_mask(m8);
   const F x = V::load(lp);
   const F A = adv ? V::load(adv) : V::splat(a_row);
@@ -426,6 +434,12 @@ MARS_PL_INLINE void vec_tokens(const In* lp, const In* old, const In* adv, float
   const I a0 = A == zero;  // A == 0: l = 0 and no gradient, even for r = inf (0 * inf)
   l = V::sel(a0, zero, l);
   dl = V::sel(a0, zero, dl);
+  if (p.has_is) {  // pl::is_weight: w == 0 gives 0, never 0 * inf
+    const F w = isw ? V::load(isw) : V::splat(w_row);
+    const I w0 = w == zero;
+    l = V::sel(w0, zero, l * w);
+    dl = V::sel(w0, zero, dl * w);
+  }
   F gt;
   if (p.seq) {
     st.G += V::widen(V::sel(m, dl, zero));
@@ -496,9 +510,11 @@ MARS_PL_INLINE void vec_rows(const VArgs& a, int64_t begin, int64_t end) {
   const In* old = static_cast<const In*>(a.old);
   const In* adv = static_cast<const In*>(a.adv);
   const In* ref = static_cast<const In*>(a.ref);
+  const In* isw = static_cast<const In*>(a.isw);
+  const bool is_2d = p.has_is && p.is_2d;
   const float c = static_cast<float>(p.clamp);
   // Tail buffers: zero-padded inputs, mask off past the row's end.
-  alignas(64) In tb[4][W];
+  alignas(64) In tb[5][W];
   alignas(64) bool tm[W];
   alignas(64) float tg[W];
   const int rem = static_cast<int>(Tn - Tv);
@@ -508,6 +524,8 @@ MARS_PL_INLINE void vec_rows(const VArgs& a, int64_t begin, int64_t end) {
     float* g = a.grad + o;
     const In* ad = a.adv_2d ? adv + o : nullptr;
     const float a_row = a.adv_2d ? 0.0f : static_cast<float>(adv[i]);
+    const In* iw = is_2d ? isw + o : nullptr;
+    const float w_row = p.has_is && !is_2d ? static_cast<float>(isw[i]) : 1.0f;
     if (rem) {
       for (int k = 0; k < W; ++k) {
         const bool in = k < rem;
@@ -516,6 +534,7 @@ MARS_PL_INLINE void vec_rows(const VArgs& a, int64_t begin, int64_t end) {
         tb[1][k] = in ? old[o + Tv + k] : In(0);
         tb[2][k] = in && a.adv_2d ? adv[o + Tv + k] : In(0);
         tb[3][k] = in && p.has_ref ? ref[o + Tv + k] : In(0);
+        tb[4][k] = in && is_2d ? isw[o + Tv + k] : In(0);
       }
     }
     float r_seq = 1.0f, dlw = 1.0f;
@@ -543,9 +562,10 @@ MARS_PL_INLINE void vec_rows(const VArgs& a, int64_t begin, int64_t end) {
     st.L = st.nh = st.nl = st.nd = V::isplat(0);
     for (int64_t t = 0; t < Tv; t += W)
       vec_tokens<In>(lp + o + t, old + o + t, ad ? ad + t : nullptr, a_row, m + t,
-                        ref + o + t, p, r_seq, g + t, st);
+                     ref + o + t, iw ? iw + t : nullptr, w_row, p, r_seq, g + t, st);
     if (rem) {
-      vec_tokens<In>(tb[0], tb[1], ad ? tb[2] : nullptr, a_row, tm, tb[3], p, r_seq, tg, st);
+      vec_tokens<In>(tb[0], tb[1], ad ? tb[2] : nullptr, a_row, tm, tb[3], iw ? tb[4] : nullptr,
+                     w_row, p, r_seq, tg, st);
       std::memcpy(g + Tv, tg, sizeof(float) * rem);
     }
     const int64_t L = V::hsum(st.L);

@@ -1,10 +1,10 @@
 // CUDA body of mars::policy_loss (matches mars.reference.policy_loss; math in ../policy_loss.h).
 //
 // Kernel 1: one block per row. Vectorised 16-byte loads (when T and the pointers allow) of
-// logp, old_logp, (ref_logp), (advantages [B, T]) and the mask; per token the loss,
-// d(loss)/d(logp) (written at once, unscaled by the aggregation) and metric counts; the
-// row's partial sums are reduced in double by warp shuffles and a fixed-order pass over
-// the warps. GSPO first reduces the row's mean log-ratio, then adds the sequence term to
+// logp, old_logp, (ref_logp), (advantages [B, T]), (is_weights [B, T]) and the mask; per
+// token the loss, d(loss)/d(logp) (written at once, unscaled by the aggregation) and metric
+// counts; the row's partial sums are reduced in double by warp shuffles and a fixed-order
+// pass over the warps. GSPO first reduces the row's mean log-ratio, then adds the sequence term to
 // the row's gradient. Kernel 2: one block reduces the row partials in a fixed order and
 // writes the loss, the metrics and the per-row scale. No atomics: deterministic.
 #include <ATen/ATen.h>
@@ -70,7 +70,7 @@ struct RowAcc {
 
 // One valid token: updates acc, returns the unscaled gradient (sequence term added later).
 template <typename T>
-__device__ __forceinline__ T token(T x, T o, T A, T ref, T r_seq, const pl::Params& p,
+__device__ __forceinline__ T token(T x, T o, T A, T ref, T w, T r_seq, const pl::Params& p,
                                    RowAcc& acc) {
   const T c = static_cast<T>(p.clamp);
   T inside;
@@ -79,6 +79,7 @@ __device__ __forceinline__ T token(T x, T o, T A, T ref, T r_seq, const pl::Para
   T l, dl;
   bool high, low, dual;
   pl::pg_term(r, A, p, l, dl, high, low, dual);
+  if (p.has_is) pl::is_weight(w, l, dl);
   T gt;
   if (p.seq) {
     acc.G += static_cast<double>(dl);
@@ -109,8 +110,8 @@ template <typename scalar_t, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) policy_loss_rows_kernel(
     const scalar_t* __restrict__ lp, const scalar_t* __restrict__ old,
     const scalar_t* __restrict__ adv, bool adv_2d, const bool* __restrict__ mask,
-    const scalar_t* __restrict__ ref, pl::Params p, int64_t Tn, T* __restrict__ grad,
-    double* __restrict__ part) {
+    const scalar_t* __restrict__ ref, const scalar_t* __restrict__ isw, pl::Params p,
+    int64_t Tn, T* __restrict__ grad, double* __restrict__ part) {
   __shared__ double smem[(kWarps + 1) * 8];
   const int64_t i = blockIdx.x;
   const int64_t o = i * Tn;
@@ -128,15 +129,18 @@ __global__ void __launch_bounds__(kThreads) policy_loss_rows_kernel(
     r_seq = DevExp()(lw);
   }
   const T a_row = adv_2d ? T(0) : static_cast<T>(adv[i]);
+  const bool is_2d = p.has_is && p.is_2d;
+  const T w_row = p.has_is && !p.is_2d ? static_cast<T>(isw[i]) : T(1);
   RowAcc acc;
   for (int64_t t0 = static_cast<int64_t>(threadIdx.x) * VEC; t0 < Tn;
        t0 += static_cast<int64_t>(kThreads) * VEC) {
     const auto m = *reinterpret_cast<const Vec<bool, VEC>*>(mask + o + t0);
     const auto x = *reinterpret_cast<const Vec<scalar_t, VEC>*>(lp + o + t0);
     const auto ol = *reinterpret_cast<const Vec<scalar_t, VEC>*>(old + o + t0);
-    Vec<scalar_t, VEC> rf, a;
+    Vec<scalar_t, VEC> rf, a, w;
     if (p.has_ref) rf = *reinterpret_cast<const Vec<scalar_t, VEC>*>(ref + o + t0);
     if (adv_2d) a = *reinterpret_cast<const Vec<scalar_t, VEC>*>(adv + o + t0);
+    if (is_2d) w = *reinterpret_cast<const Vec<scalar_t, VEC>*>(isw + o + t0);
     Vec<T, VEC> g;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -144,7 +148,8 @@ __global__ void __launch_bounds__(kThreads) policy_loss_rows_kernel(
       if (!m.v[k]) continue;  // select before any arithmetic: -inf / NaN never used
       g.v[k] = token<T>(static_cast<T>(x.v[k]), static_cast<T>(ol.v[k]),
                         adv_2d ? static_cast<T>(a.v[k]) : a_row,
-                        p.has_ref ? static_cast<T>(rf.v[k]) : T(0), r_seq, p, acc);
+                        p.has_ref ? static_cast<T>(rf.v[k]) : T(0),
+                        is_2d ? static_cast<T>(w.v[k]) : w_row, r_seq, p, acc);
     }
     *reinterpret_cast<Vec<T, VEC>*>(grad + o + t0) = g;
   }
@@ -192,10 +197,12 @@ bool aligned16(const void* ptr) { return aligned(ptr, 16); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
     const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
-    const std::optional<Tensor>& ref_logp, double clip_low, double clip_high, double dual_clip,
-    double kl_coef, int64_t kl_type, int64_t agg, double num_tokens, double num_seqs,
-    double loss_scale, bool seq_ratio, double log_ratio_clamp) {
-  const pl::Params p = pl::check_args(logp, old_logp, advantages, mask, ref_logp, clip_low,
+    const std::optional<Tensor>& ref_logp, const std::optional<Tensor>& is_weights,
+    double clip_low, double clip_high, double dual_clip, double kl_coef, int64_t kl_type,
+    int64_t agg, double num_tokens, double num_seqs, double loss_scale, bool seq_ratio,
+    double log_ratio_clamp) {
+  const pl::Params p = pl::check_args(logp, old_logp, advantages, mask, ref_logp, is_weights,
+                                      clip_low,
                                       clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens,
                                       num_seqs, loss_scale, seq_ratio, log_ratio_clamp);
   const int64_t B = logp.size(0), Tn = logp.size(1);
@@ -206,6 +213,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
   const Tensor x = logp.contiguous(), o = old_logp.contiguous(), a = advantages.contiguous();
   const Tensor m = mask.contiguous();
   const Tensor r = has_ref ? ref_logp->contiguous() : x;
+  const Tensor iw = p.has_is ? is_weights->contiguous() : x;  // not read without weights
   auto opts = logp.options().dtype(acc);
   Tensor grad = at::empty({B, Tn}, opts);
   Tensor loss = at::empty({}, opts), metrics = at::empty({6}, opts), row_scale = at::empty({B}, opts);
@@ -216,18 +224,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = Tn % kVec == 0 && aligned16(x.data_ptr()) && aligned16(o.data_ptr()) &&
                      aligned16(r.data_ptr()) && aligned16(a.data_ptr()) &&
+                     (!(p.has_is && p.is_2d) || aligned16(iw.data_ptr())) &&
                      aligned16(m.data_ptr()) && aligned(grad.data_ptr(), sizeof(T) * kVec);
     if (B > 0) {
       if (vec) {
         policy_loss_rows_kernel<scalar_t, T, kVec><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
             x.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), adv_2d,
-            m.data_ptr<bool>(), r.data_ptr<scalar_t>(), p, Tn, grad.data_ptr<T>(),
-            part.data_ptr<double>());
+            m.data_ptr<bool>(), r.data_ptr<scalar_t>(), iw.data_ptr<scalar_t>(), p, Tn,
+            grad.data_ptr<T>(), part.data_ptr<double>());
       } else {
         policy_loss_rows_kernel<scalar_t, T, 1><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
             x.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), adv_2d,
-            m.data_ptr<bool>(), r.data_ptr<scalar_t>(), p, Tn, grad.data_ptr<T>(),
-            part.data_ptr<double>());
+            m.data_ptr<bool>(), r.data_ptr<scalar_t>(), iw.data_ptr<scalar_t>(), p, Tn,
+            grad.data_ptr<T>(), part.data_ptr<double>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
