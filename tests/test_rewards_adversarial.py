@@ -334,7 +334,9 @@ DEGENERATE = {
     "NUL bytes": lambda: "<answer>" + _fill("\x00", MB - 20) + "</answer>",
     "unicode": lambda: "<answer>" + _fill("é—ｙｅｓ \u200b", MB - 20) + "</answer>",
 }
-SECONDS_PER_MB = 1.0  # linear code takes 5-300 ms here; the quadratic one took minutes
+# Linear code takes 5-350 ms per MB on an idle 2-core CPU (docs/rewards.md); the quadratic
+# one took minutes. The bound leaves room for a CI machine loaded 3-4x without flaking.
+SECONDS_PER_MB = 5.0
 
 
 def _timed(fn):
