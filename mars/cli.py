@@ -1,4 +1,4 @@
-"""The `mars` command line: `mars check`, `mars eval`, `mars bench`."""
+"""The `mars` command line: `mars train`, `mars eval`, `mars check`, `mars bench`."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,11 @@ def _eval(argv) -> int:
     return cli_main(argv)
 
 
+def _train(argv) -> int:
+    from .train.command import cli_main
+    return cli_main(argv)
+
+
 def _bench(argv) -> int:
     import pytest
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -47,13 +52,15 @@ def _bench(argv) -> int:
     return pytest.main([here, "--benchmark-only", *argv])
 
 
-COMMANDS = {"check": _check, "eval": _eval, "bench": _bench}
+COMMANDS = {"train": _train, "check": _check, "eval": _eval, "bench": _bench}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print("usage: mars {check,eval,bench} [options]\n"
+        print("usage: mars {train,eval,check,bench} [options]\n"
+              "  train  train with GRPO / DAPO + MARS (no arguments: the embedded tiny default; "
+              "mars train --help)\n"
               "  check  every backend of every op vs the reference: max errors and timings\n"
               "  eval   evaluate a model on an evaluation file (mars eval --help)\n"
               "  bench  run the pytest-benchmark suite of a source checkout", file=sys.stderr)

@@ -150,3 +150,158 @@ def test_build_engine_choices():
     except ImportError:
         with pytest.raises(ImportError, match=r"mars\[vllm\]"):
             build_engine("x", backend="vllm")
+
+
+# --------------------------------------------------------------------------- token ids for training
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mars.rollout import Completion, GenerationRequest  # noqa: E402
+from mars.rollout.hf import RowSampler, _top_p_filter  # noqa: E402
+
+
+def _recompute_logprobs(model, engine, sample, ids):
+    import torch
+
+    p = engine.encoder.encode(sample)
+    full = torch.cat([p.input_ids, torch.tensor(ids, dtype=torch.long)])[None]
+    mm = torch.cat([p.mm_token_type_ids, torch.zeros(len(ids), dtype=torch.long)])[None]
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=torch.ones_like(full), mm_token_type_ids=mm,
+                       pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw).logits
+    P = len(p)
+    return logits[0, P - 1:-1].float().log_softmax(-1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
+
+
+def test_generate_ids_one_call_mixed_greedy_and_sampled(tiny, samples):
+    import torch
+
+    model, tok, improc = tiny
+    engine = HFEngine(model, tokenizer=tok, image_processor=improc)
+    calls = []
+    orig = model.generate
+
+    def counting(*a, **kw):
+        calls.append(kw["input_ids"].shape[0])
+        return orig(*a, **kw)
+
+    model.generate = counting
+    try:
+        s = samples[3]  # 6 images (nuScenes)
+        sampled = SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, n=4)
+        greedy = SamplingConfig(max_new_tokens=6)
+        reqs = [GenerationRequest(s, sampled)] + [GenerationRequest(v, greedy) for v in s.mono_variants("single")]
+        torch.manual_seed(0)
+        out = engine.generate_ids(reqs)
+    finally:
+        model.generate = orig
+    assert calls == [4 + 6]  # one model.generate for the G rollouts and the 6 anchors
+    assert [len(o) for o in out] == [4] + [1] * 6
+    alone = engine.generate_ids([GenerationRequest(v, greedy) for v in s.mono_variants("single")])
+    for o, a in zip(out[1:], alone):  # greedy rows are greedy inside a sampled batch
+        assert o[0].token_ids == a[0].token_ids
+    banned = set(engine.banned_token_ids)
+    assert banned and len(banned) == 4
+    for o, req in zip(out, reqs):
+        for c in o:
+            assert isinstance(c, Completion) and 1 <= len(c.token_ids) <= 6
+            assert not banned & set(c.token_ids)  # no sampled <|image_pad|> / <|vision_start|>
+            assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+            assert c.finish_reason == ("stop" if c.token_ids[-1] == tok.eos_token_id else "length")
+            assert len(c.logprobs) == len(c.token_ids)
+            ref = _recompute_logprobs(model, engine, req.sample, c.token_ids)
+            torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_generate_ids_max_batch_rows_and_text_api(tiny, samples):
+    model, tok, improc = tiny
+    cfg = SamplingConfig(max_new_tokens=4)
+    a = HFEngine(model, tokenizer=tok, image_processor=improc).generate_ids([GenerationRequest(s, cfg) for s in samples])
+    b = HFEngine(model, tokenizer=tok, image_processor=improc, max_batch_rows=2).generate_ids(
+        [GenerationRequest(s, cfg) for s in samples])
+    assert [x[0].token_ids for x in a] == [x[0].token_ids for x in b]
+    texts = HFEngine(model, tokenizer=tok, image_processor=improc).generate(samples, cfg)
+    assert texts == [[x[0].text] for x in a]
+    with pytest.raises(TypeError, match="GenerationRequest"):
+        HFEngine(model, tokenizer=tok, image_processor=improc).generate_ids([samples[0]])
+    with pytest.raises(ValueError, match="max_batch_rows"):
+        HFEngine(model, tokenizer=tok, image_processor=improc, max_batch_rows=0)
+
+
+def test_mm_token_type_ids_reach_the_model(tiny, samples):
+    model, tok, improc = tiny
+    engine = HFEngine(model, tokenizer=tok, image_processor=improc)
+    enc = engine._encode(samples[:2])
+    assert "mm_token_type_ids" in enc  # else transformers silently uses 1-D positions
+    assert (enc["mm_token_type_ids"] == (enc["input_ids"] == model.config.image_token_id)).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=2, max_size=12), st.floats(0.05, 1.0))
+def test_top_p_filter_keeps_the_nucleus(logits, top_p):
+    import torch
+
+    x = torch.tensor([logits], dtype=torch.float32)
+    kept = torch.isfinite(_top_p_filter(x, torch.tensor([top_p])))[0]
+    probs = x.softmax(-1)[0]
+    mass = float(probs[kept].sum())
+    assert kept.any()
+    assert mass >= top_p - 1e-5  # the nucleus reaches top_p ...
+    assert mass - float(probs[kept].min()) < top_p + 1e-5  # ... and is the smallest that does
+    if (~kept).any():  # no dropped token is more likely than a kept one
+        assert float(probs[~kept].max()) <= float(probs[kept].min()) + 1e-7
+
+
+def test_row_sampler_greedy_rows_and_logprobs():
+    import torch
+
+    s = RowSampler(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.5]), banned=[1])
+    scores = torch.tensor([[0.0, 9.0, 1.0, 2.0], [3.0, 0.0, 2.0, 1.0]])
+    out = s(torch.zeros(2, 3, dtype=torch.long), scores)
+    assert torch.isinf(out[0]).sum() == 3 and out[0, 3] == 0  # greedy: argmax of the allowed tokens
+    assert torch.isinf(out[1, 1])  # banned in every row
+    new = torch.tensor([[3], [0]])
+    lp = s.logprobs(new)
+    expect = torch.stack([scores[0].log_softmax(-1)[3], (scores[1] / 2).log_softmax(-1)[0]])
+    torch.testing.assert_close(lp[:, 0], expect)  # before the ban and top-p, at the row's temperature
+
+
+def test_engine_subclass_must_generate_something():
+    with pytest.raises(TypeError, match="must implement generate_ids"):
+        class Nothing(RolloutEngine):
+            pass
+
+
+class FakeLogprob:
+    def __init__(self, lp):
+        self.logprob = lp
+
+
+def test_vllm_generate_ids_one_call(samples):
+    class LLM(FakeLLM):
+        def generate(self, prompts, sampling_params=None, use_tqdm=True):
+            self.calls = getattr(self, "calls", 0) + 1
+            self.requests.extend(prompts)
+            self.params = sampling_params
+            outs = []
+            for i, p in enumerate(sampling_params):
+                n = p.kwargs["n"]
+                outs.append(SimpleNamespace(outputs=[SimpleNamespace(
+                    text=f"t{i}.{j}", token_ids=[7, 8 + j], finish_reason="length" if j else "stop",
+                    logprobs=[{7: FakeLogprob(-0.5)}, {8 + j: FakeLogprob(-1.5)}]) for j in range(n)]))
+            return outs
+
+    llm = LLM()
+    engine = VLLMEngine(llm, sampling_params_cls=FakeSamplingParams)
+    s = samples[0]
+    reqs = [GenerationRequest(s, SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9, n=3))] + \
+        [GenerationRequest(v, SamplingConfig(max_new_tokens=5)) for v in s.mono_variants()]
+    out = engine.generate_ids(reqs)
+    assert llm.calls == 1 and len(llm.params) == 3
+    assert llm.params[0].kwargs == {"n": 3, "temperature": 1.0, "top_p": 0.9, "max_tokens": 5, "seed": None,
+                                    "logprobs": 0}
+    assert llm.params[1].kwargs["n"] == 1 and llm.params[1].kwargs["temperature"] == 0.0
+    assert [len(o) for o in out] == [3, 1, 1]
+    c = out[0][1]
+    assert c.token_ids == [7, 9] and c.logprobs == [-0.5, -1.5] and c.finish_reason == "length"
+    assert out[0][0].finish_reason == "stop"

@@ -1,19 +1,23 @@
 """Generation backends behind one interface (:class:`RolloutEngine`).
 
-    from mars.rollout import build_engine, SamplingConfig
+    from mars.rollout import build_engine, GenerationRequest, SamplingConfig
     engine = build_engine("/path/to/model", backend="auto")   # vLLM if installed, else HF
     engine.generate(samples, SamplingConfig(max_new_tokens=512))  # -> list[list[str]]
+    engine.generate_ids([GenerationRequest(s, SamplingConfig(temperature=1.0, n=8)), ...])
+                                                                 # -> list[list[Completion]]
 """
 
 from __future__ import annotations
 
 import importlib.util
 
-from .base import RolloutEngine, SamplingConfig
+from .base import Completion, GenerationRequest, RolloutEngine, SamplingConfig
+from .encode import EncodedPrompt, PromptEncoder
 from .hf import HFEngine
 from .vllm import VLLMEngine
 
-__all__ = ["RolloutEngine", "SamplingConfig", "HFEngine", "VLLMEngine", "build_engine", "BACKENDS"]
+__all__ = ["RolloutEngine", "SamplingConfig", "GenerationRequest", "Completion", "EncodedPrompt",
+           "PromptEncoder", "HFEngine", "VLLMEngine", "build_engine", "BACKENDS"]
 
 BACKENDS = ("auto", "hf", "vllm")
 

@@ -8,13 +8,19 @@
 The prompt text comes from ``llm.get_tokenizer().apply_chat_template`` when the tokenizer
 has a chat template, else from the Qwen-VL formatter with one ``<|image_pad|>`` per image
 (vLLM expands it), or from ``prompt_fn(messages)`` when given.
+
+``generate_ids`` sends every request in one ``llm.generate`` call with one
+``SamplingParams`` per request (greedy anchors need ``n=1``, sampled rollouts ``n=G``) and
+``logprobs=0``, and returns vLLM's ``token_ids`` and the sampled tokens' log-probs
+(``out.logprobs[t][token_ids[t]].logprob``; what they mean depends on the LLM's
+``logprobs_mode``, "processed_logprobs" is what a trainer wants).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .base import RolloutEngine, SamplingConfig, require
+from .base import Completion, GenerationRequest, RolloutEngine, SamplingConfig, require
 from .prompts import qwen_chat_prompt
 
 __all__ = ["VLLMEngine"]
@@ -49,11 +55,39 @@ class VLLMEngine(RolloutEngine):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return qwen_chat_prompt(messages)
 
+    def _params(self, config: SamplingConfig, logprobs: bool):
+        params_cls = self._params_cls or require("vllm", "vllm").SamplingParams
+        kw = dict(n=config.n, temperature=config.temperature, top_p=config.top_p,
+                  max_tokens=config.max_new_tokens, seed=config.seed)
+        if logprobs:
+            kw["logprobs"] = 0
+        return params_cls(**kw)
+
+    def generate_ids(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        """One ``llm.generate`` call for all requests (a SamplingParams per request)."""
+        params = [self._params(r.config, True) for r in requests]
+        prompts = [{"prompt": self._prompt(r.sample.messages), "multi_modal_data": {"image": r.sample.images}}
+                   for r in requests]
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=self.use_tqdm)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        result = []
+        for o, r in zip(outputs, requests):
+            if len(o.outputs) != r.config.n:
+                raise RuntimeError(f"vLLM returned {len(o.outputs)} completions for n={r.config.n}")
+            cs = []
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                lp = None
+                if getattr(c, "logprobs", None) is not None:
+                    lp = [float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)]
+                cs.append(Completion(ids, c.text, lp, "length" if c.finish_reason == "length" else "stop"))
+            result.append(cs)
+        return result
+
     def generate(self, samples: Sequence, config: SamplingConfig = SamplingConfig()) -> list[list[str]]:
         """Completions, ``config.n`` per sample, in input order."""
-        params_cls = self._params_cls or require("vllm", "vllm").SamplingParams
-        params = params_cls(n=config.n, temperature=config.temperature, top_p=config.top_p,
-                            max_tokens=config.max_new_tokens, seed=config.seed)
+        params = self._params(config, False)
         requests = [{"prompt": self._prompt(s.messages), "multi_modal_data": {"image": s.images}} for s in samples]
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=self.use_tqdm)
         if len(outputs) != len(requests):

@@ -1,0 +1,514 @@
+"""``mars train`` configuration: dataclasses with defaults, YAML files, dotted overrides.
+
+    cfg = load_config("grpo_mars_qwen2_5_vl_3b", ["optim.lr=2e-6", "loss.clip_high=0.28"])
+    cfg.rollout.n, cfg.loss.clip_high, to_dict(cfg)
+
+A config is the defaults below (the embedded tiny default), overlaid by a YAML file (a path,
+or the name of a config shipped in ``mars/train/configs``), overlaid by ``key=value``
+overrides (values read as YAML: ``1e-6``, ``true``, ``null``, ``[0, 1]``). Everything is
+checked before any work starts: an unknown key, a value of the wrong type or outside its
+choices, or a file that does not exist raises :class:`ConfigError` naming the key (and
+the valid keys of its section). docs/train.md lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_overrides", "to_dict", "shipped_configs",
+           "config_path", "describe", "validate", "save_config", "EMBEDDED", "TINY"]
+
+EMBEDDED = "embedded"  # data.train / data.eval: the embedded synthetic task
+TINY = "tiny"          # model.path: the tiny model built locally
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+LOSS_AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+def F(default, help: str, **meta):  # noqa: N802 - a field with its documentation
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TinyModelConfig:
+    arch: Literal["qwen2_vl", "qwen2_5_vl"] = F("qwen2_vl", "transformers class: Qwen2-VL or Qwen2.5-VL")
+    hidden_size: int = F(64, "text hidden size")
+    num_layers: int = F(2, "text decoder layers")
+    num_heads: int = F(4, "text attention heads (hidden_size / num_heads a multiple of 8)")
+    vision_hidden_size: int = F(32, "vision tower width")
+    vision_depth: int = F(2, "vision tower blocks")
+
+
+@dataclass
+class ModelConfig:
+    path: str = F(TINY, "'tiny' (built locally) or a checkpoint: local directory or hub name, loaded with "
+                        "AutoModelForImageTextToText / AutoProcessor")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = F("float32", "parameter dtype")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = F(
+        "auto", "auto: flash_attention_2 when flash-attn is installed and the model is on a GPU, else sdpa")
+    device: str = F("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    gradient_checkpointing: bool = F(False, "recompute activations in the backward pass")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "sizes of the tiny model"})
+
+
+@dataclass
+class TaskConfig:
+    mix: dict = F({"day_person": 0.2, "day_empty": 0.15, "night_empty": 0.15, "day_heater": 0.25,
+                   "night_person": 0.25}, "share of each scene category of the embedded task (docs/train.md)",
+                  value_type=float)
+    image_size: int = F(56, "side of each image in pixels (multiple of 28)")
+    noise: float = F(0.05, "pixel noise std")
+    eval_per_category: int = F(40, "held-out prompts per category")
+
+
+@dataclass
+class DataConfig:
+    train: str = F(EMBEDDED, "'embedded' (the synthetic task) or a .parquet / .json / .jsonl file (mars.data)",
+                   path=True)
+    eval: Optional[str] = F(EMBEDDED, "held-out set: 'embedded', a file, or null (none)", path=True)
+    image_root: Optional[str] = F(None, "base directory of relative image paths (default: each file's)",
+                                  path=True, directory=True)
+    task: Optional[Literal["grounding", "vqa", "mcq"]] = F(None, "force the task of every sample")
+    eval_limit: Optional[int] = F(None, "evaluate only the first N held-out samples")
+    shuffle: bool = F(True, "shuffle the training prompts every epoch")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf"] = F("hf", "generation engine (hf: transformers generate)")
+    n: int = F(8, "G: sampled rollouts per prompt")
+    temperature: float = F(1.0, "sampling temperature of the G rollouts")
+    top_p: float = F(0.9, "nucleus of the G rollouts")
+    max_new_tokens: int = F(16, "maximum response length (L_max)")
+    max_prompt_length: int = F(4096, "prompts with more tokens are skipped (counted in prompts_skipped)")
+    mono: Literal["duplicate", "single", "none"] = F(
+        "duplicate", "mono anchors: source k in every image slot (duplicate), one image (single), or none "
+                     "(plain GRPO / DAPO)")
+    separate_anchor_call: bool = F(False, "generate the anchors in a second call (timing only)")
+    max_batch_rows: Optional[int] = F(None, "rows per model.generate (null: one call for the whole step)")
+
+
+@dataclass
+class AlgorithmConfig:
+    norm_by_std: bool = F(True, "divide by the pooled std (false: Dr.GRPO r - mu)")
+    eps: float = F(1e-6, "added to the std")
+    unbiased: bool = F(True, "sample std (N - 1) or population std")
+    singleton: Literal["zero", "raw"] = F("zero", "advantage of a group of one value")
+    dynamic_sampling: bool = F(False, "DAPO: drop groups whose pooled std is 0 and draw more prompts")
+    max_gen_batches: int = F(3, "dynamic sampling: at most this many generation batches per step")
+    overlong_buffer: int = F(0, "DAPO overlong shaping L_buf (0: off); L_max = rollout.max_new_tokens")
+    backend: str = F("auto", "backend of mars.mono_anchored_advantage")
+
+
+@dataclass
+class RewardConfig:
+    name: Optional[str] = F(None, "mars.rewards registry name (null: each sample's task)")
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = F(0.2, "ratio clipped to [1 - clip_low, 1 + clip_high]")
+    clip_high: float = F(0.2, "clip-higher (DAPO 0.28)")
+    dual_clip: Optional[float] = F(3.0, "dual-clip c for negative advantages (null: off)")
+    agg: Literal[LOSS_AGGS] = F("token-mean", "loss aggregation")
+    kl_coef: float = F(0.0, "beta of the KL to a frozen reference model (0: no reference model)")
+    kl_type: Literal["k1", "k2", "k3"] = F("k3", "KL estimator")
+    ratio_level: Literal["token", "sequence"] = F("token", "token ratio or GSPO sequence ratio")
+    log_ratio_clamp: Optional[float] = F(20.0, "clamp of the log-ratio (null: off)")
+    loss_scale: Optional[float] = F(None, "seq-mean-token-sum-norm divisor (null: rollout.max_new_tokens)")
+    fused: bool = F(False, "fused lm-head path (mars.loss.fused_linear_policy_loss): no [tokens x vocab] logits")
+    chunk_size: Optional[int] = F(None, "fused path: tokens per logits block (null: automatic)")
+    backend: str = F("auto", "backend of mars.loss")
+
+
+@dataclass
+class OptimConfig:
+    prompts_per_step: int = F(8, "prompts per RL step")
+    lr: float = F(2e-3, "AdamW learning rate")
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    betas: list = F([0.9, 0.999], "AdamW betas", value_type=float, length=2)
+    warmup_steps: int = F(0, "linear learning-rate warm-up (optimizer steps)")
+    max_grad_norm: Optional[float] = F(1.0, "gradient clipping (null: off)")
+    mini_batches: int = F(2, "optimizer steps per RL step (the rollouts split into this many mini-batches)")
+    epochs: int = F(1, "passes over the rollouts of a step")
+    micro_batch_size: int = F(64, "rows per forward / backward (accumulated with exact global normalisers)")
+
+
+@dataclass
+class WarmupConfig:
+    steps: int = F(300, "supervised warm-start steps (0: none)")
+    lr: float = F(3e-3, "warm-start learning rate")
+    batch_size: int = F(16, "warm-start prompts per step")
+    single_share: float = F(0.5, "embedded task: share of warm-start prompts showing one source alone, answered "
+                                 "with what that source shows; the others show both, answered with the truth")
+    categories: Optional[list] = F(["day_person", "day_empty", "night_empty"],
+                                   "embedded task: scene categories of the two-source warm-start prompts (null: "
+                                   "all of task.mix); by default only scenes where the sources agree",
+                                   value_type=str)
+    label_noise: float = F(0.05, "embedded task: share of warm-start answers flipped (a cold start that is not "
+                                 "certain: p(answer) about 1 - label_noise)")
+
+
+@dataclass
+class EvalConfig:
+    every: int = F(20, "held-out evaluation every N steps (and at the start and the end; 0: only those)")
+    mono: bool = F(True, "also evaluate each single source")
+
+
+@dataclass
+class LogConfig:
+    progress: bool = F(True, "tqdm progress bars")
+    plot_every: int = F(5, "refresh OUTPUT_DIR/metrics.png every N steps (0: only at the end)")
+    samples_every: int = F(25, "write example completions to OUTPUT_DIR/samples.jsonl every N steps (0: never)")
+
+
+@dataclass
+class CompareConfig:
+    seeds: list = F([0, 1, 2], "mars train --compare: seeds run for each method", value_type=int)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = F("mars_train/tiny", "where metrics.jsonl, metrics.png, config.yaml and checkpoints go")
+    seed: int = F(0, "seed of weights, data and sampling")
+    max_steps: int = F(100, "RL steps")
+    save_every: int = F(0, "checkpoint every N steps (0: only at the end)")
+    threads: int = F(0, "torch CPU threads (0: torch's default)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+
+# ----------------------------------------------------------------------------- reading
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package (``mars train NAME``)."""
+    if not os.path.isdir(CONFIG_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def config_path(name_or_path: str) -> str:
+    """The YAML file of a path or of a shipped config name; ConfigError if neither exists."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    base = os.path.basename(name_or_path)
+    stem = base[:-5] if base.endswith(".yaml") else base[:-4] if base.endswith(".yml") else base
+    if os.sep not in name_or_path and os.path.isfile(os.path.join(CONFIG_DIR, stem + ".yaml")):
+        return os.path.join(CONFIG_DIR, stem + ".yaml")
+    raise ConfigError(f"config file not found: {name_or_path!r}; shipped configs: {', '.join(shipped_configs())}")
+
+
+def parse_overrides(items) -> list[tuple[str, Any]]:
+    """``["a.b=1", ...]`` -> ``[("a.b", 1), ...]`` (values read as YAML)."""
+    import yaml
+
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-6)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot read value {raw!r} ({exc})") from None
+        out.append((key, value))
+    return out
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _section_fields(cls) -> dict:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _valid_keys(cls, prefix: str) -> list[str]:
+    keys = []
+    hints = _hints(cls)
+    for name in _section_fields(cls):
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            keys += _valid_keys(t, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown(key: str, cls, prefix: str) -> ConfigError:
+    valid = _valid_keys(cls, prefix)
+    return ConfigError(f"unknown config key {key!r}; valid keys{' of ' + prefix[:-1] if prefix else ''}: "
+                       + ", ".join(valid))
+
+
+def _type_name(t) -> str:
+    origin = typing.get_origin(t)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(t))
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return _type_name(args[0]) + " or null"
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(key: str, value, t, meta: dict):
+    origin = typing.get_origin(t)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0], meta)
+    if origin is Literal:
+        choices = typing.get_args(t)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if t is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got str {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if t is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if "length" in meta and len(value) != meta["length"]:
+            raise ConfigError(f"{key}: expected a list of {meta['length']} values, got {len(value)}")
+        vt = meta.get("value_type", str)
+        return [_coerce(f"{key}[{i}]", v, vt, {}) for i, v in enumerate(value)]
+    if t is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        vt = meta.get("value_type", str)
+        return {str(k): _coerce(f"{key}.{k}", v, vt, {}) for k, v in value.items()}
+    raise TypeError(f"unsupported config type {t!r} of {key}")  # a bug in this module
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix[:-1]}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    fields_ = _section_fields(cls)
+    hints = _hints(cls)
+    for k in data:
+        if k not in fields_:
+            raise _unknown(prefix + str(k), cls, prefix)
+    kwargs = {}
+    for name, f in fields_.items():
+        t = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(t):
+            kwargs[name] = _build(t, data.get(name) or {}, key + ".")
+        elif name in data:
+            kwargs[name] = _coerce(key, data[name], t, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _set(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    cls, node, prefix = TrainConfig, tree, ""
+    for i, p in enumerate(parts):
+        fields_ = _section_fields(cls)
+        if p not in fields_:
+            raise _unknown(key, cls, prefix)
+        t = _hints(cls)[p]
+        last = i == len(parts) - 1
+        if dataclasses.is_dataclass(t):
+            if last:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key} is a section; set one of its keys: "
+                                      + ", ".join(_valid_keys(t, key + ".")))
+                node.setdefault(p, {}).update(value)
+                return
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{prefix}{p}: expected a mapping of keys")
+            cls, prefix = t, prefix + p + "."
+        else:
+            if not last:
+                raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section: {key!r} is not a config key")
+            node[p] = value
+
+
+def load_config(config=None, overrides=(), *, check_files: bool = True) -> TrainConfig:
+    """The config of a YAML path / shipped name (None: the defaults, i.e. ``tiny``) with
+    ``overrides`` (``"key=value"`` strings or (key, value) pairs), validated."""
+    tree = _read_yaml(config_path(config)) if config is not None else {}
+    pairs = [o if isinstance(o, tuple) else parse_overrides([o])[0] for o in overrides]
+    for k, v in pairs:
+        _set(tree, k, v)
+    cfg = _build(TrainConfig, tree)
+    validate(cfg, check_files=check_files)
+    return cfg
+
+
+def _looks_local(path: str) -> bool:
+    """A path that must exist here (not a hub name such as Qwen/Qwen2.5-VL-3B-Instruct)."""
+    if path.startswith((".", "/", "~")) or os.sep + os.sep in path or path.count("/") > 1:
+        return True
+    return not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+
+
+def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
+    """Semantic checks of a built config (ranges, combinations, files); ConfigError."""
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(cfg.output_dir.strip() != "", "output_dir", "must not be empty")
+    need(cfg.max_steps >= 0, "max_steps", f"must be >= 0, got {cfg.max_steps}")
+    need(cfg.save_every >= 0, "save_every", f"must be >= 0, got {cfg.save_every}")
+    need(cfg.threads >= 0, "threads", f"must be >= 0, got {cfg.threads}")
+    r, o, lo, a = cfg.rollout, cfg.optim, cfg.loss, cfg.algorithm
+    need(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
+    need(r.temperature > 0, "rollout.temperature", f"sampled rollouts need a temperature > 0, got {r.temperature}")
+    need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    need(r.max_prompt_length >= 1, "rollout.max_prompt_length", f"must be >= 1, got {r.max_prompt_length}")
+    need(r.max_batch_rows is None or r.max_batch_rows >= 1, "rollout.max_batch_rows", "must be >= 1 or null")
+    need(o.prompts_per_step >= 1, "optim.prompts_per_step", f"must be >= 1, got {o.prompts_per_step}")
+    need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be in [0, 1), got {o.betas}")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
+    need(o.mini_batches >= 1, "optim.mini_batches", f"must be >= 1, got {o.mini_batches}")
+    need(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    need(o.micro_batch_size >= 1, "optim.micro_batch_size", f"must be >= 1, got {o.micro_batch_size}")
+    need(lo.clip_low >= 0 and lo.clip_high >= 0, "loss.clip_low / loss.clip_high", "must be >= 0")
+    need(lo.dual_clip is None or lo.dual_clip > 1, "loss.dual_clip", f"must be > 1 or null, got {lo.dual_clip}")
+    need(lo.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {lo.kl_coef}")
+    need(lo.loss_scale is None or lo.loss_scale > 0, "loss.loss_scale", "must be > 0 or null")
+    need(lo.chunk_size is None or lo.chunk_size >= 1, "loss.chunk_size", "must be >= 1 or null")
+    need(lo.log_ratio_clamp is None or lo.log_ratio_clamp > 0, "loss.log_ratio_clamp", "must be > 0 or null")
+    need(a.eps >= 0, "algorithm.eps", f"must be >= 0, got {a.eps}")
+    need(a.max_gen_batches >= 1, "algorithm.max_gen_batches", f"must be >= 1, got {a.max_gen_batches}")
+    need(0 <= a.overlong_buffer < r.max_new_tokens, "algorithm.overlong_buffer",
+         f"must be in [0, rollout.max_new_tokens = {r.max_new_tokens}), got {a.overlong_buffer}")
+    w = cfg.warmup
+    need(w.steps >= 0, "warmup.steps", f"must be >= 0, got {w.steps}")
+    need(w.lr > 0, "warmup.lr", f"must be > 0, got {w.lr}")
+    need(w.batch_size >= 1, "warmup.batch_size", f"must be >= 1, got {w.batch_size}")
+    need(0 <= w.label_noise <= 1, "warmup.label_noise", f"must be in [0, 1], got {w.label_noise}")
+    need(cfg.eval.every >= 0, "eval.every", f"must be >= 0, got {cfg.eval.every}")
+    need(cfg.log.plot_every >= 0, "log.plot_every", f"must be >= 0, got {cfg.log.plot_every}")
+    need(cfg.log.samples_every >= 0, "log.samples_every", f"must be >= 0, got {cfg.log.samples_every}")
+    need(len(cfg.compare.seeds) >= 1, "compare.seeds", "needs at least one seed")
+    t = cfg.task
+    from .task import CATEGORIES
+
+    bad = sorted(set(t.mix) - set(CATEGORIES))
+    need(not bad, "task.mix", f"unknown categories {bad}; known: {', '.join(CATEGORIES)}")
+    need(all(v >= 0 for v in t.mix.values()) and sum(t.mix.values()) > 0, "task.mix",
+         f"shares must be >= 0 with a positive sum, got {t.mix}")
+    need(t.image_size >= 28 and t.image_size % 28 == 0, "task.image_size",
+         f"must be a positive multiple of 28, got {t.image_size}")
+    need(t.noise >= 0, "task.noise", f"must be >= 0, got {t.noise}")
+    need(t.eval_per_category >= 1, "task.eval_per_category", f"must be >= 1, got {t.eval_per_category}")
+    if w.categories is not None:
+        bad = sorted(set(w.categories) - set(CATEGORIES))
+        need(not bad, "warmup.categories", f"unknown categories {bad}; known: {', '.join(CATEGORIES)}")
+        need(len(w.categories) > 0, "warmup.categories", "is empty (null: all of task.mix)")
+    need(0 <= w.single_share <= 1, "warmup.single_share", f"must be in [0, 1], got {w.single_share}")
+    need(cfg.model.path != "", "model.path", "must not be empty")
+    tm = cfg.model.tiny
+    need(tm.hidden_size % tm.num_heads == 0 and (tm.hidden_size // tm.num_heads) % 8 == 0,
+         "model.tiny.hidden_size", f"/ model.tiny.num_heads must be a multiple of 8, got "
+         f"{tm.hidden_size} / {tm.num_heads}")
+    if cfg.reward.name is not None:
+        from mars.rewards import list_rewards
+
+        need(cfg.reward.name in list_rewards(), "reward.name",
+             f"{cfg.reward.name!r} is not registered; registered: {', '.join(list_rewards())}")
+    if check_files:
+        for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+            if value is not None and value != EMBEDDED:
+                need(os.path.isfile(value), key, f"file not found: {value!r} ('{EMBEDDED}' is the synthetic task)")
+                need(value.endswith((".parquet", ".json", ".jsonl")), key,
+                     f"{value!r}: expected a .parquet, .json or .jsonl file")
+        if cfg.data.image_root is not None:
+            need(os.path.isdir(cfg.data.image_root), "data.image_root",
+                 f"directory not found: {cfg.data.image_root!r}")
+        p = cfg.model.path
+        if p != TINY and _looks_local(p):
+            need(os.path.isdir(os.path.expanduser(p)), "model.path",
+                 f"directory not found: {p!r} ('{TINY}' is the tiny model built locally; a hub name looks like "
+                 "Qwen/Qwen2.5-VL-3B-Instruct)")
+
+
+# ----------------------------------------------------------------------------- writing
+def to_dict(cfg) -> dict:
+    """Nested plain dict of a config."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    import yaml
+
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def describe(cls=TrainConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) of every config key, in order."""
+    out = []
+    hints = _hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out += describe(t, prefix + f.name + ".")
+        else:
+            out.append((prefix + f.name, _type_name(t), getattr(default, f.name), f.metadata.get("help", "")))
+    return out

@@ -1,0 +1,141 @@
+"""Metrics of a run: one JSON line per RL step in OUTPUT_DIR/metrics.jsonl, and a PNG of
+the main curves (OUTPUT_DIR/metrics.png) redrawn during the run. docs/train.md lists the
+metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "rolling"]
+
+
+def _clean(v):
+    """JSON-safe: tensors to numbers, NaN / inf to None."""
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class MetricsLogger:
+    """Appends step records to ``directory/metrics.jsonl`` (flushed at once) and keeps them
+    for plotting."""
+
+    def __init__(self, directory: str, *, title: str = "", source_names=None):
+        self.directory = directory
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self.plot_path = os.path.join(directory, "metrics.png")
+        self.records: list[dict] = []
+        self.title = title
+        self.source_names = source_names
+        self._f = open(self.path, "w", encoding="utf-8")
+
+    def log(self, record: dict) -> dict:
+        rec = _clean(record)
+        self.records.append(rec)
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        return rec
+
+    def plot(self) -> str | None:
+        return plot_metrics(self.records, self.plot_path, title=self.title, source_names=self.source_names)
+
+    def close(self):
+        self._f.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def rolling(xs, k: int = 5):
+    """Trailing mean over up to k values (None skipped)."""
+    out = []
+    for i in range(len(xs)):
+        w = [x for x in xs[max(0, i - k + 1):i + 1] if x is not None]
+        out.append(sum(w) / len(w) if w else None)
+    return out
+
+
+def _series(records, key):
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_metrics(records, path: str, *, title: str = "", source_names=None) -> str | None:
+    """Six panels: rewards (multi, mono), held-out accuracy (multi, per source), gain and
+    pooled std, loss and clip fraction, response length, time per phase. Written to a
+    temporary file and renamed, so a viewer never sees half a PNG. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r for r in records if "step" in r]
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    ax = ax.ravel()
+    for key, label in (("reward_multi", "multi-source rollouts"), ("reward_mono", "mono anchors")):
+        x, y = _series(steps, key)
+        if x:
+            ax[0].plot(x, y, alpha=0.3)
+            ax[0].plot(x, rolling(y, 10), label=label, color=ax[0].lines[-1].get_color())
+    ax[0].set_title("reward (mean; line: 10-step mean)")
+    evals = [r for r in steps if r.get("eval_acc_multi") is not None]
+    if evals:
+        x = [r["step"] for r in evals]
+        ax[1].plot(x, [r["eval_acc_multi"] for r in evals], "o-", label="multi-source")
+        k = 0
+        while any(r.get(f"eval_acc_source_{k}") is not None for r in evals):
+            name = source_names[k] if source_names and k < len(source_names) else f"source {k}"
+            ax[1].plot(x, [r.get(f"eval_acc_source_{k}") for r in evals], "s--", label=f"{name} only")
+            k += 1
+        ax[1].set_ylim(-0.02, 1.02)
+    ax[1].set_title("held-out accuracy (greedy)")
+    for key, label in (("gain", "gain = mean(r) - mean(m)"), ("pooled_std", "pooled std"),
+                       ("frac_zero_std_multi", "groups with equal multi rewards")):
+        x, y = _series(steps, key)
+        if x:
+            ax[2].plot(x, rolling(y, 5), label=label)
+    ax[2].axhline(0, color="grey", lw=0.5)
+    ax[2].set_title("advantage statistics (5-step mean)")
+    x, y = _series(steps, "loss")
+    if x:
+        ax[3].plot(x, y, label="loss")
+    x, y = _series(steps, "clip_frac_high")
+    if x:
+        ax[3].plot(x, y, label="clip fraction (high)")
+    ax[3].set_title("policy loss")
+    for key, label in (("response_length", "multi rollouts"), ("anchor_response_length", "anchors")):
+        x, y = _series(steps, key)
+        if x:
+            ax[4].plot(x, y, label=label)
+    ax[4].set_title("response length (tokens)")
+    phases = [k for k in ("time_generate", "time_reward", "time_advantage", "time_old_logp", "time_update")
+              if any(r.get(k) is not None for r in steps)]
+    if phases:
+        x = [r["step"] for r in steps]
+        ax[5].stackplot(x, *[[r.get(k) or 0.0 for r in steps] for k in phases],
+                        labels=[k[5:] for k in phases])
+    ax[5].set_title("time per step and phase (s)")
+    for a in ax:
+        a.set_xlabel("RL step")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

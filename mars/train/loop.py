@@ -1,0 +1,731 @@
+"""The MARS trainer, top to bottom: `train(cfg)` is the whole recipe (docs/train.md).
+
+Per RL step:
+
+1. rollout   G sampled responses per multi-source prompt (temperature, top_p) and one
+             greedy response per source (the mono anchors, never trained on), all in one
+             ``engine.generate_ids`` call; the engine returns token ids.
+2. reward    the mars.rewards registry scores every response; a reward that raises or is
+             not finite gives 0, is counted (``reward_errors``) and logged with the sample
+             id in OUTPUT_DIR/reward_errors.jsonl; the run goes on.
+3. advantage ``mars.mono_anchored_advantage`` with every rollout and anchor labelled by its
+             prompt id (never matched by position). DAPO's dynamic sampling drops groups
+             whose *pooled* std is 0 and draws more prompts, up to a bound.
+4. old logp  log-probs of the trained responses under the current policy, no gradient
+             (and under the frozen reference model when loss.kl_coef > 0).
+5. update    ``mars.loss`` (plain or fused lm head) over mini-batches x micro-batches with
+             the mini-batch's token / sequence counts as global normalisers, so the
+             accumulated gradient is the mini-batch's; AdamW with linear warm-up.
+
+Everything the step measured goes to one JSON line of OUTPUT_DIR/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import mars
+from mars.rollout import Completion, GenerationRequest, HFEngine, SamplingConfig
+from mars.rollout.encode import EncodedPrompt
+
+from . import task as embedded
+from .batch import collate_rows, logits_logprobs, response_inputs, row_logprobs
+from .checkpoint import save_checkpoint
+from .config import EMBEDDED, TINY, TrainConfig, save_config, to_dict
+from .logger import MetricsLogger
+
+__all__ = ["train", "TrainResult", "Rollout", "compute_advantages", "informative_groups", "score_rollouts"]
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    metrics_path: str
+    plot_path: str | None
+    checkpoint: str | None
+    records: list
+    final_eval: dict
+    wall_time: float
+
+
+@dataclass
+class Rollout:
+    """One generated response. ``group``: its prompt's id (the advantage group label);
+    ``anchor``: a mono-source anchor of source ``source`` (not trained on)."""
+    group: str
+    uid: str
+    sample: Any
+    prompt: EncodedPrompt
+    completion: Completion
+    anchor: bool = False
+    source: int | None = None
+    reward: float = 0.0
+    accuracy: float = 0.0
+    format: float = 0.0
+    error: str | None = None
+
+
+# =============================================================================== the recipe
+def train(cfg: TrainConfig, warm_start_cache: dict | None = None) -> TrainResult:
+    """Run the configured training (the config is validated by ``load_config``).
+    warm_start_cache: a dict shared between runs (``mars train --compare``): a run whose
+    model, task, data and warm-start settings and seed match a finished warm start reuses
+    its weights instead of repeating it."""
+    t_start = time.perf_counter()
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    _seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg.model.device)
+    errors_path = os.path.join(cfg.output_dir, "reward_errors.jsonl")
+    open(errors_path, "w").close()
+
+    # ---- data, model, engine
+    task = embedded.EmbeddedTask(cfg.task.mix, cfg.task.image_size, cfg.task.noise, seed=cfg.seed) \
+        if EMBEDDED in (cfg.data.train, cfg.data.eval) else None
+    prompts = PromptSource(cfg, task)
+    heldout = _heldout(cfg, task)
+    policy = build_policy(cfg, device)
+    engine = HFEngine(policy.model, policy.processor, tokenizer=policy.tokenizer,
+                      image_processor=policy.image_processor, max_batch_rows=cfg.rollout.max_batch_rows)
+    encoder = engine.encoder
+    if task is not None and heldout:
+        embedded.write_eval_file(heldout, os.path.join(cfg.output_dir, "heldout"))
+
+    # ---- supervised warm start (teaches the answer format)
+    t = time.perf_counter()
+    key = json.dumps([cfg.seed, cfg.data.train, to_dict(cfg.model), to_dict(cfg.task), to_dict(cfg.warmup)])
+    if cfg.warmup.steps and warm_start_cache is not None and key in warm_start_cache:
+        policy.model.load_state_dict(warm_start_cache[key])
+    elif cfg.warmup.steps:
+        warm_start(policy, encoder, cfg, task, prompts, device)
+        if warm_start_cache is not None:
+            warm_start_cache[key] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
+    warmup_time = time.perf_counter() - t
+    _seed_everything(cfg.seed + 1)  # RL draws the same numbers whether or not the warm start ran here
+
+    # ---- RL
+    reference = _frozen_copy(policy.model) if cfg.loss.kl_coef > 0 else None
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    warm = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
+    source_names = list(embedded.SOURCES) if cfg.data.train == EMBEDDED else None
+    logger = MetricsLogger(cfg.output_dir, title=_title(cfg), source_names=source_names)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    final_eval, checkpoint = {}, None
+    pbar = _tqdm(cfg, total=cfg.max_steps, desc="mars train (RL)", unit="step")
+    evaluation = evaluate(engine, heldout, cfg) if heldout else {}  # step 0: after the warm start
+    logger.log({"step": 0, "warmup_time_s": warmup_time, "elapsed": time.perf_counter() - t_start, **evaluation})
+    try:
+        for step in range(1, cfg.max_steps + 1):
+            t_step = time.perf_counter()
+            times: dict[str, float] = {}
+
+            # 1-3. rollouts, rewards, advantages (+ dynamic sampling)
+            batch, adv, stats, gen_info = collect_batch(engine, encoder, prompts, cfg, times, errors_path, step)
+            trained = [r for r in batch if not r.anchor]
+
+            # 4. old (and reference) log-probs, no gradient
+            t = time.perf_counter()
+            old_logp = row_logprobs(policy.model, [r.prompt for r in trained],
+                                    [r.completion.token_ids for r in trained], encoder.pad_token_id,
+                                    temperature=cfg.rollout.temperature, micro_batch_size=cfg.optim.micro_batch_size,
+                                    device=device, chunk_size=cfg.loss.chunk_size) if trained else []
+            ref_logp = row_logprobs(reference, [r.prompt for r in trained], [r.completion.token_ids for r in trained],
+                                    encoder.pad_token_id, temperature=cfg.rollout.temperature,
+                                    micro_batch_size=cfg.optim.micro_batch_size, device=device,
+                                    chunk_size=cfg.loss.chunk_size) if reference is not None and trained else None
+            times["time_old_logp"] = time.perf_counter() - t
+
+            # 5. policy update
+            t = time.perf_counter()
+            upd = policy_update(policy.model, optimizer, scheduler, trained, adv, old_logp, ref_logp, cfg,
+                                encoder.pad_token_id, device, shuffle_gen) if trained else {}
+            engine.update_weights(policy.model)
+            times["time_update"] = time.perf_counter() - t
+            times["time_step"] = time.perf_counter() - t_step
+
+            # log, evaluate, plot, checkpoint
+            rec = {"step": step, **step_metrics(batch, trained, adv, stats, old_logp, cfg), **upd, **gen_info,
+                   **times, "elapsed": time.perf_counter() - t_start}
+            rec["tokens_per_s"] = rec["gen_tokens"] / max(times["time_step"], 1e-9)
+            if heldout and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.max_steps:
+                rec.update(evaluate(engine, heldout, cfg))
+            if step == cfg.max_steps and heldout:
+                final_eval = evaluate(engine, heldout, cfg)
+                rec.update(final_eval)
+            rec = logger.log(rec)
+            if cfg.log.samples_every and (step % cfg.log.samples_every == 0 or step == 1):
+                _write_samples(cfg.output_dir, step, batch)
+            if cfg.log.plot_every and step % cfg.log.plot_every == 0:
+                logger.plot()
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
+                checkpoint = _save(cfg, policy, step, prompts)
+            pbar.update(1)
+            pbar.set_postfix(reward=f"{rec['reward_multi']:.2f}", mono=_fmt(rec.get("reward_mono")),
+                             acc=f"{rec['acc_multi']:.2f}")
+    finally:
+        pbar.close()
+        logger.close()
+    plot = logger.plot()
+    checkpoint = _save(cfg, policy, cfg.max_steps, prompts)
+    wall = time.perf_counter() - t_start
+    result = TrainResult(cfg.output_dir, logger.path, plot, checkpoint, logger.records, final_eval, wall)
+    _write_summary(cfg, result)
+    return result
+
+
+# =============================================================================== 1-3. a batch
+def collect_batch(engine, encoder, prompts, cfg: TrainConfig, times: dict, errors_path: str, step: int):
+    """Rollouts and anchors of one step, scored, with their advantages. Under dynamic
+    sampling, generation batches are drawn until ``optim.prompts_per_step`` groups carry a
+    signal (pooled std > 0) or ``algorithm.max_gen_batches`` batches were drawn; the kept
+    groups keep their anchors. Returns (rollouts + anchors, advantages [trained rows],
+    AdvantageOutput of the trained rows, info)."""
+    want = cfg.optim.prompts_per_step
+    kept: list[Rollout] = []
+    n_kept = n_drawn = n_batches = 0
+    skipped = 0
+    for n_batches in range(1, (cfg.algorithm.max_gen_batches if cfg.algorithm.dynamic_sampling else 1) + 1):
+        drawn, sk = encode_prompts(encoder, prompts.next(want), cfg)
+        skipped += sk
+        n_drawn += len(drawn)
+        rows = generate_rollouts(engine, drawn, cfg, times)
+        t = time.perf_counter()
+        score_rollouts(rows, cfg, errors_path, step)
+        times["time_reward"] = times.get("time_reward", 0.0) + time.perf_counter() - t
+        if not cfg.algorithm.dynamic_sampling:
+            kept = rows
+            n_kept = len(drawn)
+            break
+        t = time.perf_counter()
+        out, labels = compute_advantages(rows, cfg)
+        good = informative_groups(out, labels)
+        times["time_advantage"] = times.get("time_advantage", 0.0) + time.perf_counter() - t
+        for g in [p[0] for p in drawn]:  # in draw order, until the step is full
+            if g in good and n_kept < want:
+                kept += [r for r in rows if r.group == g]
+                n_kept += 1
+        if n_kept >= want:
+            break
+    t = time.perf_counter()
+    trained = [r for r in kept if not r.anchor]
+    out = None
+    if trained:
+        out, _ = compute_advantages(kept, cfg)
+        adv = out.advantages
+    else:
+        adv = torch.zeros(0)
+    times["time_advantage"] = times.get("time_advantage", 0.0) + time.perf_counter() - t
+    info = {"groups_kept": n_kept, "groups_drawn": n_drawn, "gen_batches": n_batches, "prompts_skipped": skipped}
+    return kept, adv, out, info
+
+
+def encode_prompts(encoder, drawn, cfg: TrainConfig):
+    """[(group, sample, EncodedPrompt)] of the drawn prompts; prompts over
+    rollout.max_prompt_length tokens are skipped (returned count)."""
+    out, skipped = [], 0
+    for group, sample in drawn:
+        p = encoder.encode(sample)
+        if len(p) > cfg.rollout.max_prompt_length:
+            skipped += 1
+            continue
+        out.append((group, sample, p))
+    return out, skipped
+
+
+def generate_rollouts(engine, drawn, cfg: TrainConfig, times: dict) -> list[Rollout]:
+    """G sampled rollouts per prompt and, unless rollout.mono is "none", one greedy anchor
+    per source (its mono variant), in one generate_ids call (two with
+    rollout.separate_anchor_call)."""
+    r = cfg.rollout
+    sampled = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, n=r.n)
+    greedy = SamplingConfig(max_new_tokens=r.max_new_tokens)
+    multi = [GenerationRequest(s, sampled, p) for _, s, p in drawn]
+    mono, mono_meta = [], []
+    if r.mono != "none":
+        for g, s, _ in drawn:
+            for k, v in enumerate(s.mono_variants(r.mono)):
+                mono.append(GenerationRequest(v, greedy))
+                mono_meta.append((g, k))
+    t = time.perf_counter()
+    if r.separate_anchor_call:
+        out = engine.generate_ids(multi)
+        times["time_generate_multi"] = times.get("time_generate_multi", 0.0) + time.perf_counter() - t
+        t2 = time.perf_counter()
+        out += engine.generate_ids(mono) if mono else []
+        times["time_generate_mono"] = times.get("time_generate_mono", 0.0) + time.perf_counter() - t2
+    else:
+        out = engine.generate_ids(multi + mono)
+    times["time_generate"] = times.get("time_generate", 0.0) + time.perf_counter() - t
+    rows = []
+    for (g, s, p), cs in zip(drawn, out[:len(multi)]):
+        rows += [Rollout(g, f"{g}/r{j}", s, p, c) for j, c in enumerate(cs)]
+    for (g, k), req, cs in zip(mono_meta, mono, out[len(multi):]):
+        rows.append(Rollout(g, f"{g}/mono{k}", req.sample, None, cs[0], anchor=True, source=k))
+    return rows
+
+
+def score_rollouts(rows: list[Rollout], cfg: TrainConfig, errors_path: str | None = None, step: int = 0):
+    """Rewards from the mars.rewards registry (reward.name, else each sample's task), plus
+    DAPO's overlong shaping. A failing reward scores 0 and is written to ``errors_path``
+    with its sample id."""
+    from mars.rewards import get_reward
+
+    by_name: dict[str, list[Rollout]] = {}
+    for r in rows:
+        by_name.setdefault(cfg.reward.name or r.sample.task, []).append(r)
+    errors = []
+    for name, rs in by_name.items():
+        fn = get_reward(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mars.rewards.RewardFunctionWarning)  # logged below instead
+            scores = fn.batch([r.completion.text for r in rs], [r.sample.ground_truth for r in rs],
+                              [r.uid for r in rs], return_breakdowns=True)
+        for r, b in zip(rs, scores):
+            r.reward, r.accuracy, r.format = b.total, float(b.accuracy), float(b.format)
+            if b.parse_status.startswith("error:"):
+                r.error = b.parse_status[len("error: "):]
+                errors.append({"step": step, "sample_id": r.uid, "reward": name, "error": r.error})
+    L_buf = cfg.algorithm.overlong_buffer
+    if L_buf:
+        L_max = cfg.rollout.max_new_tokens
+        for r in rows:
+            r.reward += min(-(len(r.completion.token_ids) - (L_max - L_buf)) / L_buf, 0.0)
+    if errors and errors_path:
+        with open(errors_path, "a", encoding="utf-8") as f:
+            for e in errors:
+                f.write(json.dumps(e) + "\n")
+    return errors
+
+
+def compute_advantages(rows: list[Rollout], cfg: TrainConfig):
+    """``mars.mono_anchored_advantage`` over the trained rows of ``rows`` with the anchors
+    matched by prompt id (``Rollout.group``), in whatever order the rows are. Returns
+    (AdvantageOutput of the trained rows in their order, group labels in the op's order)."""
+    trained = [r for r in rows if not r.anchor]
+    anchors = [r for r in rows if r.anchor]
+    a = cfg.algorithm
+    out = mars.mono_anchored_advantage(
+        torch.tensor([r.reward for r in trained], dtype=torch.float32), [r.group for r in trained],
+        torch.tensor([r.reward for r in anchors], dtype=torch.float32) if anchors else None,
+        [r.group for r in anchors] if anchors else None,
+        norm_by_std=a.norm_by_std, eps=a.eps, unbiased=a.unbiased, singleton=a.singleton, backend=a.backend,
+        return_stats=True)
+    labels = [None] * int(out.mean.numel())
+    for r, g in zip(trained, out.group_index.tolist()):
+        labels[g] = r.group
+    return out, labels
+
+
+def informative_groups(out, labels) -> set:
+    """DAPO dynamic sampling under MARS: the groups whose pooled std (rollouts + anchors)
+    is > 0. A group whose G rewards are equal but differ from its anchors is kept."""
+    return {g for g, s in zip(labels, out.std.tolist()) if s > 0}
+
+
+# =============================================================================== 5. update
+def loss_options(cfg: TrainConfig) -> dict:
+    """The mars.loss keyword options of the config."""
+    lo = cfg.loss
+    return dict(clip_low=lo.clip_low, clip_high=lo.clip_high, dual_clip=lo.dual_clip, kl_coef=lo.kl_coef,
+                kl_type=lo.kl_type, agg=lo.agg, ratio_level=lo.ratio_level, log_ratio_clamp=lo.log_ratio_clamp,
+                loss_scale=lo.loss_scale if lo.loss_scale is not None else float(cfg.rollout.max_new_tokens),
+                backend=lo.backend)
+
+
+def policy_update(model, optimizer, scheduler, rows: list[Rollout], adv, old_logp, ref_logp, cfg: TrainConfig,
+                  pad_token_id: int, device, gen: torch.Generator) -> dict:
+    """optim.epochs x optim.mini_batches optimizer steps over ``rows`` (shuffled), each on
+    the gradient :func:`accumulate_gradients` gives for its mini-batch."""
+    o = cfg.optim
+    model.train()
+    sums: dict[str, float] = {}
+    losses, grad_norms = [], []
+    for _ in range(o.epochs):
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        for mini in _split(order, o.mini_batches):
+            optimizer.zero_grad(set_to_none=True)
+            res = accumulate_gradients(model, [rows[i] for i in mini], adv[mini], [old_logp[i] for i in mini],
+                                       None if ref_logp is None else [ref_logp[i] for i in mini], cfg,
+                                       pad_token_id, device)
+            if res is None:
+                continue
+            loss, metrics = res
+            if o.max_grad_norm is not None:
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)))
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss)
+            n = metrics.pop("num_tokens")
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            sums["num_tokens"] = sums.get("num_tokens", 0.0) + n
+    n = max(sums.pop("num_tokens", 0.0), 1.0)
+    out = {k: v / n for k, v in sums.items()}
+    out.update(loss=sum(losses) / max(len(losses), 1), optimizer_steps=len(losses),
+               grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None,
+               lr=optimizer.param_groups[0]["lr"])
+    return out
+
+
+def accumulate_gradients(model, rows: list[Rollout], adv, old_logp, ref_logp, cfg: TrainConfig, pad_token_id: int,
+                         device):
+    """Backward of the loss of ``rows`` (one mini-batch) in micro-batches of
+    optim.micro_batch_size rows. Every micro-batch loss is normalised by the whole
+    mini-batch's token count (token-mean) / sequence count (seq-mean-*), so the summed
+    gradients equal those of one pass over the mini-batch. Returns (loss, token-weighted
+    loss metrics) or None when the rows have no tokens."""
+    lengths = [len(r.completion.token_ids) for r in rows]
+    num_tokens, num_seqs = sum(lengths), sum(L > 0 for L in lengths)
+    if num_tokens == 0:
+        return None
+    opts = loss_options(cfg)
+    mb = cfg.optim.micro_batch_size
+    loss_total, sums = 0.0, {}
+    for b in range(0, len(rows), mb):
+        out = micro_batch_loss(model, rows[b:b + mb], adv[b:b + mb], old_logp[b:b + mb],
+                               None if ref_logp is None else ref_logp[b:b + mb], opts, num_tokens, num_seqs,
+                               cfg, pad_token_id, device)
+        out.loss.backward()
+        loss_total += float(out.loss.detach())
+        n = float(out.metrics["num_tokens"])
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + (float(v) * n if k != "num_tokens" else n)
+    n = max(sums["num_tokens"], 1.0)
+    return loss_total, {k: (v / n if k != "num_tokens" else v) for k, v in sums.items()}
+
+
+def micro_batch_loss(model, rows, adv, old_logp, ref_logp, opts, num_tokens, num_seqs, cfg, pad_token_id, device):
+    """mars.loss on one micro-batch: the plain path materialises the logits of the
+    response tokens, the fused path (loss.fused) never does."""
+    inputs, ids, mask = collate_rows([r.prompt for r in rows], [r.completion.token_ids for r in rows],
+                                     pad_token_id, device)
+    T = ids.shape[1]
+    old = _pad_rows(old_logp, T, device)
+    ref = None if ref_logp is None else _pad_rows(ref_logp, T, device)
+    adv = adv.to(device)
+    x = response_inputs(model, inputs, T)
+    temperature = cfg.rollout.temperature
+    if cfg.loss.fused:
+        return mars.loss.fused_linear_policy_loss(x.hidden, x.weight, ids, old, adv, mask, bias=x.bias,
+                                                  temperature=temperature, chunk_size=cfg.loss.chunk_size,
+                                                  ref_logp=ref, num_tokens=num_tokens, num_seqs=num_seqs, **opts)
+    logp = logits_logprobs(x, temperature)
+    return mars.loss.policy_loss(logp, old, adv, mask, ref_logp=ref, num_tokens=num_tokens, num_seqs=num_seqs,
+                                 **opts)
+
+
+# =============================================================================== warm start
+def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device) -> None:
+    """Supervised fine-tuning on responses in the answer format (the cold start):
+    ``<think> ... </think> <answer> ANSWER </answer>`` + end of turn, token-mean
+    cross-entropy, AdamW at warmup.lr. Embedded task: a warmup.single_share of the prompts
+    show one source alone (answered with what it shows), the others both sources of a
+    scene of warmup.categories (answered with the truth); warmup.label_noise of the
+    answers flipped. File data: the training prompts with their ground truth."""
+    w = cfg.warmup
+    model = policy.model
+    opt = torch.optim.AdamW(model.parameters(), lr=w.lr)
+    rng = random.Random(cfg.seed + 1)
+    eos = encoder.tokenizer.eos_token_id
+    cats = w.categories or [c for c, v in cfg.task.mix.items() if v > 0]
+    model.train()
+    pbar = _tqdm(cfg, total=w.steps, desc="mars train (warm start)", unit="step")
+    for step in range(w.steps):
+        samples = []
+        for i in range(w.batch_size):
+            if cfg.data.train != EMBEDDED:
+                samples.append(prompts.peek_random(1, rng)[0][1])
+            elif rng.random() < w.single_share:
+                s = task.sample(step * w.batch_size + i, "warmup-single")
+                samples.append(task.single_source(s, rng.randrange(len(embedded.SOURCES))))
+            else:
+                samples.append(task.sample(step * w.batch_size + i, "warmup",
+                                           category=cats[rng.randrange(len(cats))]))
+        targets = [warmup_target(s, rng, w.label_noise) for s in samples]
+        ids = [encoder.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in targets]
+        inputs, rid, mask = collate_rows([encoder.encode(s) for s in samples], ids, encoder.pad_token_id, device)
+        x = response_inputs(model, inputs, rid.shape[1])
+        logp = logits_logprobs(x, 1.0)
+        loss = -(logp * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{loss.item():.3f}")
+    pbar.close()
+
+
+def warmup_target(sample, rng: random.Random, label_noise: float = 0.0) -> str:
+    """The warm-start response of ``sample``: the embedded task's format with its answer
+    (flipped with probability label_noise), else ``<think> </think> <answer> GROUND TRUTH
+    </answer>`` (a json block of the boxes for grounding)."""
+    from mars.rewards.tags import unwrap_answer
+
+    if sample.data_source == "embedded":
+        answer = sample.ground_truth
+        if label_noise and rng.random() < label_noise:
+            answer = next(a for a in embedded.ANSWERS if a != answer)
+        return embedded.response_text(answer)
+    gt = unwrap_answer(sample.ground_truth)
+    if sample.task == "grounding":
+        gt = "```json\n" + json.dumps([{"bbox_2d": b} for b in gt]) + "\n```"
+    return f"<think> </think> <answer> {gt} </answer>"
+
+
+# =============================================================================== evaluation
+def evaluate(engine, samples, cfg: TrainConfig) -> dict:
+    """Greedy held-out accuracy (mars.rewards.metrics): multi-source, each single source
+    (eval.mono), and per scene category when the samples have one."""
+    from mars.rewards.metrics import sample_metric
+
+    mode = cfg.rollout.mono if cfg.rollout.mono != "none" else "duplicate"
+    greedy = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens)
+    jobs = []
+    for s in samples:
+        jobs.append((s, None, s))
+        if cfg.eval.mono:
+            jobs += [(s, k, v) for k, v in enumerate(s.mono_variants(mode))]
+    out = engine.generate_ids([GenerationRequest(v, greedy) for _, _, v in jobs])
+    acc: dict[str, list] = {}
+    for (s, k, v), cs in zip(jobs, out):
+        c = float(sample_metric(s.task, cs[0].text, s.ground_truth)["correct"])
+        key = "eval_acc_multi" if k is None else f"eval_acc_source_{k}"
+        acc.setdefault(key, []).append(c)
+        cat = s.extra_info.get("category") if isinstance(s.extra_info, dict) else None
+        if cat is not None:
+            acc.setdefault(f"{key}/{cat}", []).append(c)
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+
+
+# =============================================================================== metrics
+def step_metrics(batch: list[Rollout], trained: list[Rollout], adv, stats, old_logp, cfg) -> dict:
+    anchors = [r for r in batch if r.anchor]
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else None
+
+    m: dict[str, Any] = {
+        "reward_multi": mean(r.reward for r in trained) if trained else 0.0,
+        "reward_mono": mean(r.reward for r in anchors),
+        "acc_multi": mean(r.accuracy for r in trained) if trained else 0.0,
+        "acc_mono": mean(r.accuracy for r in anchors),
+        "format_multi": mean(r.format for r in trained),
+        "reward_errors": sum(r.error is not None for r in batch),
+        "response_length": mean(len(r.completion.token_ids) for r in trained),
+        "response_length_max": max((len(r.completion.token_ids) for r in trained), default=None),
+        "anchor_response_length": mean(len(r.completion.token_ids) for r in anchors),
+        "truncated_frac": mean(r.completion.finish_reason == "length" for r in trained),
+        "gen_tokens": sum(len(r.completion.token_ids) for r in batch),
+        "rollouts": len(trained), "anchors": len(anchors),
+    }
+    if stats is not None:
+        gains = [g for g in stats.gain.tolist() if not math.isnan(g)]
+        m.update(gain=mean(gains), pooled_std=float(stats.std.mean()),
+                 frac_zero_std=float((stats.std == 0).float().mean()),
+                 adv_mean=float(adv.mean()), adv_std=float(adv.std()) if adv.numel() > 1 else 0.0,
+                 adv_abs_mean=float(adv.abs().mean()), adv_min=float(adv.min()), adv_max=float(adv.max()))
+        # groups where plain GRPO has no signal (all G multi rewards equal)
+        by_group: dict[str, set] = {}
+        for r in trained:
+            by_group.setdefault(r.group, set()).add(r.reward)
+        m["frac_zero_std_multi"] = mean(len(v) == 1 for v in by_group.values())
+        # advantage that reaches those groups (MARS: sign(gain); GRPO: 0)
+        flat = [abs(float(a)) for r, a in zip(trained, adv.tolist()) if len(by_group[r.group]) == 1]
+        m["adv_abs_mean_equal_groups"] = mean(flat)
+    diffs = [(torch.tensor(r.completion.logprobs) - lp).abs().mean().item()
+             for r, lp in zip(trained, old_logp) if r.completion.logprobs is not None and len(lp)]
+    m["rollout_logp_diff"] = mean(diffs)
+    return m
+
+
+# =============================================================================== pieces
+@dataclass
+class Policy:
+    model: Any
+    tokenizer: Any
+    processor: Any = None
+    image_processor: Any = None
+
+
+def build_policy(cfg: TrainConfig, device) -> Policy:
+    """The tiny model built locally (model.path = "tiny") or a checkpoint loaded with
+    AutoModelForImageTextToText + AutoProcessor (local directory or hub name)."""
+    if cfg.model.path == TINY:
+        from .tiny import build_tiny
+
+        t = cfg.model.tiny
+        model, tok, improc = build_tiny(embedded.VOCAB, arch=t.arch, hidden_size=t.hidden_size,
+                                        num_layers=t.num_layers, num_heads=t.num_heads,
+                                        vision_hidden_size=t.vision_hidden_size, vision_depth=t.vision_depth,
+                                        image_size=cfg.task.image_size, seed=cfg.seed)
+        model = model.to(device=device, dtype=_dtype(cfg.model.dtype) or torch.float32)
+        policy = Policy(model, tok, None, improc)
+    else:
+        from transformers import AutoModelForImageTextToText
+
+        from mars.rollout.hf import load_processor
+
+        model = AutoModelForImageTextToText.from_pretrained(cfg.model.path, **model_load_kwargs(cfg, device))
+        model = model.to(device)
+        processor, tok, improc = load_processor(cfg.model.path)
+        policy = Policy(model, tok if processor is None else processor.tokenizer, processor, improc)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return policy
+
+
+def model_load_kwargs(cfg: TrainConfig, device) -> dict:
+    """from_pretrained keywords: dtype and attention implementation (flash_attention_2
+    when flash-attn is installed and the device is a GPU, else sdpa, for "auto")."""
+    import importlib.util
+
+    attn = cfg.model.attn_implementation
+    if attn == "auto":
+        on_gpu = torch.device(device).type == "cuda"
+        attn = "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+    return {"dtype": _dtype(cfg.model.dtype) or "auto", "attn_implementation": attn}
+
+
+def _dtype(name: str):
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+class PromptSource:
+    """Training prompts: the embedded task's stream, or a data file in shuffled epochs.
+    ``next(n)`` -> [(group label, sample)]; labels are unique within a run."""
+
+    def __init__(self, cfg: TrainConfig, task):
+        self.cfg, self.task, self.cursor = cfg, task, 0
+        self.samples = None
+        if cfg.data.train != EMBEDDED:
+            from mars.data import load_samples
+
+            self.samples = load_samples(cfg.data.train, image_root=cfg.data.image_root, task=cfg.data.task)
+            if not self.samples:
+                raise ValueError(f"data.train: {cfg.data.train} has no samples")
+
+    def _at(self, i: int):
+        if self.samples is None:
+            return self.task.sample(i, "train")
+        n = len(self.samples)
+        epoch, j = divmod(i, n)
+        if self.cfg.data.shuffle:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch))
+            j = int(perm[j])
+        return self.samples[j]
+
+    def next(self, n: int):
+        out = [(f"p{self.cursor + i}:{self._at(self.cursor + i).id}", self._at(self.cursor + i)) for i in range(n)]
+        self.cursor += n
+        return out
+
+    def peek_random(self, n: int, rng: random.Random):
+        size = len(self.samples) if self.samples is not None else 10 ** 6
+        return [(None, self._at(rng.randrange(size))) for _ in range(n)]
+
+
+def _heldout(cfg: TrainConfig, task):
+    if cfg.data.eval is None:
+        return []
+    if cfg.data.eval == EMBEDDED:
+        s = task.balanced(cfg.task.eval_per_category, "eval")
+    else:
+        from mars.data import load_samples
+
+        s = load_samples(cfg.data.eval, image_root=cfg.data.image_root, task=cfg.data.task)
+    return s[:cfg.data.eval_limit] if cfg.data.eval_limit is not None else s
+
+
+def _split(xs: list, k: int) -> list[list]:
+    k = max(1, min(k, len(xs)))
+    q, r = divmod(len(xs), k)
+    out, start = [], 0
+    for i in range(k):
+        n = q + (i < r)
+        out.append(xs[start:start + n])
+        start += n
+    return out
+
+
+def _pad_rows(rows, T: int, device) -> torch.Tensor:
+    out = torch.zeros((len(rows), T), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out.to(device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _tqdm(cfg, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not cfg.log.progress, dynamic_ncols=True, **kw)
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _title(cfg: TrainConfig) -> str:
+    method = "GRPO" if cfg.rollout.mono == "none" else f"GRPO+MARS ({cfg.rollout.mono} anchors)"
+    if cfg.algorithm.dynamic_sampling:
+        method = method.replace("GRPO", "DAPO")
+    return f"mars train: {method}, G={cfg.rollout.n}, seed {cfg.seed} ({cfg.output_dir})"
+
+
+def _save(cfg, policy, step, prompts) -> str:
+    return save_checkpoint(cfg.output_dir, step, model=policy.model, tokenizer=policy.tokenizer,
+                           processor=policy.processor, image_processor=policy.image_processor,
+                           config=to_dict(cfg), data_cursor=prompts.cursor, seed=cfg.seed)
+
+
+def _write_samples(output_dir: str, step: int, batch: list[Rollout], per_kind: int = 4) -> None:
+    with open(os.path.join(output_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
+        for r in [r for r in batch if not r.anchor][:per_kind] + [r for r in batch if r.anchor][:per_kind]:
+            f.write(json.dumps({"step": step, "id": r.uid, "anchor": r.anchor, "source": r.source,
+                                "ground_truth": str(r.sample.ground_truth), "reward": r.reward,
+                                "text": r.completion.text}) + "\n")
+
+
+def _write_summary(cfg: TrainConfig, result: TrainResult) -> None:
+    steps = [r for r in result.records if r.get("step", 0) >= 1]
+    summary = {"output_dir": cfg.output_dir, "steps": len(steps), "wall_time_s": result.wall_time,
+               "first_reward_multi": steps[0]["reward_multi"] if steps else None,
+               "last_reward_multi": steps[-1]["reward_multi"] if steps else None,
+               "final_eval": result.final_eval, "checkpoint": result.checkpoint,
+               "metrics": result.metrics_path, "plot": result.plot_path}
+    with open(os.path.join(cfg.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+

@@ -1,0 +1,266 @@
+"""mars train: RL steps of the tiny model end to end through the command line (plain and
+fused loss, Qwen2-VL and Qwen2.5-VL, GRPO / DAPO recipes), anchors matched by prompt id
+(shuffled batches, prompts with different numbers of sources), dynamic sampling on the
+pooled std, a failing reward that does not stop the run, gradient accumulation equal to
+the whole batch, and the checkpoint that `mars eval` loads."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("transformers")
+
+from mars.cli import main as mars_main  # noqa: E402
+from mars.rewards import RewardBreakdown, register_reward  # noqa: E402
+from mars.rollout import Completion, GenerationRequest, RolloutEngine  # noqa: E402
+from mars.train.config import load_config  # noqa: E402
+from mars.train.loop import (PromptSource, Rollout, accumulate_gradients, collect_batch,  # noqa: E402
+                             compute_advantages, informative_groups, score_rollouts)
+
+FAST = ["max_steps=1", "warmup.steps=2", "warmup.batch_size=4", "task.eval_per_category=1", "rollout.n=3",
+        "optim.prompts_per_step=2", "rollout.max_new_tokens=12", "log.progress=false", "optim.micro_batch_size=4"]
+REQUIRED = ["step", "loss", "reward_multi", "reward_mono", "gain", "pooled_std", "adv_mean", "adv_std",
+            "clip_frac_high", "clip_frac_low", "approx_kl", "response_length", "time_generate", "time_reward",
+            "time_advantage", "time_old_logp", "time_update", "time_step", "tokens_per_s", "reward_errors"]
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["loss.fused=true", "model.tiny.arch=qwen2_5_vl", "loss.kl_coef=0.01", "rollout.mono=single",
+     "loss.agg=seq-mean-token-sum-norm", "optim.micro_batch_size=2"],
+])
+def test_one_rl_step_end_to_end(tmp_path, capsys, extra):
+    out = tmp_path / "run"
+    assert mars_main(["train", f"output_dir={out}", *FAST, *extra]) == 0
+    printed = capsys.readouterr().out
+    assert "multi reward: step 1" in printed and f"checkpoint: {out}/checkpoints/step_000001" in printed
+    recs = _records(out)
+    step = [r for r in recs if r["step"] == 1][0]
+    assert all(k in step for k in REQUIRED), [k for k in REQUIRED if k not in step]
+    assert step["rollouts"] == 6 and step["anchors"] == 4 and step["optimizer_steps"] == 2
+    assert step["gain"] is not None and step["eval_acc_multi"] is not None
+    assert step["rollout_logp_diff"] < 1e-4  # the engine's log-probs are the trainer's
+    if "loss.kl_coef=0.01" in extra:
+        assert step["ref_kl"] >= 0
+    cfg = load_config(str(out / "config.yaml"))
+    assert cfg.max_steps == 1 and cfg.output_dir == str(out)
+    ckpt = out / "checkpoints" / "step_000001"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+            "trainer_state.json"} <= set(os.listdir(ckpt))
+    assert (out / "metrics.png").stat().st_size > 0
+    # the checkpoint is what `mars eval --model` loads
+    rc = mars_main(["eval", "--model", str(ckpt), "--data", str(out / "heldout" / "heldout.json"), "--mono",
+                    "--limit", "2", "--max-new-tokens", "12", "--no-progress", "--output", str(tmp_path / "ev")])
+    assert rc == 0, capsys.readouterr()
+
+
+def test_dapo_recipe_step(tmp_path):
+    out = tmp_path / "dapo"
+    assert mars_main(["train", f"output_dir={out}", *FAST, "max_steps=2", "algorithm.dynamic_sampling=true",
+                      "algorithm.max_gen_batches=2", "algorithm.overlong_buffer=4", "loss.clip_high=0.28",
+                      "loss.dual_clip=10", "optim.warmup_steps=2", "optim.mini_batches=1", "eval.every=0",
+                      "data.eval=null", "save_every=1"]) == 0
+    recs = [r for r in _records(out) if r["step"] >= 1]
+    assert len(recs) == 2 and all(1 <= r["gen_batches"] <= 2 and r["groups_kept"] <= 2 for r in recs)
+    assert all(r["groups_drawn"] == 2 * r["gen_batches"] for r in recs)
+    assert recs[0]["lr"] == pytest.approx(load_config(None).optim.lr)  # warm-up: 1/2, then 2/2 after 1 step
+    assert os.path.isdir(out / "checkpoints" / "step_000001") and os.path.isdir(out / "checkpoints" / "step_000002")
+
+
+# --------------------------------------------------------------------------- anchors by prompt id
+def _rows(spec, seed=0):
+    """spec: {group: (multi rewards, anchor rewards)} -> Rollouts (no model needed)."""
+    rows = []
+    for g, (rs, ms) in spec.items():
+        rows += [Rollout(g, f"{g}/r{j}", None, None, Completion([1], "x"), reward=r) for j, r in enumerate(rs)]
+        rows += [Rollout(g, f"{g}/mono{k}", None, None, Completion([1], "x"), anchor=True, source=k, reward=m)
+                 for k, m in enumerate(ms)]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def _expected(spec, row):
+    """SPEC section 2 in float64: pool the group's rollouts and anchors."""
+    rs, ms = spec[row.group]
+    pool = torch.tensor(list(rs) + list(ms), dtype=torch.float64)
+    mu = pool.mean()
+    sigma = pool.std(unbiased=True) if pool.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+    return float((row.reward - mu) / (sigma + 1e-6)) if pool.numel() > 1 else 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]),
+                       st.tuples(st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5]), min_size=1, max_size=5),
+                                 st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5]), min_size=0, max_size=4)),
+                       min_size=1, max_size=5),
+       st.integers(0, 10 ** 6))
+def test_anchors_reach_their_prompt_by_id(spec, seed):
+    cfg = load_config(None)
+    rows = _rows(spec, seed)  # shuffled: rollouts and anchors of groups interleaved at random
+    out, labels = compute_advantages(rows, cfg)
+    trained = [r for r in rows if not r.anchor]
+    for r, a in zip(trained, out.advantages.tolist()):
+        assert a == pytest.approx(_expected(spec, r), abs=1e-5)
+    for g, gain in zip(labels, out.gain.tolist()):
+        rs, ms = spec[g]
+        if ms:
+            assert gain == pytest.approx(sum(rs) / len(rs) - sum(ms) / len(ms), abs=1e-6)
+
+
+def test_anchor_mismatch_by_position_would_differ():
+    # two prompts with 2 and 3 sources: matching anchors by position gives other numbers
+    spec = {"p0": ([1.0, 1.0, 1.0], [0.0, 0.0]), "p1": ([0.0, 1.0], [1.0, 1.0, 1.0])}
+    rows = _rows(spec, 3)
+    out, _ = compute_advantages(rows, load_config(None))
+    got = {r.uid: a for r, a in zip([r for r in rows if not r.anchor], out.advantages.tolist())}
+    assert got["p0/r0"] == pytest.approx(_expected(spec, next(r for r in rows if r.uid == "p0/r0")), abs=1e-5)
+    assert got["p0/r0"] > 0.5  # all right, both anchors wrong: +sign(gain), GRPO would give 0
+    assert got["p1/r1"] == pytest.approx(_expected(spec, next(r for r in rows if r.uid == "p1/r1")), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- dynamic sampling
+def test_dynamic_sampling_keeps_agreeing_group_with_other_anchors():
+    spec = {"agree_vs_anchors": ([1.5] * 4, [0.5, 0.5]),   # multi std 0, pooled std > 0: kept
+            "all_equal": ([1.5] * 4, [1.5, 1.5]),          # pooled std 0: dropped
+            "no_anchor_equal": ([0.5] * 4, []),            # GRPO group with equal rewards: dropped
+            "mixed": ([0.5, 1.5, 1.5, 0.5], [1.5])}        # kept
+    out, labels = compute_advantages(_rows(spec), load_config(None))
+    assert informative_groups(out, labels) == {"agree_vs_anchors", "mixed"}
+
+
+class ScriptedEngine(RolloutEngine):
+    """Answers by sample: multi rollouts say `answer[group sample id]`, anchors say the truth."""
+
+    def __init__(self, multi_answer):
+        self.multi_answer, self.calls = multi_answer, []
+
+    def generate_ids(self, requests):
+        self.calls.append(len(requests))
+        out = []
+        for r in requests:
+            s = r.sample
+            ans = s.ground_truth if s.variant != "multi" else self.multi_answer(s)
+            text = f"<think> look </think> <answer> {ans} </answer>"
+            out.append([Completion([5, 6, 7], text, None, "stop") for _ in range(r.config.n)])
+        return out
+
+
+class _Enc:
+    pad_token_id = 0
+
+    def encode(self, sample):
+        return None
+
+
+def _len_one(p):
+    return 1
+
+
+def test_dynamic_sampling_resamples_and_keeps_anchors(tmp_path, monkeypatch):
+    import mars.train.loop as loop
+
+    monkeypatch.setattr(loop, "encode_prompts", lambda enc, drawn, cfg: ([(g, s, None) for g, s in drawn], 0))
+    cfg = load_config(None, ["algorithm.dynamic_sampling=true", "algorithm.max_gen_batches=3",
+                             "optim.prompts_per_step=4", "rollout.n=3"])
+    prompts = PromptSource(cfg, loop.embedded.EmbeddedTask(cfg.task.mix, seed=0))
+    # every multi rollout answers "yes": groups whose truth is "yes" agree with the anchors
+    # only when both anchors are right (always, here): pooled std 0 -> dropped; "no" scenes
+    # have multi all wrong and anchors right: pooled std > 0 -> kept, with their anchors
+    engine = ScriptedEngine(lambda s: "yes")
+    times = {}
+    batch, adv, stats, info = collect_batch(engine, _Enc(), prompts, cfg, times, str(tmp_path / "e.jsonl"), 1)
+    kept = {r.group for r in batch}
+    assert info["groups_kept"] == len(kept) <= 4 and info["gen_batches"] >= 1
+    assert all(r.sample.ground_truth == "no" for r in batch if not r.anchor)
+    for g in kept:
+        assert sum(r.anchor for r in batch if r.group == g) == 2  # anchors kept with their group
+    assert len(engine.calls) == info["gen_batches"]  # one generate call per generation batch
+    assert (adv < 0).all()  # all wrong, anchors right: every rollout pushed down
+    assert "time_generate" in times and "time_reward" in times
+
+
+# --------------------------------------------------------------------------- failing rewards
+_CALLS = {"n": 0}
+
+
+@register_reward("test_train_flaky", overwrite=True)
+def _flaky(completion, ground_truth):
+    _CALLS["n"] += 1
+    if _CALLS["n"] % 3 == 0:
+        raise RuntimeError("reward server down")
+    if _CALLS["n"] % 3 == 1:
+        return float("nan")
+    return RewardBreakdown(0.5, 1.0)
+
+
+def test_raising_reward_run_goes_on(tmp_path):
+    out = tmp_path / "flaky"
+    assert mars_main(["train", f"output_dir={out}", *FAST, "reward.name=test_train_flaky", "data.eval=null"]) == 0
+    step = [r for r in _records(out) if r["step"] == 1][0]
+    errors = [json.loads(line) for line in open(out / "reward_errors.jsonl")]
+    assert step["reward_errors"] == len(errors) >= 6  # 2 of every 3 calls fail (NaN or raise)
+    assert {e["step"] for e in errors} == {1}
+    assert all(e["reward"] == "test_train_flaky" for e in errors)
+    assert any("RuntimeError: reward server down" in e["error"] for e in errors)
+    assert any("non-finite" in e["error"] for e in errors)
+    assert all(("/r" in e["sample_id"] or "/mono" in e["sample_id"]) and e["sample_id"].startswith("p")
+               for e in errors)
+
+
+def test_score_rollouts_overlong_shaping():
+    cfg = load_config(None, ["rollout.max_new_tokens=10", "algorithm.overlong_buffer=4"])
+    from mars.data import Sample
+
+    s = Sample("x", [], [], "yes", "vqa")
+    text = "<think> a </think> <answer> yes </answer>"
+    rows = [Rollout("g", f"g/r{L}", s, None, Completion([1] * L, text)) for L in (5, 6, 8, 10)]
+    score_rollouts(rows, cfg)
+    assert [r.reward for r in rows] == pytest.approx([1.5, 1.5, 1.5 - 0.5, 1.5 - 1.0])
+
+
+# --------------------------------------------------------------------------- accumulation
+@pytest.mark.parametrize("agg, fused", [("token-mean", False), ("seq-mean-token-mean", True),
+                                        ("seq-mean-token-sum-norm", False)])
+def test_micro_batches_accumulate_to_the_whole_batch(agg, fused):
+    from mars.train.loop import build_policy
+    from mars.rollout.encode import PromptEncoder
+    from mars.train import task as embedded
+
+    cfg = load_config(None, [f"loss.agg={agg}", f"loss.fused={str(fused).lower()}", "loss.kl_coef=0.1"])
+    policy = build_policy(cfg, torch.device("cpu"))
+    enc = PromptEncoder(tokenizer=policy.tokenizer, image_processor=policy.image_processor)
+    t = embedded.EmbeddedTask(cfg.task.mix)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(5):
+        s = t.sample(i)
+        L = int(torch.randint(1, 7, (1,), generator=g))
+        ids = torch.randint(8, len(policy.tokenizer), (L,), generator=g).tolist()
+        rows.append(Rollout(f"p{i}", f"p{i}/r0", s, enc.encode(s), Completion(ids, "")))
+    adv = torch.randn(5, generator=g)
+    old = [torch.randn(len(r.completion.token_ids), generator=g) * 0.1 - 3 for r in rows]
+    ref = [o + 0.05 for o in old]
+
+    def grads(mb):
+        c = load_config(None, [f"loss.agg={agg}", f"loss.fused={str(fused).lower()}", "loss.kl_coef=0.1",
+                               f"optim.micro_batch_size={mb}"])
+        policy.model.zero_grad(set_to_none=True)
+        loss, metrics = accumulate_gradients(policy.model, rows, adv, old, ref, c, enc.pad_token_id, "cpu")
+        return loss, metrics, [p.grad.clone() for p in policy.model.parameters() if p.grad is not None]
+
+    whole, parts = grads(5), grads(2)
+    assert parts[0] == pytest.approx(whole[0], rel=1e-5, abs=1e-6)
+    assert parts[1]["num_tokens"] == whole[1]["num_tokens"] == sum(len(r.completion.token_ids) for r in rows)
+    assert len(whole[2]) == len(parts[2]) > 0
+    for a, b in zip(whole[2], parts[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

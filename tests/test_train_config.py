@@ -1,0 +1,169 @@
+"""mars train configuration: YAML + dotted overrides, clear errors before any work, the
+shipped configs (the paper's hyper-parameters of SPEC section 8, the 3B ones without
+weights), the config keys documented in docs/train.md, package data in pyproject."""
+
+import dataclasses
+import os
+import re
+
+import pytest
+import yaml
+
+from mars.cli import main as mars_main
+from mars.train.config import (ConfigError, TrainConfig, config_path, describe, load_config, parse_overrides,
+                               shipped_configs, to_dict)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data")
+
+
+def test_defaults_are_the_tiny_config():
+    assert {"tiny", "grpo_mars_qwen2_5_vl_3b", "dapo_mars_qwen2_5_vl_3b"} <= set(shipped_configs())
+    assert to_dict(load_config("tiny")) == to_dict(TrainConfig())
+    assert to_dict(load_config(None)) == to_dict(TrainConfig())
+    for key in ("output_dir", "seed", "max_steps", "save_every"):
+        assert hasattr(TrainConfig(), key)
+
+
+def test_overrides_nested_and_typed():
+    cfg = load_config(None, ["loss.clip_high=0.28", "optim.lr=1e-6", "rollout.mono=single", "max_steps=7",
+                             "loss.dual_clip=null", "log.progress=false", "compare.seeds=[3, 4]",
+                             "task.mix={day_person: 1, night_person: 2}", "output_dir=/tmp/x y"])
+    assert cfg.loss.clip_high == 0.28 and cfg.optim.lr == 1e-6 and isinstance(cfg.optim.lr, float)
+    assert cfg.rollout.mono == "single" and cfg.max_steps == 7 and cfg.loss.dual_clip is None
+    assert cfg.log.progress is False and cfg.compare.seeds == [3, 4] and cfg.output_dir == "/tmp/x y"
+    assert cfg.task.mix == {"day_person": 1.0, "night_person": 2.0}
+    assert load_config(None, [("optim.lr", "2e-6")]).optim.lr == 2e-6  # YAML 1.1 reads 1e-6 as a string
+    assert parse_overrides(["a.b=[1, 2]", "c="]) == [("a.b", [1, 2]), ("c", "")]
+
+
+def test_yaml_file_and_overrides_on_top(tmp_path):
+    p = tmp_path / "my.yaml"
+    p.write_text("max_steps: 3\nloss:\n  clip_high: 0.3\n  agg: seq-mean-token-mean\n")
+    cfg = load_config(str(p), ["loss.clip_high=0.25"])
+    assert cfg.max_steps == 3 and cfg.loss.clip_high == 0.25 and cfg.loss.agg == "seq-mean-token-mean"
+    assert cfg.rollout.n == TrainConfig().rollout.n  # the rest stays at the defaults
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["optim.lrr=1"], r"unknown config key 'optim.lrr'; valid keys of optim: optim.prompts_per_step, optim.lr"),
+    (["nope=1"], r"unknown config key 'nope'; valid keys: output_dir, seed, max_steps, save_every"),
+    (["model.tiny.width=3"], r"unknown config key 'model.tiny.width'.*model.tiny.hidden_size"),
+    (["max_steps=abc"], r"max_steps: expected an integer, got str 'abc'"),
+    (["max_steps=1.5"], r"max_steps: expected an integer, got float"),
+    (["optim.lr=fast"], r"optim.lr: expected a number, got str 'fast'"),
+    (["log.progress=1"], r"log.progress: expected true or false, got int"),
+    (["rollout.mono=triple"], r"rollout.mono: 'triple' is not one of 'duplicate', 'single', 'none'"),
+    (["loss.agg=mean"], r"loss.agg: 'mean' is not one of 'token-mean'"),
+    (["optim.betas=[0.9]"], r"optim.betas: expected a list of 2 values, got 1"),
+    (["loss=3"], r"loss is a section; set one of its keys: loss.clip_low"),
+    (["max_steps.x=3"], r"max_steps is not a section"),
+    (["data.train=/no/such/file.parquet"], r"data.train: file not found: '/no/such/file.parquet'"),
+    (["data.eval=./missing.json"], r"data.eval: file not found"),
+    (["model.path=./no_such_checkpoint"], r"model.path: directory not found: './no_such_checkpoint'"),
+    (["data.image_root=/no/such/dir"], r"data.image_root: directory not found"),
+    (["rollout.n=0"], r"rollout.n: must be >= 1, got 0"),
+    (["rollout.temperature=0"], r"rollout.temperature: sampled rollouts need a temperature > 0"),
+    (["algorithm.overlong_buffer=16"], r"algorithm.overlong_buffer: must be in \[0, rollout.max_new_tokens = 16\)"),
+    (["task.mix={dusk: 1}"], r"task.mix: unknown categories \['dusk'\]"),
+    (["warmup.single_share=1.5"], r"warmup.single_share: must be in \[0, 1\], got 1.5"),
+    (["reward.name=no_such_reward"], r"reward.name: 'no_such_reward' is not registered; registered: .*vqa"),
+    (["model.tiny.hidden_size=36"], r"model.tiny.hidden_size: / model.tiny.num_heads must be a multiple of 8"),
+    (["max_steps"], r"override 'max_steps' is not key=value"),
+])
+def test_config_errors_are_clear(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: 'nope.yaml'; shipped configs: .*tiny"):
+        config_path("nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(bad))
+    bad.write_text("loss: {clip_hgh: 0.3}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss.clip_hgh'"):
+        load_config(str(bad))
+
+
+def test_cli_config_error_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert mars_main(["train", f"output_dir={out}", "rollout.nn=3"]) == 2
+    err = capsys.readouterr().err
+    assert "mars train: error: unknown config key 'rollout.nn'; valid keys of rollout: rollout.engine" in err
+    assert not out.exists()
+    assert mars_main(["train", f"output_dir={out}", "data.train=/no/file.parquet"]) == 2
+    assert "data.train: file not found" in capsys.readouterr().err and not out.exists()
+    assert mars_main(["train", "--resume", str(out)]) == 2
+    assert "unknown option --resume" in capsys.readouterr().err
+    assert mars_main(["train", "tiny", "oops"]) == 2
+    assert "expected key=value overrides" in capsys.readouterr().err
+    assert mars_main(["train", "--help"]) == 0
+    assert "mars train --compare" in capsys.readouterr().out
+    assert mars_main(["train", "--list-keys"]) == 0
+    assert "loss.clip_high = 0.2" in capsys.readouterr().out
+
+
+def test_shipped_3b_configs_have_the_papers_hyper_parameters():
+    g = load_config("grpo_mars_qwen2_5_vl_3b", check_files=False)
+    d = load_config("dapo_mars_qwen2_5_vl_3b", check_files=False)
+    for c in (g, d):  # SPEC section 8
+        assert c.model.path == "Qwen/Qwen2.5-VL-3B-Instruct" and c.model.dtype == "bfloat16"
+        assert c.rollout.temperature == 1.0 and c.rollout.top_p == 0.9 and c.rollout.mono == "duplicate"
+        assert c.rollout.max_prompt_length == 4096 and c.rollout.max_new_tokens == 8192
+        assert c.loss.agg == "token-mean" and c.optim.lr == 1e-6 and c.loss.clip_low == 0.2
+        assert c.warmup.steps == 0 and c.data.train != "embedded"
+    assert (g.optim.prompts_per_step, g.rollout.n, g.loss.clip_high, g.loss.dual_clip) == (128, 14, 0.2, 3.0)
+    assert (g.loss.kl_coef, g.loss.kl_type, g.algorithm.dynamic_sampling) == (0.001, "k3", False)
+    assert (d.optim.prompts_per_step, d.rollout.n, d.loss.clip_high, d.loss.dual_clip) == (16, 12, 0.28, 10.0)
+    assert (d.loss.kl_coef, d.optim.warmup_steps, d.algorithm.dynamic_sampling) == (0.0, 10, True)
+    assert d.algorithm.overlong_buffer == 4096
+    # without weights: the from_pretrained keywords the 3B run would use on this machine
+    from mars.train.loop import model_load_kwargs
+    import torch
+
+    kw = model_load_kwargs(g, "cpu")
+    assert kw == {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    # with the data files present, they validate fully (files checked)
+    train = os.path.join(DATA, "train.parquet")
+    cfg = load_config("dapo_mars_qwen2_5_vl_3b", [f"data.train={train}", f"data.eval={os.path.join(DATA, 'spatialqa_eval.json')}",
+                                                  f"model.path={DATA}"])
+    assert cfg.data.train == train
+
+
+def test_every_key_is_documented():
+    doc = open(os.path.join(ROOT, "docs", "train.md"), encoding="utf-8").read()
+    missing = [k for k, *_ in describe() if f"`{k}`" not in doc]
+    assert not missing, f"docs/train.md does not list {missing}"
+
+
+def test_pyproject_ships_the_configs():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        py = tomllib.load(f)
+    globs = py["tool"]["setuptools"]["package-data"]["mars.train"]
+    import fnmatch
+
+    for name in shipped_configs():
+        assert any(fnmatch.fnmatch(f"configs/{name}.yaml", g) for g in globs), name
+
+
+def test_describe_lists_defaults():
+    rows = {k: (t, d) for k, t, d, _ in describe()}
+    assert rows["rollout.mono"] == ("one of 'duplicate', 'single', 'none'", "duplicate")
+    assert rows["loss.dual_clip"][0] == "float or null"
+    assert len(rows) == len({k for k in rows})
+    assert all(re.fullmatch(r"[a-z_0-9.]+", k) for k in rows)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["loss.clip_high=0.28", "compare.seeds=[5]"])
+    from mars.train.config import save_config
+
+    save_config(cfg, tmp_path / "c.yaml")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["loss"]["clip_high"] == 0.28
+    assert to_dict(load_config(str(tmp_path / "c.yaml"))) == to_dict(cfg)
+    assert dataclasses.replace(cfg).loss.clip_high == 0.28
