@@ -29,7 +29,7 @@ TORCH_LIBRARY(mars, m) {
   // policy term of each token; their values (finite, >= 0 where the mask is set) are
   // mars.loss's to check: the op reads no value on the host.
   // dual_clip <= 0 and log_ratio_clamp <= 0 mean off; num_tokens/num_seqs/loss_scale <= 0
-  // mean local (loss_scale: T). kl_type: 0 k1, 1 k2, 2 k3; agg: index in
+  // mean local (loss_scale: T). kl_type: 0 k1, 1 k2, 2 k3, 3 k3_ratio; agg: index in
   // mars.reference.LOSS_AGGS. NaN options, clip_low outside [0, 1), clip_high < 0, a
   // dual_clip in (0, 1] or inf, kl_coef < 0 or inf, an infinite clamp or normaliser raise
   // ValueError (mars.loss validates the full ranges before calling).

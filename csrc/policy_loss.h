@@ -21,7 +21,7 @@ enum Col { kS = 0, kL = 1, kHigh = 2, kLow = 3, kDual = 4, kAkl = 5, kRkl = 6, k
 
 struct Params {
   double clip_low, clip_high, dual_clip, kl_coef, clamp;
-  int kl_type;  // 0 k1, 1 k2, 2 k3
+  int kl_type;  // 0 k1, 1 k2, 2 k3, 3 k3_ratio (k3 times the policy ratio)
   bool has_ref, has_dual, has_clamp, has_kl, seq;
   bool has_is, is_2d;  // importance-sampling weights given; [B, T] (else [B])
 };
@@ -117,7 +117,8 @@ MARS_HD void k3_expm1(T d, ExpF expf, T& k3, T& em1) {
 }
 
 // KL estimate to the reference and its derivative in logp x (verl's k3 clamps: d to +-20,
-// k3 to [-10, 10]; d/dx k3 = -expm1(d)).
+// k3 to [-10, 10]; d/dx k3 = -expm1(d)). kl_type 3 gives k3 here; kl_ratio then
+// multiplies it by the ratio.
 template <typename T, typename ExpF>
 MARS_HD void kl_term(T x, T ref, int kl_type, ExpF expf, T& kl, T& dkl) {
   const T d = ref - x;
@@ -136,6 +137,23 @@ MARS_HD void kl_term(T x, T ref, int kl_type, ExpF expf, T& kl, T& dkl) {
     else if (k > T(10)) { kl = T(10); dkl = T(0); }
     else { kl = k; dkl = -em1 * inside; }
   }
+}
+
+// kl_type 3 (k3_ratio, TRL's use_bias_correction_kl): kl := k3 r with r the policy ratio
+// e^lr of the token (or of the row, GSPO), differentiated through both factors:
+// dkl := dk3 r (through logp in k3) and dkl_dlr := k3 r (through lr: d e^lr / d lr = e^lr).
+// k3 == 0 gives 0 and 0, dk3 == 0 gives 0, also for r = inf (never 0 * inf)
+// (mars.reference.kl_estimate).
+template <typename T>
+MARS_HD void kl_ratio(T r, T& kl, T& dkl, T& dkl_dlr) {
+  if (kl == T(0)) {
+    dkl = T(0);
+    dkl_dlr = T(0);
+    return;
+  }
+  dkl = dkl == T(0) ? T(0) : dkl * r;
+  kl = kl * r;
+  dkl_dlr = kl;
 }
 
 // Global scale c and per-row weight w_i of the aggregation: loss = c * sum_i w_i S_i.

@@ -59,7 +59,7 @@ inline Params check_args(const at::Tensor& logp, const at::Tensor& old_logp,
   TORCH_CHECK_VALUE(adv_2d ? advantages.sizes() == logp.sizes()
                            : (advantages.dim() == 1 && advantages.size(0) == logp.size(0)),
                     "advantages must be [B] or [B, T]");
-  TORCH_CHECK_VALUE(kl_type >= 0 && kl_type <= 2, "kl_type must be 0, 1 or 2");
+  TORCH_CHECK_VALUE(kl_type >= 0 && kl_type <= 3, "kl_type must be 0, 1, 2 or 3");
   TORCH_CHECK_VALUE(agg >= 0 && agg <= 4, "agg must be in [0, 4]");
   const bool has_ref = ref_logp.has_value();
   if (has_ref) {

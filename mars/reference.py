@@ -87,7 +87,7 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
 
 LOSS_AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm")
-KL_TYPES = ("k1", "k2", "k3")
+KL_TYPES = ("k1", "k2", "k3", "k3_ratio")  # k3_ratio: k3 times the ratio (TRL, DeepSeek-V3.2)
 RATIO_LEVELS = ("token", "sequence")
 LOSS_METRICS = ("clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl", "ref_kl",
                 "num_tokens")
@@ -360,12 +360,21 @@ def k3_series(d):
     return p * d * d
 
 
-def kl_estimate(logp, ref_logp, kl_type: str):
+def kl_estimate(logp, ref_logp, kl_type: str, log_ratio=None):
     """KL(pi || pi_ref) per token with d = ref_logp - logp (docs/loss.md, "KL estimators"):
     k1 = -d, k2 = d^2 / 2, k3 = e^d - 1 - d with d clamped to +-20 and the result to
     [-10, 10] (verl's clamps), computed without cancellation near d = 0: the series
     `k3_series` for |d| < 0.5, expm1(d) - d above. d/d(logp) k3 = -expm1(d) (autograd of
-    either branch; the unused branch is finite, so no NaN leaks through torch.where)."""
+    either branch; the unused branch is finite, so no NaN leaks through torch.where).
+    k3_ratio = k3 * exp(log_ratio), the policy ratio of the loss (token or sequence level,
+    clamped like it; TRL's use_bias_correction_kl), differentiated through both factors
+    (the ratio is not detached, as in TRL); where k3 == 0 it is 0 with gradient 0, also
+    for an infinite ratio (never 0 * inf)."""
+    if kl_type == "k3_ratio":
+        k3 = kl_estimate(logp, ref_logp, "k3")
+        zero = k3 == 0
+        ratio = torch.where(zero, torch.zeros_like(log_ratio), log_ratio).exp()
+        return torch.where(zero, torch.zeros_like(k3), k3 * ratio)
     d = ref_logp - logp
     if kl_type == "k1":
         return -d
@@ -450,7 +459,7 @@ def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, cl
     loss = torch.where(live, pg, const)
     if ref_logp is not None:
         ref = torch.where(valid, ref_logp.detach().to(acc), zero)
-        kl = kl_estimate(x, ref, kl_type)
+        kl = kl_estimate(x, ref, kl_type, lr)
         stats["ref_kl"] = kl.detach()
         if kl_coef:
             loss = loss + kl_coef * kl

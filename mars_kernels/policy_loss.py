@@ -12,11 +12,21 @@ gradient 0 even for an infinite ratio (clamp off), and k3 is e^d - 1 - d by the 
 series below |d| < 0.5 (mars.reference.kl_estimate), the same order of operations as the
 C++ / CUDA bodies (csrc/policy_loss.h).
 """
+import math
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from mars.reference import K3_COEFS, K3_SERIES_BELOW
+
+# The series' highest factorial, 15!: the kernel derives 1/n! (n = 15 .. 2, K3_COEFS) from
+# it in float64 (n! is exact there), folded to constants at compile time.
+if len(K3_COEFS) != 14 or K3_COEFS[0] != 1.0 / math.factorial(15):
+    raise RuntimeError("mars_kernels.policy_loss: the k3 series changed in mars.reference; "
+                       "update the kernel's coefficients")
+K3_TOP_FACTORIAL = float(math.factorial(15))
 
 
 NCOL = 7  # S, L, high, low, dual, approx_kl, ref_kl
@@ -25,21 +35,31 @@ AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
 
 
 @triton.jit
-def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, prm_ptr, grad_ptr,
-                     part_ptr, T, ADV_2D: tl.constexpr, HAS_IS: tl.constexpr,
+def _f64(bits):
+    """A float64 passed as its bit pattern (an int argument: Triton would type a Python
+    float argument float32, rounding it)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+# The options are kernel arguments (no per-call tensor of them, so no host-to-device copy);
+# do_not_specialize: a bit pattern that happens to equal 1 must not become a constexpr.
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits", "dual_bits", "kl_bits", "clamp_bits"])
+def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_ptr, part_ptr,
+                     T, lo_bits, hi_bits, dual_bits, kl_bits, clamp_bits,
+                     ADV_2D: tl.constexpr, HAS_IS: tl.constexpr,
                      IS_2D: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
                      HAS_KL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_CLAMP: tl.constexpr,
                      SEQ: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
-                     NK3: tl.constexpr, K3_BELOW: tl.constexpr):
+                     K3_TOP: tl.constexpr, K3_BELOW: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     base = i * T
     offs = tl.arange(0, BLOCK)
-    # options, already rounded to the compute dtype like torch rounds a Python scalar
-    lo = tl.load(prm_ptr + 0)
-    hi = tl.load(prm_ptr + 1)
-    dual_c = tl.load(prm_ptr + 2)
-    kl_coef = tl.load(prm_ptr + 3)
-    c = tl.load(prm_ptr + 4)
+    # options: float64 values rounded to the compute dtype, as torch rounds a Python scalar
+    lo = _f64(lo_bits).to(DT)
+    hi = _f64(hi_bits).to(DT)
+    dual_c = _f64(dual_bits).to(DT)
+    kl_coef = _f64(kl_bits).to(DT)
+    c = _f64(clamp_bits).to(DT)
     zero = tl.zeros([BLOCK], dtype=DT)
     if not ADV_2D:
         a_row = tl.load(adv_ptr + i).to(DT)
@@ -133,11 +153,15 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, prm_pt
             else:
                 d_in = (d >= -20.0) & (d <= 20.0)
                 dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
-                # k3 = e^d - 1 - d: series below |d| < 0.5 (coefficients 1/n! from prm, in
-                # the compute dtype), exp(d) - 1 - d above; em1 = e^d - 1
-                q = zero + tl.load(prm_ptr + 5)
-                for j in tl.static_range(1, NK3):
-                    q = q * dc + tl.load(prm_ptr + 5 + j)
+                # k3 = e^d - 1 - d: series below |d| < 0.5 (coefficients 1/n!, n = 15 .. 2,
+                # K3_COEFS rounded to the compute dtype: n! is exact in float64, 1 / n! is
+                # correctly rounded and folded at compile time), exp(d) - 1 - d above;
+                # em1 = e^d - 1
+                fact = tl.full([], K3_TOP, tl.float64)
+                q = zero + (1.0 / fact).to(DT)
+                for n in tl.static_range(14, 1, -1):
+                    fact = fact / (n + 1)  # n!
+                    q = q * dc + (1.0 / fact).to(DT)
                 ks = q * dc * dc
                 small = (dc < K3_BELOW) & (dc > -K3_BELOW)
                 eb = tl.exp(dc) - 1.0
@@ -146,10 +170,19 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, prm_pt
                 k_in = (k >= -10.0) & (k <= 10.0)
                 kl = tl.minimum(tl.maximum(k, -10.0), 10.0)
                 dkl = tl.where(d_in & k_in, -em1, zero)
+            if KL_TYPE == 3:  # k3_ratio: k3 r, 0 where k3 (or dk3) is 0 (never 0 * inf)
+                k0 = kl == 0.0
+                dkl = tl.where(k0 | (dkl == 0.0), zero, dkl * r)
+                kl = tl.where(k0, zero, kl * r)
             rkl += tl.where(m, kl, zero)
             if HAS_KL:
                 loss = loss + kl_coef * kl
                 gt = gt + kl_coef * dkl
+                if KL_TYPE == 3:  # the ratio's share: through the row's ratio (GSPO) or lr
+                    if SEQ:
+                        G += tl.where(m, kl_coef * kl, zero)
+                    else:
+                        gt = gt + tl.where(inside == 0.0, zero, kl_coef * kl)
         S += tl.where(m, loss, zero)
         L += m.to(tl.int32)
         tl.store(grad_ptr + base + idx, tl.where(m, gt, zero), mask=inb)
@@ -197,11 +230,14 @@ def _finalize(part, T: int, agg: int, num_tokens: float, num_seqs: float, loss_s
 
 
 def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low: float,
-                clip_high: float,
-                dual_clip: float, kl_coef: float, kl_type: int, agg: int, num_tokens: float,
-                num_seqs: float, loss_scale: float, seq_ratio: bool, log_ratio_clamp: float):
+                clip_high: float, dual_clip: float, kl_coef: float, kl_type: int, agg: int,
+                num_tokens: float, num_seqs: float, loss_scale: float, seq_ratio: bool,
+                log_ratio_clamp: float):
     """Launcher, same contract as the C++ op mars::policy_loss (csrc/ops.cpp): returns
-    (loss 0-dim, metrics [6], grad [B, T] unscaled, row_scale [B]), fp32 (fp64 for fp64)."""
+    (loss 0-dim, metrics [6], grad [B, T] unscaled, row_scale [B]), fp32 (fp64 for fp64).
+    Options go to the kernel as arguments and to the aggregation as Python numbers: no
+    host-to-device copy and no host sync per call (two kernel launches plus the few torch
+    ops of `_finalize`)."""
     B, T = logp.shape
     acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
     x, o, a = logp.contiguous(), old_logp.contiguous(), advantages.contiguous()
@@ -210,24 +246,26 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low
     r = ref_logp.contiguous() if has_ref else x
     has_is = is_weights is not None
     w = is_weights.contiguous() if has_is else x  # not read without weights
-    # non_blocking: a blocking host-to-device copy would wait for the GPU (a host sync)
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high), ("dual_clip", dual_clip),
                     ("kl_coef", kl_coef), ("log_ratio_clamp", log_ratio_clamp),
                     ("num_tokens", num_tokens), ("num_seqs", num_seqs), ("loss_scale", loss_scale)):
         if v != v:  # the op's own contract (mars.reference.check_policy_loss_args checks all)
             raise ValueError(f"{name} must not be NaN")
-    prm = torch.tensor([1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, log_ratio_clamp,
-                        *K3_COEFS], dtype=torch.float64).to(acc).to(x.device, non_blocking=True)
+    if not 0 <= kl_type <= 3:
+        raise ValueError(f"kl_type must be 0, 1, 2 or 3, got {kl_type}")
+    # float64 bit patterns of the options, passed by value: no tensor, no copy to the device
+    bits = np.array([1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, log_ratio_clamp],
+                    dtype=np.float64).view(np.int64).tolist()
     grad = torch.empty((B, T), dtype=acc, device=x.device)
     part = torch.empty((B, NCOL), dtype=acc, device=x.device)
     if B > 0:
         block = min(1024, max(16, triton.next_power_of_2(max(T, 1))))
         _policy_loss_fwd[(B,)](
-            x, o, a, m, r, w, prm, grad, part, T, ADV_2D=a.dim() == 2, HAS_IS=has_is,
+            x, o, a, m, r, w, grad, part, T, *bits, ADV_2D=a.dim() == 2, HAS_IS=has_is,
             IS_2D=has_is and w.dim() == 2, HAS_REF=has_ref,
             KL_TYPE=int(kl_type), HAS_KL=bool(kl_coef > 0 and has_ref),
             HAS_DUAL=bool(dual_clip > 0), HAS_CLAMP=bool(log_ratio_clamp > 0),
             SEQ=bool(seq_ratio), DT=tl.float64 if acc == torch.float64 else tl.float32,
-            BLOCK=block, NK3=len(K3_COEFS), K3_BELOW=K3_SERIES_BELOW)
+            BLOCK=block, K3_TOP=K3_TOP_FACTORIAL, K3_BELOW=K3_SERIES_BELOW)
     loss, metrics, row_scale = _finalize(part, T, agg, num_tokens, num_seqs, loss_scale)
     return loss, metrics, grad, row_scale

@@ -349,7 +349,8 @@ def test_verl_rollout_is_weights(backend, per_token):
 
 
 def trl_compute_loss(loss_type, logp, old, adv, mask, ref, is_ratio, beta=0.04, level="token",
-                     bias_correction_kl=False, max_completion_length=None):
+                     bias_correction_kl=False, max_completion_length=None,
+                     num_items_in_batch=None):
     """TRL 1.16's GRPOTrainer._compute_loss on a stub trainer with vLLM importance sampling
     on (the ratio comes in inputs["importance_sampling_ratio"])."""
     from trl.trainer.grpo_trainer import GRPOTrainer
@@ -375,6 +376,8 @@ def trl_compute_loss(loss_type, logp, old, adv, mask, ref, is_ratio, beta=0.04, 
                   ref_per_token_logps=ref)
     if is_ratio is not None:
         inputs["importance_sampling_ratio"] = is_ratio
+    if num_items_in_batch is not None:
+        inputs["num_items_in_batch"] = torch.tensor(float(num_items_in_batch))
     return GRPOTrainer._compute_loss(stub, None, inputs), stub._metrics["train"]
 
 

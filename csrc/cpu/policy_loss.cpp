@@ -94,12 +94,17 @@ void policy_loss_rows(const scalar_t* __restrict__ lp, const scalar_t* __restric
           gt = dl * inside;
         }
         if (p.has_ref) {
-          T kl, dkl;
+          T kl, dkl, dkl_dlr = T(0);
           pl::kl_term(x, static_cast<T>(ref[o + t]), p.kl_type, StdExp<T>(), kl, dkl);
+          if (p.kl_type == 3) pl::kl_ratio(r, kl, dkl, dkl_dlr);
           rkl += static_cast<double>(kl);
           if (p.has_kl) {
             l = l + kc * kl;
             gt += kc * dkl;
+            if (p.kl_type == 3) {  // the ratio's share: through the row's ratio (GSPO) or lr
+              if (p.seq) G += static_cast<double>(kc * dkl_dlr);
+              else if (inside != T(0)) gt += kc * dkl_dlr;
+            }
           }
         }
         g[t] = gt;
@@ -485,11 +490,22 @@ MARS_PL_INLINE void vec_tokens(const In* lp, const In* old, const In* adv, float
       kl = V::sel(klo, V::splat(-10.0f), V::sel(khi, V::splat(10.0f), k));
       dkl = V::sel(klo | khi, zero, -em1 * ins);
     }
+    F dkl_dlr = zero;
+    if (p.kl_type == 3) {  // pl::kl_ratio: k3 r; 0 where k3 (or dk3) is 0, never 0 * inf
+      const I k0 = kl == zero;
+      dkl = V::sel(k0 | (dkl == zero), zero, dkl * r);
+      kl = V::sel(k0, zero, kl * r);
+      dkl_dlr = kl;
+    }
     st.rkl += V::widen(V::sel(m, kl, zero));
     if (p.has_kl) {
       const F kc = V::splat(static_cast<float>(p.kl_coef));
       l = l + kc * kl;
       gt += kc * dkl;
+      if (p.kl_type == 3) {  // the ratio's share: through the row's ratio (GSPO) or lr
+        if (p.seq) st.G += V::widen(V::sel(m, kc * dkl_dlr, zero));
+        else gt += V::sel(inside == zero, zero, kc * dkl_dlr);
+      }
     }
   }
   const F gm = V::sel(m, gt, zero);

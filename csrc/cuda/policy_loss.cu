@@ -88,13 +88,18 @@ __device__ __forceinline__ T token(T x, T o, T A, T ref, T w, T r_seq, const pl:
     gt = dl * inside;
   }
   if (p.has_ref) {
-    T kl, dkl;
+    T kl, dkl, dkl_dlr = T(0);
     pl::kl_term(x, ref, p.kl_type, DevExp(), kl, dkl);
+    if (p.kl_type == 3) pl::kl_ratio(r, kl, dkl, dkl_dlr);
     acc.rkl += static_cast<double>(kl);
     if (p.has_kl) {
       const T kc = static_cast<T>(p.kl_coef);
       l = l + kc * kl;
       gt += kc * dkl;
+      if (p.kl_type == 3) {  // the ratio's share: through the row's ratio (GSPO) or lr
+        if (p.seq) acc.G += static_cast<double>(kc * dkl_dlr);
+        else if (inside != T(0)) gt += kc * dkl_dlr;
+      }
     }
   }
   acc.S += static_cast<double>(l);

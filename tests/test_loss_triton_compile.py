@@ -1,0 +1,112 @@
+"""The Triton kernels of the losses compile for the GPUs users have (sm_80, sm_90), here
+on the CPU: `triton.compile` to PTX and a cubin (ptxas) for a GPU target, no GPU needed.
+The interpreter (TRITON_INTERPRET=1, the other tests) checks their numbers but not that
+they lower: types of scalar arguments, float64 bit casts, constexpr branches. The compiler
+runs in a subprocess without TRITON_INTERPRET (under it @triton.jit gives interpreted
+functions). Skipped where this Triton has no CUDA backend."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ARCHS = (80, 90)
+POLICY_CONFIGS = [  # (DT, KL_TYPE, SEQ, HAS_IS, IS_2D, ADV_2D, HAS_DUAL, HAS_CLAMP)
+    ("fp32", 2, False, True, True, False, True, True),
+    ("fp32", 3, True, True, False, True, False, False),
+    ("fp64", 3, False, False, False, False, True, True),
+    ("fp64", 0, True, True, True, True, True, False),
+]
+
+
+def _compile_all():
+    """Runs in the subprocess: {name: {"ok": bool, "error" | "ptx_params", "target"}}."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mars_kernels import fused_linear as F
+    from mars_kernels import policy_loss as K
+
+    def build(fn, signature, constexprs, arch):
+        src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                        constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+
+    jobs = {}
+    for arch in ARCHS:
+        for cfg in POLICY_CONFIGS:
+            dt, kl_type, seq, has_is, is_2d, adv_2d, has_dual, has_clamp = cfg
+            ptr = f"*{dt}"
+            sig = dict(lp_ptr="*bf16", old_ptr="*bf16", adv_ptr="*bf16", mask_ptr="*u8",
+                       ref_ptr="*bf16", is_ptr="*bf16", grad_ptr=ptr, part_ptr=ptr, T="i32",
+                       lo_bits="i64", hi_bits="i64", dual_bits="i64", kl_bits="i64",
+                       clamp_bits="i32")  # a bit pattern that fits in 32 bits is typed i32
+            cx = dict(ADV_2D=adv_2d, HAS_IS=has_is, IS_2D=is_2d, HAS_REF=True,
+                      KL_TYPE=kl_type, HAS_KL=True, HAS_DUAL=has_dual, HAS_CLAMP=has_clamp,
+                      SEQ=seq, DT=tl.float32 if dt == "fp32" else tl.float64, BLOCK=256,
+                      K3_TOP=K.K3_TOP_FACTORIAL, K3_BELOW=K.K3_SERIES_BELOW)
+            jobs[f"policy_loss-{'-'.join(map(str, cfg))}-sm{arch}"] = (K._policy_loss_fwd, sig,
+                                                                        cx, arch)
+        sig = dict(x_ptr="*fp32", stride_x="i64", ids_ptr="*i64", lse_ptr="*fp32",
+                   logp_ptr="*fp32", V="i32", inv_temp="fp32")
+        jobs[f"lse_logp-sm{arch}"] = (F._lse_logp_kernel, sig, dict(BLOCK_V=1024), arch)
+        sig = dict(x_ptr="*fp32", stride_x="i64", out_ptr="*bf16", stride_out="i64",
+                   ids_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32", V="i32", inv_temp="fp32")
+        jobs[f"dlogits-sm{arch}"] = (F._dlogits_kernel, sig, dict(BLOCK_V=1024), arch)
+    out = {}
+    for name, (fn, sig, cx, arch) in jobs.items():
+        try:
+            k = build(fn, sig, cx, arch)
+            ptx = k.asm["ptx"]
+            out[name] = dict(ok=True, target=f".target sm_{arch}" in ptx,
+                             cubin=bool(k.asm.get("cubin")),
+                             params64=ptx.count(".param .u64") + ptx.count(".param .b64"))
+        except Exception as exc:  # reported by the test that owns the job
+            out[name] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(f"Triton cannot compile for CUDA here: {proc.stdout.strip()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cfg", POLICY_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_policy_loss_kernel_compiles(compiled, arch, cfg):
+    r = compiled[f"policy_loss-{'-'.join(map(str, cfg))}-sm{arch}"]
+    assert r["ok"], r.get("error")
+    assert r["target"] and r["cubin"]
+    # options arrive as 64-bit kernel parameters (pointers and the float64 bit patterns)
+    assert r["params64"] >= 8 + 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", ["lse_logp", "dlogits"])
+def test_fused_epilogue_kernels_compile(compiled, arch, kernel):
+    r = compiled[f"{kernel}-sm{arch}"]
+    assert r["ok"], r.get("error")
+    assert r["target"] and r["cubin"]
+
+
+if __name__ == "__main__":
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError as exc:
+        print(exc)
+        sys.exit(3)
+    print(json.dumps(_compile_all()))
