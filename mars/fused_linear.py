@@ -132,33 +132,68 @@ def _valid_positions(mask, B, T, device):
 
 # ----------------------------------------------------------------------------- the head
 
+def _mm_out_dtype(a, b, out):
+    """out = a @ b with bf16/fp16 a, b and a float32 out: cuBLAS's mixed-precision matmul
+    (torch.mm(..., out_dtype=)) on a GPU. On the CPU, which has none, its exact twin:
+    products of bf16/fp16 values are exact in float32 (reached only when a test forces the
+    GPU's code path on CPU, _Head.upcast_half_on_cpu = False)."""
+    if out.device.type == "cpu":
+        return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+    return torch.mm(a, b, out_dtype=out.dtype, out=out)
+
+
+def _addmm_out_dtype(acc, a, b):
+    """acc += a @ b, acc float32, a and b bf16/fp16 (as _mm_out_dtype)."""
+    if acc.device.type == "cpu":
+        return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
 @functools.lru_cache(maxsize=None)
-def _warn_rounded_logits(dtype):
-    warnings.warn(f"this torch has no {dtype} matmul with a float32 output (torch.mm(..., "
-                  f"out_dtype=)): logits are rounded to {dtype} before the log-softmax, which "
-                  "moves log-probs by ~1e-2; pass float32 hidden/weight for exact log-probs",
-                  RuntimeWarning, stacklevel=3)
+def _mixed_mm_unsupported(device: torch.device, dtype: torch.dtype):
+    """None when `device` has an exact dtype x dtype -> float32 matmul (the two calls above:
+    logits and the weight gradient), else why not. Probed once per (device, dtype) on 16 x 16
+    tensors, the values checked. Only the errors of a missing kernel are caught (TypeError:
+    no out_dtype in this torch; RuntimeError / NotImplementedError: no kernel for this
+    device or dtype); out-of-memory is raised, never taken for a missing kernel."""
+    x = torch.full((16, 16), 0.5, dtype=dtype, device=device)
+    try:
+        out = _mm_out_dtype(x, x, torch.empty(16, 16, dtype=torch.float32, device=device))
+        acc = _addmm_out_dtype(torch.ones(16, 16, dtype=torch.float32, device=device), x, x)
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, RuntimeError, NotImplementedError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        return f"{type(exc).__name__}: {first}"
+    if out.dtype != torch.float32 or not bool((out == 4.0).all() & (acc == 5.0).all()):
+        return "torch.mm(..., out_dtype=torch.float32) gave wrong values"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_upcast(device: str, dtype: torch.dtype, why: str):
+    warnings.warn(
+        f"mars fused loss: no exact {dtype} x {dtype} -> float32 matmul on {device} ({why}). "
+        "The fused loss runs its matmuls on float32 copies instead: exact log-probs and "
+        "gradients, but float32 matmul speed and a float32 copy of the [V, H] weight "
+        f"(4 V H bytes) per call. A torch with torch.mm(..., out_dtype=) for {dtype} on this "
+        "device (2.7 or later on sm_80+) runs the fast exact path.",
+        RuntimeWarning, stacklevel=4)
 
 
 def _mm_into(a, b, out):
-    """out = a @ b, out may have a wider dtype than a and b (fp32 accumulation)."""
+    """out = a @ b, out may have a wider dtype than a and b (fp32 accumulation: only after
+    `_mixed_mm_unsupported` said this device has it)."""
     if a.dtype == out.dtype:
         return torch.mm(a, b, out=out)
-    try:  # CUDA: bf16/fp16 inputs, fp32 output straight from cuBLAS
-        return torch.mm(a, b, out_dtype=out.dtype, out=out)
-    except (RuntimeError, TypeError, NotImplementedError):
-        _warn_rounded_logits(a.dtype)
-        return out.copy_(torch.mm(a, b))
+    return _mm_out_dtype(a, b, out)
 
 
 def _addmm_into(acc, a, b):
-    """acc += a @ b with acc fp32 (or fp64) and a, b possibly bf16/fp16."""
+    """acc += a @ b with acc fp32 (or fp64) and a, b possibly bf16/fp16 (as _mm_into)."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    try:
-        return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return acc.add_(torch.mm(a, b))
+    return _addmm_out_dtype(acc, a, b)
 
 
 class _Head:
@@ -167,6 +202,18 @@ class _Head:
     # bf16/fp16 on CPU: matmuls on fp32 copies (CPU has no bf16 x bf16 -> fp32 matmul).
     # Tests set it False to run the GPU's mixed-precision code path on CPU.
     upcast_half_on_cpu = True
+
+    @classmethod
+    def _upcast(cls, device, dtype) -> bool:
+        """Whether bf16/fp16 matmuls run on float32 copies: on the CPU by design; on a GPU
+        only when it has no exact mixed-precision matmul, said once by a RuntimeWarning."""
+        if device.type == "cpu" and cls.upcast_half_on_cpu:
+            return True
+        why = _mixed_mm_unsupported(device, dtype)
+        if why is None:
+            return False
+        _warn_upcast(str(device), dtype, why)
+        return True
 
     def __init__(self, hidden, weight, bias, ids, idx, temperature, chunk_size, triton,
                  need_h=False, need_w=False, need_b=False):
@@ -184,7 +231,7 @@ class _Head:
                                  f"values in [{lo}, {hi}]")
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.half = hidden.dtype not in (torch.float32, torch.float64)
-        self.upcast = self.half and self.device.type != "cuda" and self.upcast_half_on_cpu
+        self.upcast = self.half and self._upcast(self.device, hidden.dtype)
         self.W = weight.detach()
         self.Wmm = self.W.to(self.acc) if self.upcast else self.W
         self.b = None if bias is None else bias.detach().to(self.acc)

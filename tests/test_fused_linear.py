@@ -148,6 +148,104 @@ def test_gpu_mixed_precision_path_on_cpu(monkeypatch, backend, ratio_level):
     assert_close(out, grads, ref, rgrads, rtol=5e-2, atol=5e-3)
 
 
+def test_mixed_matmul_probe_cpu_twin_is_exact():
+    """The CPU twin of the GPU's bf16 x bf16 -> fp32 matmul passes the probe, and equals a
+    float32 matmul of the same values bit for bit."""
+    from mars import fused_linear
+    for dtype in (torch.bfloat16, torch.float16):
+        assert fused_linear._mixed_mm_unsupported(torch.device("cpu"), dtype) is None
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(9, 13, generator=g).to(dtype), torch.randn(13, 5, generator=g).to(dtype))
+        out = torch.empty(9, 5)
+        fused_linear._mm_into(a, b, out)
+        assert torch.equal(out, a.float() @ b.float())
+
+
+def test_mixed_matmul_probe_names_missing_kernels_and_never_catches_oom(monkeypatch):
+    from mars import fused_linear
+    probe = fused_linear._mixed_mm_unsupported.__wrapped__  # uncached
+    cpu = torch.device("cpu")
+    for exc in (TypeError("mm() got an unexpected keyword argument 'out_dtype'"),
+                RuntimeError("no kernel for this GPU"), NotImplementedError("aten::mm.dtype")):
+        def missing(*a, exc=exc, **k):
+            raise exc
+        monkeypatch.setattr(fused_linear, "_mm_out_dtype", missing)
+        assert probe(cpu, torch.bfloat16) == f"{type(exc).__name__}: {exc}"
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(fused_linear, "_mm_out_dtype", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        probe(cpu, torch.bfloat16)
+    monkeypatch.setattr(fused_linear, "_mm_out_dtype", lambda a, b, out: out.fill_(3.0))
+    assert "wrong values" in probe(cpu, torch.bfloat16)
+
+
+def test_missing_mixed_matmul_warns_once_and_stays_exact(monkeypatch):
+    """Where the probe finds no exact mixed-precision matmul (a GPU whose torch lacks
+    out_dtype), the fused loss says so once and runs float32 matmuls: the same numbers as
+    the CPU's float32 path, not logits rounded to bf16."""
+    from mars import fused_linear
+    batch = make_batch(B=2, T=8, H=32, V=64, dtype=torch.bfloat16, seed=23)
+    args = (batch["hidden"], batch["weight"], batch["ids"], batch["old"], batch["adv"],
+            batch["mask"])
+    want = fused_linear_policy_loss(*args, bias=batch["bias"], chunk_size=5)
+    want_g = torch.autograd.grad(want.loss, (batch["hidden"], batch["weight"]))
+    monkeypatch.setattr(fused_linear._Head, "upcast_half_on_cpu", False)
+    monkeypatch.setattr(fused_linear, "_mixed_mm_unsupported",
+                        lambda device, dtype: "TypeError: no out_dtype")
+    fused_linear._warn_upcast.cache_clear()
+    with pytest.warns(RuntimeWarning, match=r"no exact torch.bfloat16 .*TypeError: no out_dtype"
+                                            r".*float32 copies"):
+        got = fused_linear_policy_loss(*args, bias=batch["bias"], chunk_size=5)
+    got_g = torch.autograd.grad(got.loss, (batch["hidden"], batch["weight"]))
+    assert torch.equal(got.loss, want.loss)
+    for a, b in zip(got_g, want_g):
+        assert torch.equal(a, b)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per (device, dtype)
+        fused_linear_policy_loss(*args, bias=batch["bias"], chunk_size=5)
+    fused_linear._warn_upcast.cache_clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_cuda_matches_reference(dtype, backend, ratio_level):
+    """On a GPU: the exact mixed-precision matmul is there (no fallback), and the fused loss
+    (Triton epilogue with "auto", torch epilogue with "cuda") equals the float64 reference."""
+    from mars import fused_linear
+    if not mars.backends()[backend if backend != "auto" else "reference"].available:
+        pytest.skip(f"backend {backend} not available")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    if dtype == torch.bfloat16:
+        assert fused_linear._mixed_mm_unsupported(dev, dtype) is None
+    batch = make_batch(B=3, T=40, H=64, V=1000, dtype=dtype, seed=31)
+    cuda = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor)
+                else v) for k, v in batch.items()}
+    opts = dict(ratio_level=ratio_level, kl_coef=0.05, dual_clip=3.0)
+    out = fused_linear_policy_loss(cuda["hidden"], cuda["weight"], cuda["ids"], cuda["old"],
+                                   cuda["adv"], cuda["mask"], bias=cuda["bias"],
+                                   ref_logp=cuda["ref"], chunk_size=32, backend=backend, **opts)
+    grads = torch.autograd.grad(out.loss, (cuda["hidden"], cuda["weight"], cuda["bias"]))
+    params = [batch[k].detach().double().requires_grad_() for k in ("hidden", "weight", "bias")]
+    ref = reference.fused_linear_policy_loss(
+        params[0], params[1], batch["ids"], batch["old"].double(), batch["adv"].double(),
+        batch["mask"], bias=params[2], ref_logp=batch["ref"].double(), **opts)
+    rgrads = torch.autograd.grad(ref.loss, params)
+    # bf16: logits in fp32 from the bf16 values, dlogits rounded to bf16 for the gradient
+    # matmuls (as test_gpu_mixed_precision_path_on_cpu)
+    tol, gtol = ((2e-5, 1e-6), (1e-4, 1e-6)) if dtype == torch.float32 else \
+        ((2e-2, 2e-3), (5e-2, 5e-3))
+    torch.testing.assert_close(out.loss.double().cpu(), ref.loss, rtol=tol[0], atol=tol[1])
+    for name, g, rg in zip(("hidden", "weight", "bias"), grads, rgrads):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        torch.testing.assert_close(g.double().cpu(), rg, rtol=gtol[0], atol=gtol[1],
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
 def test_backward_scales_stored_gradients_and_partial_requires_grad():
     batch = make_batch(seed=4)
     h, w, b = batch["hidden"], batch["weight"], batch["bias"]

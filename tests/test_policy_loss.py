@@ -462,6 +462,24 @@ def test_opcheck_cpu():
             "test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@gpu
+@pytest.mark.skipif(not mars.backends()["cuda"].available, reason="needs the CUDA kernels")
+def test_op_checks_every_input_is_on_logp_device():
+    """torch.ops.mars.policy_loss called directly with one input on another device: a
+    ValueError naming it (the kernels read raw pointers), from the CPU and the CUDA body."""
+    logp, old, adv, mask, ref = batch(3, 8, seed=3, poison_masked=False)
+    w = torch.ones(3, 8, dtype=logp.dtype)
+    base = [logp.detach(), old, adv, mask, ref, w]
+    names = ["logp", "old_logp", "advantages", "mask", "ref_logp", "is_weights"]
+    opts = (0.2, 0.28, 3.0, 0.1, 2, 0, -1.0, -1.0, -1.0, False, 20.0)
+    for on_cuda in (False, True):  # one input on CUDA, the others on CPU; and the reverse
+        for k, name in enumerate(names):
+            args = [t.cuda() if (j == k) != on_cuda else t for j, t in enumerate(base)]
+            first_odd = name if k else "old_logp"  # an odd logp: old_logp is named first
+            with pytest.raises(ValueError, match=f"{first_odd} is on .* but logp is on"):
+                torch.ops.mars.policy_loss(*args, *opts)
+
+
 @pytest.mark.skipif("cpu" not in KERNELS, reason="needs the C++ extension")
 def test_torch_compile_cpu():
     logp, old, adv, mask, ref = batch(4, 16, poison_masked=False, dtype=torch.float32)
