@@ -1,5 +1,7 @@
 """Builds `mars._C`: the C++ CPU kernels always, the CUDA kernels when the torch it builds
 against has CUDA and nvcc is found (no GPU needed). `MARS_BUILD_CUDA=0` skips CUDA.
+`TORCH_CUDA_ARCH_LIST` chooses the GPUs (default without a visible GPU: sm_80, sm_90 and
+PTX; see extensions()).
 
 Install with `pip install --no-build-isolation .` so the build uses the torch already
 installed (the compiled extension must match it).
@@ -13,6 +15,8 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# CUDA targets when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (see extensions()).
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _find_cuda_home(torch_cuda: str):
@@ -68,8 +72,15 @@ def extensions():
     # Must be imported after CUDA_HOME is settled: cpp_extension reads it at import.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
+    # Which GPUs the CUDA kernels are compiled for. TORCH_CUDA_ARCH_LIST, when set, decides
+    # (e.g. "9.0a": what .ci/run builds, one target to stay within CI's time). Unset, with
+    # a GPU visible at build time, torch's own default builds for that GPU. Unset, with no
+    # GPU visible (a build machine, a container build), the GPUs users have: sm_80 (A100,
+    # A10, RTX 30xx / 40xx run it too), sm_90 (H100 / H200) and PTX of sm_90, which the
+    # driver compiles at load time for newer GPUs (Blackwell). Each target adds about the
+    # time of one CUDA compile of csrc/cuda.
     if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # Hopper; override for other GPUs
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for is inline
     define = []
@@ -88,7 +99,9 @@ def extensions():
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"CUDA_BUILT = {build_cuda}\n")
         f.write(f"CUDA_SKIPPED_BECAUSE = {why!r}\n")
-        f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '')!r}\n")
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or ("torch's default for the visible GPU"
+                                                           if build_cuda else "")
+        f.write(f"CUDA_ARCH_LIST = {archs!r}\n")
     print(f"mars: building CPU kernels{' + CUDA kernels' if build_cuda else ''}"
           f"{'' if build_cuda else f' (CUDA skipped: {why})'}", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
