@@ -29,7 +29,7 @@ def test_quick_run_succeeds_and_writes_every_file(quick_run):
     errors = {(op, g["size"]): g.get("errors") for op, e in doc["ops"].items()
               for g in e["groups"] if g.get("errors")}
     assert rc == 0, errors
-    assert doc["schema"] == "mars-bench/1" and doc["mode"] == "quick"
+    assert doc["schema"] == "mars-bench/1" and doc["mode"] == "quick" and "filters" not in doc
     assert doc["device"]["type"] == "cpu"
     assert set(doc["ops"]) == set(C.OPS)
     for key in ("python", "torch", "triton", "mars", "verl", "liger-kernel", "cut-cross-entropy"):
@@ -86,6 +86,8 @@ def test_filters_and_no_plots(tmp_path):
     assert list(doc["ops"]) == ["advantage"]
     assert set(doc["ops"]["advantage"]["groups"][0]["results"]) == {"mars-int", "reference"}
     assert doc["plots"] == {} and doc["plots_note"] == "--no-plots"
+    assert doc["filters"] == {"op": ["advantage"], "impl": ["mars-int", "reference"]}
+    assert "- only: op advantage; impl mars-int, reference" in (tmp_path / "results.md").read_text()
     assert not (tmp_path / "plots").exists()
 
 
@@ -94,6 +96,7 @@ def test_filters_and_no_plots(tmp_path):
     (["--device", "tpu"], "invalid choice"),
     (["--op", "advantage", "--impl", "nope"], "--impl 'nope' is not an implementation"),
     (["--quick", "--op", "advantage", "--size", "9x(9+9)"], "--size '9x(9+9)' is not a quick shape"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_arguments_return_2_and_say_why(argv, needle, tmp_path, capsys):
     assert main(argv + ["--output", str(tmp_path)]) == 2

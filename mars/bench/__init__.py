@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", action="append", help="only this implementation (repeatable)")
     p.add_argument("--size", action="append", help="only the shape of this name, e.g. "
                    "'1024x8192 bf16' (repeatable; names in results.md)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (torch.set_num_threads; default: torch's). On a "
+                   "CPU that other jobs share, 1 avoids OpenMP threads waiting on each other")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -60,6 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         print("mars bench: --device cuda, but no GPU is visible (torch.cuda.is_available() "
               "is False)", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"mars bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+    threads = torch.get_num_threads()
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        return _run(args, args_list, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, args_list: list[str], device: str) -> int:
     ops = args.op or list(OPS)
     if args.impl:
         known = {i.name for o in ops for i in OPS[o].impls}

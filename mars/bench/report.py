@@ -59,6 +59,9 @@ def header_lines(doc: dict) -> list[str]:
              f"{doc['plan']['block_s'] * 1e3:g} ms), the implementations of a shape interleaved "
              f"round by round; {doc['plan']['min_rounds']}-{doc['plan']['max_rounds']} rounds, "
              f"{doc['plan']['warmup']} warm-up calls"]
+    if doc.get("filters"):
+        lines.append("- only: " + "; ".join(f"{k} {', '.join(v)}" for k, v in doc["filters"].items())
+                     + " (the other cases of the suite were not run)")
     if doc.get("command"):
         lines.insert(0, f"- command: `{doc['command']}`")
     if doc.get("roofs"):

@@ -247,6 +247,10 @@ def run(ops: list[str], device: str, quick: bool, impl_filter: list[str] | None 
     started = datetime.datetime.now(datetime.timezone.utc)
     doc = {"schema": SCHEMA, "command": command, "mode": "quick" if quick else "full",
            "date": started.isoformat(timespec="seconds"), "load_avg_start": _load()}
+    filters = {k: v for k, v in (("op", ops), ("size", size_filter), ("impl", impl_filter))
+               if v and (k != "op" or set(v) != set(C.OPS))}
+    if filters:
+        doc["filters"] = filters
     doc.update(environment(device))
     roofs = {}
     if device == "cuda":
