@@ -45,7 +45,8 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
             group_index) instead of the [B] advantages.
 
     Returns:
-        [B] float32 advantages on rewards' device (or AdvantageOutput).
+        [B] float32 advantages on rewards' device (or AdvantageOutput). On a GPU with int
+        tensor labels the call reads the host once (docs/advantage.md, "Host syncs").
 
     Raises:
         ValueError naming the argument: non-finite rewards (with the rows), anchor labels

@@ -284,9 +284,19 @@ def _check_values(x: torch.Tensor, name: str) -> None:
                      f"{x[rows[:3]].tolist()}); their spread overflows float64, rescale them")
 
 
-def check_rewards(x, name: str, device=None) -> torch.Tensor:
+def _values_flag(x: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on x's device, True when `_check_values` would raise (non-finite
+    values or |value| > _MAX_REWARD): the same aminmax reduction, without reading it."""
+    if not x.numel():
+        return torch.zeros((), dtype=torch.bool, device=x.device)
+    lo, hi = torch.aminmax(x)
+    return ~(torch.isfinite(lo) & torch.isfinite(hi) & (torch.maximum(-lo, hi) <= _MAX_REWARD))
+
+
+def check_rewards(x, name: str, device=None, read_values=True) -> torch.Tensor:
     """1-D float tensor of finite rewards (lists and numpy arrays are converted). Under
-    torch.compile the finiteness check is left to `mars::advantage_input_check`."""
+    torch.compile the finiteness check is left to `mars::advantage_input_check`;
+    read_values=False leaves it to the caller (the one-read path: `_values_flag`)."""
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not np.isscalar(x) else x,
@@ -299,7 +309,7 @@ def check_rewards(x, name: str, device=None) -> torch.Tensor:
         raise ValueError(f"{name} must be real, got {x.dtype}")
     if not x.dtype.is_floating_point:
         x = x.double() if x.dtype == torch.int64 else x.float()  # int64 exactly, as float64 holds it
-    if not torch.compiler.is_compiling():
+    if read_values and not torch.compiler.is_compiling():
         _check_values(x, name)
     return x
 
@@ -333,9 +343,111 @@ def check_options(singleton: str, eps: float) -> bool:
     return singleton == "raw"
 
 
+# --- one host read: GPU int tensor labels ------------------------------------------------
+#
+# On a GPU every value the host reads is a sync (the general path has about eight: the two
+# finiteness checks, the label range, the anchor check, nonzero, bincount). For int tensor
+# labels on the rewards' device this path computes everything on the device (a stable sort
+# of the labels, dense indices by a cumulative sum over the group starts, anchors found by
+# searchsorted) and reads one small tensor: the number of groups (needed for the outputs'
+# shapes) and the three error flags. It gives bit for bit the Groups of the general path.
+# It runs on CUDA by default; _FORCE_ONE_READ runs it on CPU tensors too (tests).
+
+_FORCE_ONE_READ = False
+
+
+def _int_label_tensor(t, device) -> bool:
+    return (isinstance(t, torch.Tensor) and t.device == device and t.dim() == 1
+            and not (t.dtype.is_floating_point or t.dtype.is_complex)
+            and t.dtype not in (torch.bool, torch.uint64))
+
+
+def _one_read_eligible(rewards, group_ids, anchor_rewards, anchor_group_ids) -> bool:
+    if torch.compiler.is_compiling() or not isinstance(rewards, torch.Tensor):
+        return False
+    device = rewards.device
+    if device.type == "cpu" and not _FORCE_ONE_READ:
+        return False  # CPU: the C++ factoriser (mars::dense_labels) is faster; no syncs there
+    if not _int_label_tensor(group_ids, device):
+        return False
+    if anchor_rewards is None and anchor_group_ids is None:
+        return True
+    return (isinstance(anchor_rewards, torch.Tensor) and anchor_rewards.device == device
+            and _int_label_tensor(anchor_group_ids, device))
+
+
+def _read_host(t: torch.Tensor) -> list:
+    """The one host read of the one-read path (a function, so tests can count it)."""
+    return t.tolist()
+
+
+def _factorize_on_device(ids: torch.Tensor, aids: torch.Tensor):
+    """int64 labels -> (index [B], anchor_index [K], sorted labels [B], dense index of the
+    sorted labels [B], G (0-dim), missing (0-dim bool: some anchor label is absent),
+    found [K]), all on the labels' device, with no host read. Dense indices in ascending
+    label order, as torch.unique(sorted=True, return_inverse=True) numbers them."""
+    B, device = ids.numel(), ids.device
+    sorted_ids, order = torch.sort(ids, stable=True)
+    start = torch.ones(B, dtype=torch.bool, device=device)
+    start[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    dense_sorted = torch.cumsum(start, 0) - 1
+    index = torch.empty_like(dense_sorted).scatter_(0, order, dense_sorted)
+    G = dense_sorted[-1] + 1
+    # leftmost position of each anchor label among the sorted labels; found if equal there
+    pos = torch.searchsorted(sorted_ids, aids).clamp_(max=B - 1)
+    found = sorted_ids.index_select(0, pos) == aids
+    aindex = dense_sorted.index_select(0, pos)
+    return index, aindex, sorted_ids, dense_sorted, G, ~found.all(), found
+
+
+def _prepare_one_read(rewards, group_ids, anchor_rewards, anchor_group_ids):
+    """`prepare` for int tensor labels on the rewards' device with one host read; the same
+    checks in the same order, the same errors, the same results."""
+    rewards = check_rewards(rewards, "rewards", read_values=False)
+    device = rewards.device
+    if anchor_rewards is None:
+        anchor_rewards = rewards.new_zeros(0)
+        aids = torch.zeros(0, dtype=torch.long, device=device)
+    else:
+        anchor_rewards = check_rewards(anchor_rewards, "anchor_rewards", read_values=False)
+        if anchor_group_ids is None and anchor_rewards.numel():
+            raise ValueError("anchor_rewards given without anchor_group_ids")
+        aids = anchor_group_ids.long()
+    ids = group_ids.long()
+    B, K, n = rewards.numel(), anchor_rewards.numel(), ids.numel()
+    flags = [_values_flag(rewards), _values_flag(anchor_rewards)]
+    if n:
+        index, aindex, sorted_ids, dense_sorted, G, missing, found = _factorize_on_device(ids,
+                                                                                        aids)
+        num_groups, bad_r, bad_a, missing = _read_host(  # the one host read
+            torch.stack([G] + [f.long() for f in flags + [missing]]))
+    else:
+        bad_r, bad_a = _read_host(torch.stack([f.long() for f in flags]))
+        num_groups, missing, index, aindex = 0, aids.numel() > 0, ids, aids
+    # the general path's order: reward values, anchor values, lengths, absent anchors
+    if bad_r:
+        _check_values(rewards, "rewards")  # raises, naming the rows and values
+    if bad_a:
+        _check_values(anchor_rewards, "anchor_rewards")
+    if n != B:
+        raise ValueError(f"group_ids has {n} labels for {B} rewards")
+    if aids.numel() != K:
+        raise ValueError(f"anchor_group_ids has {aids.numel()} labels for {K} anchor_rewards")
+    if missing:
+        raise _missing_anchor_error((aids[~found] if n else aids).unique().tolist())
+    labels = (torch.empty(num_groups, dtype=torch.long, device=device)
+              .scatter_(0, dense_sorted, sorted_ids) if n else ids)
+    dtype = torch.promote_types(rewards.dtype, anchor_rewards.dtype)
+    return (rewards.to(dtype), anchor_rewards.to(dtype),
+            Groups(index, aindex, int(num_groups), labels))
+
+
 def prepare(rewards, group_ids, anchor_rewards, anchor_group_ids, dense_labels=None):
     """Checked (rewards, anchor_rewards, Groups) for any backend, on rewards' device.
-    dense_labels(device) -> an int-label factoriser op for that device, or None."""
+    dense_labels(device) -> an int-label factoriser op for that device, or None. Int tensor
+    labels on a GPU take the one-read path (one host sync in all, `_prepare_one_read`)."""
+    if _one_read_eligible(rewards, group_ids, anchor_rewards, anchor_group_ids):
+        return _prepare_one_read(rewards, group_ids, anchor_rewards, anchor_group_ids)
     rewards = check_rewards(rewards, "rewards")
     if anchor_rewards is None:
         if anchor_group_ids is not None and len(anchor_group_ids):

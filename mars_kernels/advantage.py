@@ -8,20 +8,24 @@ group then shifts the pool by the group's first rollout (so identical values giv
 0), sums, computes the two-pass spread, and writes each rollout's advantage back to its
 original row. No atomics: deterministic.
 """
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 
-@triton.jit
+# eps arrives as its float64 bit pattern (an int argument: a Python float argument would be
+# typed float32), so the launcher makes no tensor of it; do_not_specialize: a pattern equal
+# to 1 must not become a constexpr.
+@triton.jit(do_not_specialize=["eps_bits"])
 def _advantage_kernel(x_ptr, off_ptr, ord_ptr, adv_ptr, mean_ptr, std_ptr, count_ptr, gain_ptr,
-                      B, eps_ptr, NORM_BY_STD: tl.constexpr, UNBIASED: tl.constexpr,
+                      B, eps_bits, NORM_BY_STD: tl.constexpr, UNBIASED: tl.constexpr,
                       SINGLETON_RAW: tl.constexpr, BLOCK: tl.constexpr):
     # x = cat(rewards, anchors): element e < B is rollout e, e >= B is anchor e - B.
     g = tl.program_id(0)
     start = tl.load(off_ptr + g)
     end = tl.load(off_ptr + g + 1)
-    eps = tl.load(eps_ptr)  # float64: a scalar argument would be fp32
+    eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)
     shift = tl.load(x_ptr + tl.load(ord_ptr + start))  # stable sort: the first rollout
     offs = tl.arange(0, BLOCK)
     acc_r = tl.zeros([BLOCK], dtype=tl.float64)
@@ -79,10 +83,11 @@ def _advantage_kernel(x_ptr, off_ptr, ord_ptr, adv_ptr, mean_ptr, std_ptr, count
 
 
 def group_layout(index: torch.Tensor, num_groups: int):
-    """(offsets [G+1] int64, order [n] int64): elements stably sorted by group, CSR offsets."""
-    order = torch.sort(index, stable=True).indices
-    offsets = torch.zeros(num_groups + 1, dtype=torch.long, device=index.device)
-    torch.cumsum(torch.bincount(index, minlength=num_groups), 0, out=offsets[1:])
+    """(offsets [G+1] int64, order [n] int64): elements stably sorted by group, CSR offsets
+    offsets[g] = first sorted position of a key >= g, by searchsorted: no host sync (a
+    bincount would read the keys' maximum on the host), as the CUDA body does."""
+    keys, order = torch.sort(index, stable=True)
+    offsets = torch.searchsorted(keys, torch.arange(num_groups + 1, device=index.device))
     return offsets, order
 
 
@@ -99,8 +104,8 @@ def mono_anchored_advantage(rewards, group_index, anchor_rewards, anchor_index, 
         return adv, mean, std, count, gain
     values = torch.cat([rewards.reshape(-1), anchor_rewards.reshape(-1)]).double()
     offsets, order = group_layout(torch.cat([group_index, anchor_index]), G)
-    eps_t = torch.full((1,), float(eps), dtype=torch.float64, device=device)
-    _advantage_kernel[(G,)](values, offsets, order, adv, mean, std, count, gain, B, eps_t,
+    eps_bits = int(np.array([eps], dtype=np.float64).view(np.int64)[0])
+    _advantage_kernel[(G,)](values, offsets, order, adv, mean, std, count, gain, B, eps_bits,
                             NORM_BY_STD=norm_by_std, UNBIASED=unbiased,
                             SINGLETON_RAW=singleton_raw, BLOCK=32)
     return adv, mean, std, count, gain

@@ -1,5 +1,6 @@
-"""The Triton kernels of the losses compile for the GPUs users have (sm_80, sm_90), here
-on the CPU: `triton.compile` to PTX and a cubin (ptxas) for a GPU target, no GPU needed.
+"""The Triton kernels (losses, and the advantage's) compile for the GPUs users have (sm_80,
+sm_90), here on the CPU: `triton.compile` to PTX and a cubin (ptxas) for a GPU target, no
+GPU needed.
 The interpreter (TRITON_INTERPRET=1, the other tests) checks their numbers but not that
 they lower: types of scalar arguments, float64 bit casts, constexpr branches. The compiler
 runs in a subprocess without TRITON_INTERPRET (under it @triton.jit gives interpreted
@@ -29,6 +30,7 @@ def _compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from mars_kernels import advantage as A
     from mars_kernels import fused_linear as F
     from mars_kernels import policy_loss as K
 
@@ -58,6 +60,12 @@ def _compile_all():
         sig = dict(x_ptr="*fp32", stride_x="i64", out_ptr="*bf16", stride_out="i64",
                    ids_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32", V="i32", inv_temp="fp32")
         jobs[f"dlogits-sm{arch}"] = (F._dlogits_kernel, sig, dict(BLOCK_V=1024), arch)
+        sig = dict(x_ptr="*fp64", off_ptr="*i64", ord_ptr="*i64", adv_ptr="*fp32",
+                   mean_ptr="*fp32", std_ptr="*fp32", count_ptr="*i64", gain_ptr="*fp32",
+                   B="i32", eps_bits="i64")
+        for norm, raw in ((True, False), (False, True)):
+            jobs[f"advantage-{norm}-{raw}-sm{arch}"] = (A._advantage_kernel, sig, dict(
+                NORM_BY_STD=norm, UNBIASED=True, SINGLETON_RAW=raw, BLOCK=32), arch)
     out = {}
     for name, (fn, sig, cx, arch) in jobs.items():
         try:
@@ -98,6 +106,14 @@ def test_policy_loss_kernel_compiles(compiled, arch, cfg):
 @pytest.mark.parametrize("kernel", ["lse_logp", "dlogits"])
 def test_fused_epilogue_kernels_compile(compiled, arch, kernel):
     r = compiled[f"{kernel}-sm{arch}"]
+    assert r["ok"], r.get("error")
+    assert r["target"] and r["cubin"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("norm,raw", [(True, False), (False, True)])
+def test_advantage_kernel_compiles(compiled, arch, norm, raw):
+    r = compiled[f"advantage-{norm}-{raw}-sm{arch}"]
     assert r["ok"], r.get("error")
     assert r["target"] and r["cubin"]
 
