@@ -128,8 +128,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=N
         clip_low: in [0, 1); clip_high: >= 0 (inf: no upper clip). The ratio is clipped to
             [1 - clip_low, 1 + clip_high].
         dual_clip: None or a finite c > 1: for A < 0 the loss is at most -A c (verl c = 3).
-        kl_coef: finite, >= 0; kl_type "k1" | "k2" | "k3": adds kl_coef * KL per token
-            (k3 with verl's clamps, computed without cancellation near 0).
+        kl_coef: finite, >= 0; kl_type "k1" | "k2" | "k3" | "k3_ratio": adds kl_coef * KL
+            per token (k3 with verl's clamps, computed without cancellation near 0;
+            k3_ratio: k3 times the policy ratio, not detached, TRL's default
+            use_bias_correction_kl; docs/loss.md, "KL estimators").
         agg: one of LOSS_AGGS (see mars.reference.aggregate_loss).
         num_tokens, num_seqs, loss_scale: global normalisers, numbers or one-element tensors
             (e.g. all-reduced), finite and > 0 (0 only when this micro-batch has no valid
