@@ -23,7 +23,8 @@ from mars.train.loop import (PromptSource, Rollout, accumulate_gradients, collec
                              compute_advantages, informative_groups, score_rollouts)
 
 FAST = ["max_steps=1", "warmup.steps=2", "warmup.batch_size=4", "task.eval_per_category=1", "rollout.n=3",
-        "optim.prompts_per_step=2", "rollout.max_new_tokens=12", "log.progress=false", "optim.micro_batch_size=4"]
+        "optim.prompts_per_step=2", "rollout.max_new_tokens=12", "log.progress=false", "optim.micro_batch_size=4",
+        "optim.mini_batches=2"]
 REQUIRED = ["step", "loss", "reward_multi", "reward_mono", "gain", "pooled_std", "adv_mean", "adv_std",
             "clip_frac_high", "clip_frac_low", "approx_kl", "response_length", "time_generate", "time_reward",
             "time_advantage", "time_old_logp", "time_update", "time_step", "tokens_per_s", "reward_errors"]
@@ -264,3 +265,59 @@ def test_micro_batches_accumulate_to_the_whole_batch(agg, fused):
     assert len(whole[2]) == len(parts[2]) > 0
     for a, b in zip(whole[2], parts[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- --compare
+def test_compare_grpo_vs_mars(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert mars_main(["train", "--compare", f"output_dir={out}", *FAST, "max_steps=2", "compare.seeds=[0]",
+                      "log.plot_every=0"]) == 0
+    printed = capsys.readouterr().out
+    assert "MARS / GRPO median step time" in printed and "held-out accuracy" in printed
+    summary = json.load(open(out / "compare.json"))
+    assert set(summary["methods"]) == {"grpo", "mars"}
+    for m in ("grpo", "mars"):
+        assert summary["methods"][m]["final_eval"]["eval_acc_multi"] is not None
+        assert set(summary["methods"][m]["median_phase_time_s"]) >= {"time_generate", "time_update"}
+    assert (out / "compare.png").stat().st_size > 0 and (out / "compare.md").exists()
+    grpo, mars_ = _records(out / "grpo_seed0"), _records(out / "mars_seed0")
+    assert all(r["anchors"] == 0 for r in grpo if r["step"] >= 1)
+    assert all(r["anchors"] == 4 for r in mars_ if r["step"] >= 1)
+    assert mars_[0]["warmup_time_s"] < grpo[0]["warmup_time_s"]  # the seed's warm start is shared
+    assert grpo[0]["eval_acc_multi"] == mars_[0]["eval_acc_multi"]  # so both start from the same weights
+    ids = [[json.loads(line)["id"] for line in open(out / m / "samples.jsonl")] for m in ("grpo_seed0", "mars_seed0")]
+    assert [i for i in ids[1] if "/mono" not in i] == ids[0]  # and see the same prompts
+
+
+# --------------------------------------------------------------------------- the embedded task
+def test_embedded_task_scenes(tmp_path):
+    import numpy as np
+
+    from mars.data import load_eval_json
+    from mars.train.task import CATEGORIES, EmbeddedTask, source_answer, write_eval_file
+
+    t = EmbeddedTask({c: 1.0 for c in CATEGORIES}, seed=3)
+    a, b = t.sample(7), EmbeddedTask({c: 1.0 for c in CATEGORIES}, seed=3).sample(7)
+    assert a.extra_info == b.extra_info and (np.asarray(a.images[0]) == np.asarray(b.images[0])).all()
+    for c, (time, obj, answer) in CATEGORIES.items():
+        s = t.sample(0, "x", category=c)
+        rgb, ir = (np.asarray(im, dtype=float) / 255 for im in s.images)
+        assert s.ground_truth == answer and s.num_images == 2 and s.task == "vqa"
+        assert (rgb.mean() < 0.1) == (time == "night")  # RGB sees nothing at night
+        assert (ir.max() > 0.7) == (obj is not None)  # a hot blob for a person and for a heater
+        assert np.allclose(ir[..., 0], ir[..., 1])  # infrared is grey
+        if time == "day" and obj is not None:
+            red = (rgb[..., 0] > 0.7).mean() > 0.05
+            assert red == (obj == "person")
+        assert source_answer(c, 1) == ("yes" if obj else "no")
+        one = t.single_source(s, 0)
+        assert one.num_images == 1 and one.ground_truth == source_answer(c, 0) and "rgb" in one.question
+    # RGB alone misleads at night, infrared alone on heaters
+    assert source_answer("night_person", 0) == "no" and source_answer("day_heater", 1) == "yes"
+    held = t.balanced(2, "eval")
+    path = write_eval_file(held, str(tmp_path / "h"))
+    loaded = load_eval_json(path)
+    assert [s.ground_truth for s in loaded] == [s.ground_truth for s in held]
+    assert [s.id for s in loaded] == [s.id for s in held] and loaded[0].num_images == 2
+    with pytest.raises(ValueError, match="unknown categories"):
+        EmbeddedTask({"dusk": 1.0})

@@ -22,6 +22,7 @@ from .config import TrainConfig, save_config
 __all__ = ["run_compare", "CompareResult", "METHODS"]
 
 METHODS = ("grpo", "mars")
+PHASES = ("time_generate", "time_reward", "time_advantage", "time_old_logp", "time_update", "time_step")
 
 
 @dataclass
@@ -85,6 +86,8 @@ def summarise(runs: dict) -> dict:
              "final_eval_per_seed": {k: [r["final_eval"].get(k) for r in rs] for k in keys},
              "reward_multi_last20": _mean(_mean(x["reward_multi"] for x in _steps(r)[-20:]) for r in rs),
              "median_step_time_s": _mean(r["median_step_time_s"] for r in rs),
+             "median_phase_time_s": {k: _mean(statistics.median(x[k] for x in _steps(r)) if _steps(r) else None
+                                              for r in rs) for k in PHASES},
              "wall_time_s": sum(r["wall_time_s"] for r in rs)}
         out["methods"][method] = m
     if all(m in out["methods"] for m in METHODS):
@@ -124,7 +127,11 @@ def format_table(summary: dict) -> str:
     lines.append("| | " + " | ".join(ms) + " |")
     lines.append("|---" * (len(ms) + 1) + "|")
     lines.append("| reward (last 20 steps) | " + " | ".join(f"{ms[m]['reward_multi_last20']:.3f}" for m in ms) + " |")
-    lines.append("| median step time (s) | " + " | ".join(f"{ms[m]['median_step_time_s']:.3f}" for m in ms) + " |")
+    lines.append("")
+    lines.append("| median time per step (s) | " + " | ".join(ms) + " |")
+    lines.append("|---" * (len(ms) + 1) + "|")
+    for k in PHASES:
+        lines.append(f"| {k[5:]} | " + " | ".join(f"{ms[m]['median_phase_time_s'][k]:.4f}" for m in ms) + " |")
     if "step_time_ratio_mars_over_grpo" in summary:
         lines.append(f"\nMARS / GRPO median step time: {summary['step_time_ratio_mars_over_grpo']:.3f}")
     lines.append("\n(per-seed values in parentheses)")

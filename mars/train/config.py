@@ -133,13 +133,13 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    prompts_per_step: int = F(8, "prompts per RL step")
-    lr: float = F(2e-3, "AdamW learning rate")
+    prompts_per_step: int = F(16, "prompts per RL step")
+    lr: float = F(1e-4, "AdamW learning rate")
     weight_decay: float = F(0.0, "AdamW weight decay")
     betas: list = F([0.9, 0.999], "AdamW betas", value_type=float, length=2)
     warmup_steps: int = F(0, "linear learning-rate warm-up (optimizer steps)")
     max_grad_norm: Optional[float] = F(1.0, "gradient clipping (null: off)")
-    mini_batches: int = F(2, "optimizer steps per RL step (the rollouts split into this many mini-batches)")
+    mini_batches: int = F(1, "optimizer steps per RL step (the rollouts split into this many mini-batches)")
     epochs: int = F(1, "passes over the rollouts of a step")
     micro_batch_size: int = F(64, "rows per forward / backward (accumulated with exact global normalisers)")
 
@@ -161,15 +161,15 @@ class WarmupConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = F(20, "held-out evaluation every N steps (and at the start and the end; 0: only those)")
+    every: int = F(50, "held-out evaluation every N steps (and at the start and the end; 0: only those)")
     mono: bool = F(True, "also evaluate each single source")
 
 
 @dataclass
 class LogConfig:
     progress: bool = F(True, "tqdm progress bars")
-    plot_every: int = F(5, "refresh OUTPUT_DIR/metrics.png every N steps (0: only at the end)")
-    samples_every: int = F(25, "write example completions to OUTPUT_DIR/samples.jsonl every N steps (0: never)")
+    plot_every: int = F(10, "refresh OUTPUT_DIR/metrics.png every N steps (0: only at the end)")
+    samples_every: int = F(50, "write example completions to OUTPUT_DIR/samples.jsonl every N steps (0: never)")
 
 
 @dataclass
@@ -181,9 +181,10 @@ class CompareConfig:
 class TrainConfig:
     output_dir: str = F("mars_train/tiny", "where metrics.jsonl, metrics.png, config.yaml and checkpoints go")
     seed: int = F(0, "seed of weights, data and sampling")
-    max_steps: int = F(100, "RL steps")
+    max_steps: int = F(300, "RL steps")
     save_every: int = F(0, "checkpoint every N steps (0: only at the end)")
-    threads: int = F(0, "torch CPU threads (0: torch's default)")
+    threads: int = F(1, "torch CPU threads (0: torch's default; one thread keeps the tiny model fast on a "
+                                  "shared CPU)")
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
