@@ -60,6 +60,12 @@ def run_compare(cfg: TrainConfig, output_dir: str | None = None) -> CompareResul
                                  "median_step_time_s": statistics.median(r["time_step"] for r in steps)
                                  if steps else None})
     summary = summarise(runs)
+    summary["seeds"] = list(cfg.compare.seeds)
+    summary["max_steps"] = cfg.max_steps
+    if cfg.data.train == "embedded":
+        from .task import SOURCES
+
+        summary["source_names"] = list(SOURCES)
     summary_path = os.path.join(out_dir, "compare.json")
     with open(summary_path, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
@@ -119,8 +125,13 @@ def format_table(summary: dict) -> str:
         d = summary.get("mars_minus_grpo", {}).get(k)
         lines.append(f"| {label} | " + " | ".join(cells) + (f" | {d:+.3f} |" if d is not None else " | |"))
 
+    names = summary.get("source_names") or []
     for k in keys:
-        row(k, k.replace("eval_acc_", "").replace("source_0", "source 0 only").replace("source_1", "source 1 only"))
+        label = k.replace("eval_acc_", "")
+        if label.startswith("source_"):
+            i = int(label.split("_")[1])
+            label = f"{names[i] if i < len(names) else f'source {i}'} only"
+        row(k, label)
     for c in cats:
         row(f"eval_acc_multi/{c}", f"multi, {c}")
     lines.append("")
@@ -199,7 +210,7 @@ def plot_compare(runs: dict, path: str, cfg: TrainConfig) -> str | None:
         a2.set_xticks(range(len(cats)), [c.replace("_", "\n") for c in cats])
         a2.set_ylim(0, 1.05)
         a2.set_title("held-out multi-source accuracy per scene category")
-        a2.legend()
+        a2.legend(loc="lower center")
     fig.suptitle(f"GRPO vs GRPO+MARS, seeds {[r['seed'] for r in next(iter(runs.values()))]}, "
                  f"{cfg.max_steps} RL steps, G = {cfg.rollout.n}")
     fig.tight_layout()

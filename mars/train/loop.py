@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None) -> TrainResult
     engine = HFEngine(policy.model, policy.processor, tokenizer=policy.tokenizer,
                       image_processor=policy.image_processor, max_batch_rows=cfg.rollout.max_batch_rows)
     encoder = engine.encoder
-    if task is not None and heldout:
+    if cfg.data.eval == EMBEDDED and heldout:  # the held-out set as a `mars eval` file
         embedded.write_eval_file(heldout, os.path.join(cfg.output_dir, "heldout"))
 
     # ---- supervised warm start (teaches the answer format)
@@ -167,6 +167,9 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None) -> TrainResult
                 final_eval = evaluate(engine, heldout, cfg)
                 rec.update(final_eval)
             rec = logger.log(rec)
+            if rec["reward_errors"]:
+                pbar.write(f"step {step}: {rec['reward_errors']} reward call(s) failed and scored 0 "
+                           f"(sample ids in {errors_path})")
             if cfg.log.samples_every and (step % cfg.log.samples_every == 0 or step == 1):
                 _write_samples(cfg.output_dir, step, batch)
             if cfg.log.plot_every and step % cfg.log.plot_every == 0:
@@ -199,7 +202,9 @@ def collect_batch(engine, encoder, prompts, cfg: TrainConfig, times: dict, error
     n_kept = n_drawn = n_batches = 0
     skipped = 0
     for n_batches in range(1, (cfg.algorithm.max_gen_batches if cfg.algorithm.dynamic_sampling else 1) + 1):
+        t = time.perf_counter()  # encoding the prompts (image processing) counts as generation
         drawn, sk = encode_prompts(encoder, prompts.next(want), cfg)
+        times["time_generate"] = times.get("time_generate", 0.0) + time.perf_counter() - t
         skipped += sk
         n_drawn += len(drawn)
         rows = generate_rollouts(engine, drawn, cfg, times)
