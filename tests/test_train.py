@@ -321,3 +321,14 @@ def test_embedded_task_scenes(tmp_path):
     assert [s.id for s in loaded] == [s.id for s in held] and loaded[0].num_images == 2
     with pytest.raises(ValueError, match="unknown categories"):
         EmbeddedTask({"dusk": 1.0})
+
+
+def test_one_step_on_the_published_formats(tmp_path):
+    """data.train: the training parquet; data.eval: an evaluation JSON (mars.data)."""
+    data = os.path.join(os.path.dirname(__file__), "data")
+    out = tmp_path / "files"
+    assert mars_main(["train", f"output_dir={out}", *FAST, f"data.train={data}/train.parquet",
+                      f"data.eval={data}/spatialqa_eval.json", "rollout.max_new_tokens=8"]) == 0
+    step = [r for r in _records(out) if r["step"] == 1][0]
+    assert step["rollouts"] == 6 and step["anchors"] >= 4 and step["reward_errors"] == 0
+    assert step["eval_acc_multi"] is not None and not (out / "heldout").exists()
