@@ -114,6 +114,14 @@ class LossOutput(NamedTuple):
     metrics: dict
 
 
+def _option(name: str, v, expect: str, ok) -> float:
+    """_real(v), then ValueError naming `name` and `expect` unless ok(value)."""
+    x = _real(name, v, expect)
+    if not ok(x):
+        raise ValueError(f"{name} must be {expect}, got {v!r}")
+    return x
+
+
 def _real(name: str, v, expect: str) -> float:
     """v as a Python float: a real number (not bool; numpy scalars too), or a one-element
     real CPU tensor that does not require grad. Raises ValueError naming `name`."""
@@ -149,30 +157,15 @@ def check_policy_loss_options(*, clip_low, clip_high, dual_clip, kl_coef, kl_typ
         raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}")
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
-    what = "a number in [0, 1)"
-    cl = _real("clip_low", clip_low, what)
-    if not 0.0 <= cl < 1.0:
-        raise ValueError(f"clip_low must be {what}, got {clip_low!r}")
-    what = "a number >= 0 (inf: no upper clip)"
-    ch = _real("clip_high", clip_high, what)
-    if not ch >= 0.0:
-        raise ValueError(f"clip_high must be {what}, got {clip_high!r}")
-    dc = None
-    if dual_clip is not None:
-        what = "None (off) or a finite number > 1 (verl's clip_ratio_c, e.g. 3)"
-        dc = _real("dual_clip", dual_clip, what)
-        if not 1.0 < dc < math.inf:
-            raise ValueError(f"dual_clip must be {what}, got {dual_clip!r}")
-    what = _KL_COEF_RANGE
-    kc = _real("kl_coef", kl_coef, what)
-    if not 0.0 <= kc <= F32_MAX:
-        raise ValueError(f"kl_coef must be {what}, got {kl_coef!r}")
-    lc = None
-    if log_ratio_clamp is not None:
-        what = "None (no clamp) or a finite number > 0 (verl: 20)"
-        lc = _real("log_ratio_clamp", log_ratio_clamp, what)
-        if not 0.0 < lc < math.inf:
-            raise ValueError(f"log_ratio_clamp must be {what}, got {log_ratio_clamp!r}")
+    cl = _option("clip_low", clip_low, "a number in [0, 1)", lambda x: 0.0 <= x < 1.0)
+    ch = _option("clip_high", clip_high, "a number >= 0 (inf: no upper clip)", lambda x: x >= 0.0)
+    dc = None if dual_clip is None else _option(
+        "dual_clip", dual_clip, "None (off) or a finite number > 1 (verl's clip_ratio_c, e.g. 3)",
+        lambda x: 1.0 < x < math.inf)
+    kc = _option("kl_coef", kl_coef, _KL_COEF_RANGE, lambda x: 0.0 <= x <= F32_MAX)
+    lc = None if log_ratio_clamp is None else _option(
+        "log_ratio_clamp", log_ratio_clamp, "None (no clamp) or a finite number > 0 (verl: 20)",
+        lambda x: 0.0 < x < math.inf)
     out = dict(clip_low=cl, clip_high=ch, dual_clip=dc, kl_coef=kc, kl_type=kl_type, agg=agg,
                ratio_level=ratio_level, log_ratio_clamp=lc)
     for name, v in (("num_tokens", num_tokens), ("num_seqs", num_seqs),
