@@ -505,10 +505,19 @@ def _head_tolerance(size):
     return 1e-4 if size.params["dtype"] == "fp32" else 3e-2
 
 
-FUSED_LM_HEAD = Op(
-    name="fused_lm_head",
-    title="Fused lm-head + policy loss, forward + backward",
-    what=("`mars.loss.fused_linear_policy_loss`: hidden [tokens, H] and the lm-head weight "
+def _head_op(name: str, title: str, what: str, impls: list, *, grad: bool, passes: int) -> Op:
+    """An op over hidden [tokens, H] and the lm-head weight [V, H] (fused loss, token
+    log-probs): same sizes, inputs, peak-memory column, roofline and tolerance."""
+    return Op(name=name, title=title, what=what, sizes=_head_sizes,
+              inputs=lambda size, device: _head_inputs(size, device, grad=grad), impls=impls,
+              baseline=lambda device: "mars", memory=True, bytes_moved=_head_bytes(grad),
+              flops=_head_flops(passes), tolerance=_head_tolerance)
+
+
+FUSED_LM_HEAD = _head_op(
+    "fused_lm_head",
+    "Fused lm-head + policy loss, forward + backward",
+    ("`mars.loss.fused_linear_policy_loss`: hidden [tokens, H] and the lm-head weight "
           "[V, H] to the policy loss (clip 0.2 / 0.2, token-mean = Liger's 'dapo', no KL) "
           "with gradients for hidden and weight, never holding [tokens, V] logits. "
           "`reference`: materialised fp32 logits + `mars.reference.policy_loss`; `liger`: "
@@ -519,9 +528,7 @@ FUSED_LM_HEAD = Op(
           "torch; it also computes the entropy) + compute_policy_loss_vanilla. Peak memory: "
           "the torch allocator's peak above the level before the call (inputs excluded, "
           "gradients included)."),
-    sizes=_head_sizes,
-    inputs=lambda size, device: _head_inputs(size, device, grad=True),
-    impls=[
+    [
         Impl("reference", "reference", _fused_reference(False)),
         Impl("compile-reference", "reference", _fused_reference(True), quick=False),
         Impl("mars", "mars", _fused_mars("auto")),
@@ -530,11 +537,7 @@ FUSED_LM_HEAD = Op(
         Impl("cce", "peer", _fused_cce, quick=False),
         Impl("verl", "peer", _fused_verl),
     ],
-    baseline=lambda device: "mars",
-    memory=True,
-    bytes_moved=_head_bytes(True),
-    flops=_head_flops(3),
-    tolerance=_head_tolerance,
+    grad=True, passes=3,
 )
 
 
@@ -603,19 +606,17 @@ def _tlp_cce(inp, size, device):
     return Call(fn)
 
 
-TOKEN_LOGPROBS = Op(
-    name="token_logprobs",
-    title="Token log-probs through the lm head (no gradient)",
-    what=("`mars.loss.token_logprobs`: log p of the chosen ids from hidden [tokens, H] and the "
+TOKEN_LOGPROBS = _head_op(
+    "token_logprobs",
+    "Token log-probs through the lm head (no gradient)",
+    ("`mars.loss.token_logprobs`: log p of the chosen ids from hidden [tokens, H] and the "
           "lm-head weight [V, H], chunked, no gradient (old / reference log-probs). "
           "`reference`: materialised fp32 logits; `verl`: F.linear + verl's "
           "logprobs_from_logits (materialised); `verl-fused`: verl's FusedLinearForPPO "
           "(chunked; it also computes the entropy); `liger`: LigerFusedLinearCrossEntropyLoss "
           "(reduction='none', a Triton kernel); `cce`: Cut Cross-Entropy's "
           "linear_cross_entropy (reduction='none')."),
-    sizes=_head_sizes,
-    inputs=lambda size, device: _head_inputs(size, device, grad=False),
-    impls=[
+    [
         Impl("reference", "reference", _tlp_reference(False)),
         Impl("compile-reference", "reference", _tlp_reference(True), quick=False),
         Impl("mars", "mars", _tlp_mars("auto")),
@@ -625,11 +626,7 @@ TOKEN_LOGPROBS = Op(
         Impl("liger", "peer", _tlp_liger),
         Impl("cce", "peer", _tlp_cce, quick=False),
     ],
-    baseline=lambda device: "mars",
-    memory=True,
-    bytes_moved=_head_bytes(False),
-    flops=_head_flops(1),
-    tolerance=_head_tolerance,
+    grad=False, passes=1,
 )
 
 OPS: dict[str, Op] = {op.name: op for op in (ADVANTAGE, POLICY_LOSS, FUSED_LM_HEAD, TOKEN_LOGPROBS)}
