@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 
 #include "policy_loss.h"
 
@@ -81,6 +82,41 @@ inline Params check_args(const at::Tensor& logp, const at::Tensor& old_logp,
   return Params{clip_low, clip_high, dual_clip, kl_coef, log_ratio_clamp, static_cast<int>(kl_type),
                 has_ref, dual_clip > 0, log_ratio_clamp > 0, kl_coef > 0 && has_ref, seq_ratio,
                 has_is, is_2d};
+}
+
+// What both bodies read: the checked parameters, contiguous inputs (r and iw alias x when
+// ref_logp / is_weights are absent: the kernels never read them then), the aggregation
+// options and the accumulation dtype (double for double inputs, else float).
+struct Inputs {
+  Params p;
+  int64_t B, Tn;
+  bool adv_2d;
+  at::ScalarType acc;
+  int agg;
+  double num_tokens, num_seqs, loss_scale;
+  at::Tensor x, o, a, m, r, iw;
+};
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // loss, metrics, grad, row_scale
+
+// The op's C++ signature (csrc/ops.cpp) around a device body `Run`: checks and prepares the
+// inputs once, so the CPU and CUDA registrations share one argument list.
+template <Outputs (*Run)(const Inputs&)>
+Outputs entry(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+              const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+              const std::optional<at::Tensor>& is_weights, double clip_low, double clip_high,
+              double dual_clip, double kl_coef, int64_t kl_type, int64_t agg, double num_tokens,
+              double num_seqs, double loss_scale, bool seq_ratio, double log_ratio_clamp) {
+  const Params p = check_args(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low,
+                              clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs,
+                              loss_scale, seq_ratio, log_ratio_clamp);
+  const at::Tensor x = logp.contiguous();
+  const at::ScalarType acc = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return Run(Inputs{p, logp.size(0), logp.size(1), advantages.dim() == 2, acc,
+                    static_cast<int>(agg), num_tokens, num_seqs, loss_scale, x,
+                    old_logp.contiguous(), advantages.contiguous(), mask.contiguous(),
+                    p.has_ref ? ref_logp->contiguous() : x,
+                    p.has_is ? is_weights->contiguous() : x});
 }
 
 }  // namespace pl

@@ -223,24 +223,13 @@ Isa cpu_isa() {
 #endif
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cpu(
-    const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
-    const std::optional<Tensor>& ref_logp, const std::optional<Tensor>& is_weights,
-    double clip_low, double clip_high, double dual_clip, double kl_coef, int64_t kl_type,
-    int64_t agg, double num_tokens, double num_seqs, double loss_scale, bool seq_ratio,
-    double log_ratio_clamp) {
-  const pl::Params p = pl::check_args(logp, old_logp, advantages, mask, ref_logp, is_weights,
-                                      clip_low,
-                                      clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens,
-                                      num_seqs, loss_scale, seq_ratio, log_ratio_clamp);
-  const int64_t B = logp.size(0), Tn = logp.size(1);
-  const bool adv_2d = advantages.dim() == 2, has_ref = p.has_ref;
-  const auto acc = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor x = logp.contiguous(), o = old_logp.contiguous(), a = advantages.contiguous();
-  const Tensor m = mask.contiguous();
-  const Tensor r = has_ref ? ref_logp->contiguous() : x;
-  const Tensor iw = p.has_is ? is_weights->contiguous() : x;  // not read without weights
-  Tensor grad = at::empty({B, Tn}, logp.options().dtype(acc));
+pl::Outputs policy_loss_cpu(const pl::Inputs& in) {
+  const pl::Params& p = in.p;
+  const int64_t B = in.B, Tn = in.Tn;
+  const bool adv_2d = in.adv_2d;
+  const auto acc = in.acc;
+  const Tensor &x = in.x, &o = in.o, &a = in.a, &m = in.m, &r = in.r, &iw = in.iw;
+  Tensor grad = at::empty({B, Tn}, x.options().dtype(acc));
   std::vector<double> part(static_cast<size_t>(B) * pl::kNCol);
   const auto st = x.scalar_type();
   const Isa isa = (st == at::kFloat || st == at::kBFloat16) ? cpu_isa() : Isa::kScalar;
@@ -272,19 +261,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cpu(
     nseq += pr[pl::kL] > 0;
     for (int k = pl::kHigh; k < pl::kNCol; ++k) cnt[k] += pr[k];
   }
-  const double denom = pl::agg_denominator(static_cast<int>(agg), N, nseq, num_tokens, num_seqs,
-                                           loss_scale, static_cast<double>(Tn));
+  const double denom = pl::agg_denominator(in.agg, N, nseq, in.num_tokens, in.num_seqs,
+                                           in.loss_scale, static_cast<double>(Tn));
   // Small outputs written straight in the accumulation dtype (values computed in double,
   // rounded once: what a double tensor .to(acc) gives, without three extra copies).
-  Tensor row_scale = at::empty({B}, logp.options().dtype(acc));
-  Tensor metrics = at::empty({6}, logp.options().dtype(acc));
-  Tensor loss = at::empty({}, logp.options().dtype(acc));
+  Tensor row_scale = at::empty({B}, x.options().dtype(acc));
+  Tensor metrics = at::empty({6}, x.options().dtype(acc));
+  Tensor loss = at::empty({}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "mars_policy_loss_cpu_out", [&] {
     scalar_t* rs = row_scale.data_ptr<scalar_t>();
     double total = 0;
     for (int64_t i = 0; i < B; ++i) {
       const double* pr = part.data() + i * pl::kNCol;
-      const double w = pl::row_weight(static_cast<int>(agg), pr[pl::kL]);
+      const double w = pl::row_weight(in.agg, pr[pl::kL]);
       total += pr[pl::kS] * w;
       rs[i] = static_cast<scalar_t>(w / denom);
     }
@@ -304,7 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mars, CPU, m) {
-  m.impl("policy_loss", &policy_loss_cpu);
+  m.impl("policy_loss", &pl::entry<policy_loss_cpu>);
 }
 
 }  // namespace mars

@@ -200,29 +200,17 @@ __global__ void __launch_bounds__(kThreads) policy_loss_finalize_kernel(
 bool aligned(const void* ptr, size_t n) { return reinterpret_cast<std::uintptr_t>(ptr) % n == 0; }
 bool aligned16(const void* ptr) { return aligned(ptr, 16); }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
-    const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
-    const std::optional<Tensor>& ref_logp, const std::optional<Tensor>& is_weights,
-    double clip_low, double clip_high, double dual_clip, double kl_coef, int64_t kl_type,
-    int64_t agg, double num_tokens, double num_seqs, double loss_scale, bool seq_ratio,
-    double log_ratio_clamp) {
-  const pl::Params p = pl::check_args(logp, old_logp, advantages, mask, ref_logp, is_weights,
-                                      clip_low,
-                                      clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens,
-                                      num_seqs, loss_scale, seq_ratio, log_ratio_clamp);
-  const int64_t B = logp.size(0), Tn = logp.size(1);
-  const bool adv_2d = advantages.dim() == 2, has_ref = p.has_ref;
+pl::Outputs policy_loss_cuda(const pl::Inputs& in) {
+  const pl::Params& p = in.p;
+  const int64_t B = in.B, Tn = in.Tn;
+  const bool adv_2d = in.adv_2d;
   TORCH_CHECK_VALUE(B <= 2147483647LL, "too many rows");
-  const c10::cuda::CUDAGuard guard(logp.device());
-  const auto acc = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor x = logp.contiguous(), o = old_logp.contiguous(), a = advantages.contiguous();
-  const Tensor m = mask.contiguous();
-  const Tensor r = has_ref ? ref_logp->contiguous() : x;
-  const Tensor iw = p.has_is ? is_weights->contiguous() : x;  // not read without weights
-  auto opts = logp.options().dtype(acc);
+  const c10::cuda::CUDAGuard guard(in.x.device());
+  const Tensor &x = in.x, &o = in.o, &a = in.a, &m = in.m, &r = in.r, &iw = in.iw;
+  auto opts = x.options().dtype(in.acc);
   Tensor grad = at::empty({B, Tn}, opts);
   Tensor loss = at::empty({}, opts), metrics = at::empty({6}, opts), row_scale = at::empty({B}, opts);
-  Tensor part = at::empty({B, pl::kNCol}, logp.options().dtype(at::kDouble));
+  Tensor part = at::empty({B, pl::kNCol}, x.options().dtype(at::kDouble));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mars_policy_loss_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -246,7 +234,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     policy_loss_finalize_kernel<T><<<1, kThreads, 0, stream>>>(
-        part.data_ptr<double>(), B, static_cast<int>(agg), num_tokens, num_seqs, loss_scale,
+        part.data_ptr<double>(), B, in.agg, in.num_tokens, in.num_seqs, in.loss_scale,
         static_cast<double>(Tn), loss.data_ptr<T>(), metrics.data_ptr<T>(),
         row_scale.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -257,7 +245,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mars, CUDA, m) {
-  m.impl("policy_loss", &policy_loss_cuda);
+  m.impl("policy_loss", &pl::entry<policy_loss_cuda>);
 }
 
 }  // namespace mars
