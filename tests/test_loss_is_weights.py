@@ -6,7 +6,6 @@ the peers' own functions on the same inputs (verl rollout_is_weights, TRL's
 vllm_importance_sampling_correction, Liger's vllm_is_ratio)."""
 import math
 import types
-from collections import defaultdict
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 import mars
 from mars import reference
 from mars.fused_linear import FusedLinearMarsLoss, fused_linear_policy_loss
+import trl_peer
 from conftest import HAS_GPU, gpu
 from test_policy_loss import CASE_IDS, CASES, KERNELS, assert_close, batch
 
@@ -351,34 +351,12 @@ def test_verl_rollout_is_weights(backend, per_token):
 def trl_compute_loss(loss_type, logp, old, adv, mask, ref, is_ratio, beta=0.04, level="token",
                      bias_correction_kl=False, max_completion_length=None,
                      num_items_in_batch=None):
-    """TRL 1.16's GRPOTrainer._compute_loss on a stub trainer with vLLM importance sampling
-    on (the ratio comes in inputs["importance_sampling_ratio"])."""
-    from trl.trainer.grpo_trainer import GRPOTrainer
-    acc = types.SimpleNamespace(num_processes=1, sync_gradients=True,
-                                reduce=lambda x, reduction="sum": x, gather=lambda x: x,
-                                gather_for_metrics=lambda x: x)
-    stub = types.SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=0.2,
-        epsilon_high=0.28, use_vllm=is_ratio is not None,
-        vllm_importance_sampling_correction=is_ratio is not None,
-        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        max_completion_length=max_completion_length, accelerator=acc,
-        _metrics=defaultdict(lambda: defaultdict(list)), _entropy_bonus_enabled=False,
-        args=types.SimpleNamespace(use_bias_correction_kl=bias_correction_kl, delta=None,
-                                   steps_per_generation=1))
-    B = logp.shape[0]
-    inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long),
-                  prompt_mask=torch.ones(B, 1, dtype=torch.long),
-                  completion_ids=torch.zeros(logp.shape, dtype=torch.long),
-                  completion_mask=mask.long(), advantages=adv, old_per_token_logps=old,
-                  ref_per_token_logps=ref)
-    if is_ratio is not None:
-        inputs["importance_sampling_ratio"] = is_ratio
-    if num_items_in_batch is not None:
-        inputs["num_items_in_batch"] = torch.tensor(float(num_items_in_batch))
-    return GRPOTrainer._compute_loss(stub, None, inputs), stub._metrics["train"]
+    """TRL 1.16's GRPOTrainer._compute_loss with vLLM importance sampling on (the ratio
+    comes in inputs["importance_sampling_ratio"])."""
+    return trl_peer.trl_compute_loss(loss_type, logp, old, adv, mask, ref, beta=beta, level=level,
+                                     is_ratio=is_ratio, bias_correction_kl=bias_correction_kl,
+                                     max_completion_length=max_completion_length,
+                                     num_items_in_batch=num_items_in_batch)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + KERNELS)

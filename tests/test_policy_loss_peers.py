@@ -2,8 +2,6 @@
 research/peers.md 2.1-2.5): verl's compute_policy_loss_vanilla + agg_loss + kl_penalty,
 TRL's GRPOTrainer._compute_loss (the real method, on a stub trainer), Liger's torch
 ppo_loss_fn. Skipped when the peer is not installed."""
-import types
-from collections import defaultdict
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ import torch
 import mars
 from mars.reference import LOSS_AGGS
 from test_policy_loss import KERNELS, batch
+from trl_peer import trl_compute_loss
 
 BACKENDS = ["reference"] + KERNELS
 
@@ -75,30 +74,11 @@ def test_verl_parity(backend, agg, kl_type, global_norm):
 
 def trl_loss(loss_type, logp, old, adv, mask, ref, beta, eps_low, eps_high, level="token",
              max_completion_length=None, num_items_in_batch=None):
-    """TRL's own GRPOTrainer._compute_loss (trl/trainer/grpo_trainer.py) on a stub trainer
-    whose model returns `logp` as the per-token log-probs."""
-    from trl.trainer.grpo_trainer import GRPOTrainer
-    acc = types.SimpleNamespace(num_processes=1, sync_gradients=True,
-                                reduce=lambda x, reduction="sum": x, gather=lambda x: x,
-                                gather_for_metrics=lambda x: x)
-    stub = types.SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=eps_low,
-        epsilon_high=eps_high, use_vllm=False, vllm_importance_sampling_correction=False,
-        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        max_completion_length=max_completion_length, accelerator=acc,
-        _metrics=defaultdict(lambda: defaultdict(list)), _entropy_bonus_enabled=False,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1))
-    B = logp.shape[0]
-    inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long),
-                  prompt_mask=torch.ones(B, 1, dtype=torch.long),
-                  completion_ids=torch.zeros(logp.shape, dtype=torch.long),
-                  completion_mask=mask.long(), advantages=adv, old_per_token_logps=old,
-                  ref_per_token_logps=ref)
-    if num_items_in_batch is not None:
-        inputs["num_items_in_batch"] = torch.tensor(float(num_items_in_batch))
-    return GRPOTrainer._compute_loss(stub, None, inputs), stub._metrics["train"]
+    """TRL's own GRPOTrainer._compute_loss on a stub trainer (tests/trl_peer.py)."""
+    return trl_compute_loss(loss_type, logp, old, adv, mask, ref, beta=beta, eps_low=eps_low,
+                            eps_high=eps_high, level=level,
+                            max_completion_length=max_completion_length,
+                            num_items_in_batch=num_items_in_batch)
 
 
 TRL_MAP = {  # SPEC section 3: TRL loss types on mars's aggregation modes
