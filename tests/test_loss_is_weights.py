@@ -30,6 +30,18 @@ def run(backend, logp, old, adv, mask, **kw):
 ISAS = ["scalar", "avx2", "avx512"]
 
 
+def assert_matches_reference(backend, logp, old, adv, mask, kw, what):
+    """`backend` against the reference in float64: loss, gradient (finite, 0 under the
+    mask) and every metric."""
+    want, want_g = run("reference", logp, old, adv, mask, **kw)
+    got, got_g = run(backend, logp, old, adv, mask, **kw)
+    assert torch.isfinite(got_g).all() and (got_g[~mask] == 0).all()
+    assert_close(got.loss, want.loss, 1e-9, 1e-12, f"loss {what}")
+    assert_close(got_g, want_g, 1e-9, 1e-12, f"grad {what}")
+    for m in want.metrics:
+        assert_close(got.metrics[m], want.metrics[m], 1e-9, 1e-12, f"{m} {what}")
+
+
 def weights(B, T, *, per_token, seed=0, mask=None, dtype=torch.float64, device="cpu",
             poison=True):
     """Weights in [0, 2) with exact zeros; [B, T] ones hold NaN / -1 / inf under the mask
@@ -106,13 +118,7 @@ def test_kernels_match_reference(backend, device, per_token, adv_2d):
         if kw.pop("with_ref", True):
             kw["ref_logp"] = ref
         kw["is_weights"] = weights(7, 45, per_token=per_token, seed=k, mask=mask, device=device)
-        want, want_g = run("reference", logp, old, adv, mask, **kw)
-        got, got_g = run(backend, logp, old, adv, mask, **kw)
-        assert torch.isfinite(got_g).all() and (got_g[~mask] == 0).all()
-        assert_close(got.loss, want.loss, 1e-9, 1e-12, f"loss {opt}")
-        assert_close(got_g, want_g, 1e-9, 1e-12, f"grad {opt}")
-        for m in want.metrics:
-            assert_close(got.metrics[m], want.metrics[m], 1e-9, 1e-12, f"{m} {opt}")
+        assert_matches_reference(backend, logp, old, adv, mask, kw, opt)
 
 
 @pytest.mark.skipif("cpu" not in KERNELS, reason="needs the C++ extension")
