@@ -97,13 +97,54 @@ def test_cli_config_error_before_any_work(tmp_path, capsys):
     assert mars_main(["train", f"output_dir={out}", "data.train=/no/file.parquet"]) == 2
     assert "data.train: file not found" in capsys.readouterr().err and not out.exists()
     assert mars_main(["train", "--resume", str(out)]) == 2
-    assert "unknown option --resume" in capsys.readouterr().err
+    assert f"--resume {out}: no such directory" in capsys.readouterr().err
+    assert mars_main(["train", "--resmue", str(out)]) == 2
+    assert "unknown option --resmue; options: --resume, --compare" in capsys.readouterr().err
     assert mars_main(["train", "tiny", "oops"]) == 2
     assert "expected key=value overrides" in capsys.readouterr().err
     assert mars_main(["train", "--help"]) == 0
     assert "mars train --compare" in capsys.readouterr().out
     assert mars_main(["train", "--list-keys"]) == 0
     assert "loss.clip_high = 0.2" in capsys.readouterr().out
+
+
+def test_resume_config_and_overrides(tmp_path, capsys):
+    from mars.train.config import load_resume_config, save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ConfigError, match=r"config.yaml not found \(not a mars train output directory\)"):
+        load_resume_config(str(run))
+    save_config(load_config(None, ["max_steps=5", "loss.clip_high=0.28", "output_dir=/elsewhere"]),
+                str(run / "config.yaml"))
+    cfg = load_resume_config(str(run), ["max_steps=9", "log.plot_every=3", "checkpoint.keep_last=0",
+                                        "optim.micro_batch_size=2", "save_every=4"])
+    assert (cfg.max_steps, cfg.log.plot_every, cfg.checkpoint.keep_last, cfg.optim.micro_batch_size) == (9, 3, 0, 2)
+    assert cfg.loss.clip_high == 0.28 and cfg.output_dir == str(run)  # the saved config, where it is now
+    for bad in ("optim.lr=1e-3", "seed=1", "output_dir=/x", "rollout.n=2"):
+        with pytest.raises(ConfigError, match=rf"--resume: {bad.split('=')[0]} cannot change when a run is "
+                                              r"resumed.*keys that can: max_steps, save_every, checkpoint\.\*"):
+            load_resume_config(str(run), [bad])
+    with pytest.raises(ConfigError, match=r"checkpoint.keep_last: must be >= 0"):
+        load_resume_config(str(run), ["checkpoint.keep_last=-1"])
+    assert mars_main(["train", "--resume", str(run), "optim.lr=1"]) == 2
+    assert "optim.lr cannot change" in capsys.readouterr().err
+    assert mars_main(["train", "--resume", str(run), "--compare"]) == 2
+    assert "no CONFIG, no --compare" in capsys.readouterr().err
+    assert mars_main(["train", "--resume"]) == 2
+    assert "--resume needs the run's OUTPUT_DIR" in capsys.readouterr().err
+    assert mars_main(["train", "--help"]) == 0
+    assert "mars train --resume OUTPUT_DIR" in capsys.readouterr().out
+
+
+def test_tensorboard_option_needs_the_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"log.tensorboard: needs the tensorboard package.*pip install tensorboard"):
+        load_config(None, ["log.tensorboard=true"])
+    assert load_config(None).log.tensorboard is False  # off: not needed
 
 
 def test_shipped_3b_configs_have_the_papers_hyper_parameters():

@@ -1,8 +1,12 @@
 """``mars train`` command line (docs/train.md).
 
     mars train [CONFIG.yaml | NAME] [key=value ...]     train (no arguments: the embedded default)
+    mars train --resume OUTPUT_DIR [key=value ...]      go on from OUTPUT_DIR's newest checkpoint
     mars train --compare [CONFIG] [key=value ...]       GRPO vs GRPO+MARS on the same seeds
     mars train --list-keys                              every config key with its default
+
+Exit status: 0 done, 2 usage / config / checkpoint error, 128 + N stopped by signal N
+(SIGINT 130, SIGTERM 143) after writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import os
 import sys
 
-from .config import ConfigError, describe, load_config, shipped_configs
+from .config import RESUME_KEYS, RESUME_MEMORY_KEYS, ConfigError, describe, load_config, load_resume_config, \
+    shipped_configs
 
 __all__ = ["cli_main", "USAGE"]
 
 USAGE = """usage: mars train [CONFIG.yaml | NAME] [key=value ...]
+       mars train --resume OUTPUT_DIR [key=value ...]
        mars train --compare [CONFIG.yaml | NAME] [key=value ...]
        mars train --list-keys
 
@@ -23,6 +29,11 @@ embedded default, a tiny Qwen2-VL-style model on a synthetic RGB + infrared task
 minutes. NAME is a shipped config ({configs}). Nested keys with dots, values as YAML:
   mars train max_steps=50 loss.clip_high=0.28 rollout.mono=single
   mars train grpo_mars_qwen2_5_vl_3b model.path=/ckpt/qwen2.5-vl-3b-sft data.train=train.parquet
+--resume goes on from the newest complete checkpoint of OUTPUT_DIR with the config saved
+there (OUTPUT_DIR/config.yaml), appending to its metrics.jsonl; a run stopped at any
+moment (SIGKILL included) and resumed writes the same metrics and weights as one that never
+stopped. Overrides on resume: {resume_keys} (the memory keys {memory_keys}
+change the numbers at rounding level).
 --compare runs GRPO (rollout.mono=none) and GRPO+MARS on compare.seeds and writes one plot.
 """
 
@@ -52,17 +63,31 @@ def cli_main(argv) -> int:
     """Entry point of ``mars train``; returns the exit status (0 ok, 2 usage / config error)."""
     argv = list(argv)
     if "-h" in argv or "--help" in argv:
-        print(USAGE.format(configs=", ".join(shipped_configs())))
+        print(USAGE.format(configs=", ".join(shipped_configs()), resume_keys=", ".join(
+            k + "*" if k.endswith(".") else k for k in RESUME_KEYS), memory_keys=", ".join(RESUME_MEMORY_KEYS)))
         return 0
+    resume = None
+    if "--resume" in argv:  # --resume OUTPUT_DIR
+        i = argv.index("--resume")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--") or "=" in argv[i + 1]:
+            print("mars train: error: --resume needs the run's OUTPUT_DIR (mars train --resume OUTPUT_DIR "
+                  "[key=value ...])", file=sys.stderr)
+            return 2
+        resume = argv.pop(i + 1)
     try:
         flags, config, overrides = _split_args(argv)
-        unknown = [f for f in flags if f not in ("--compare", "--list-keys")]
+        unknown = [f for f in flags if f not in ("--compare", "--list-keys", "--resume")]
         if unknown:
-            raise ConfigError(f"unknown option {unknown[0]}; options: --compare, --list-keys, --help")
+            raise ConfigError(f"unknown option {unknown[0]}; options: --resume, --compare, --list-keys, --help")
         if "--list-keys" in flags:
             _print_keys()
             return 0
-        cfg = load_config(config, overrides)
+        if resume is not None:
+            if config is not None or "--compare" in flags:
+                raise ConfigError("--resume OUTPUT_DIR takes the config saved in OUTPUT_DIR: no CONFIG, no --compare")
+            cfg = load_resume_config(resume, overrides)
+        else:
+            cfg = load_config(config, overrides)
     except ConfigError as exc:
         print(f"mars train: error: {exc}", file=sys.stderr)
         return 2
@@ -74,9 +99,18 @@ def cli_main(argv) -> int:
         print(res.table)
         print(f"\nplot:    {res.plot_path}\nsummary: {res.summary_path}")
         return 0
+    from .checkpoint import CheckpointError
+    from .faults import Interrupted
     from .loop import train
 
-    res = train(cfg)
+    try:
+        res = train(cfg, resume=resume is not None)
+    except Interrupted as exc:
+        print(f"\nmars train: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (CheckpointError, ConfigError) as exc:
+        print(f"mars train: error: {exc}", file=sys.stderr)
+        return 2
     steps = [r for r in res.records if r.get("step", 0) >= 1]
     print(f"\nmars train: done in {_minutes(res.wall_time)} ({len(steps)} RL steps)")
     if steps:

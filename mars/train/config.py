@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_overrides", "to_dict", "shipped_configs",
-           "config_path", "describe", "validate", "save_config", "EMBEDDED", "TINY"]
+           "config_path", "describe", "validate", "save_config", "load_resume_config", "RESUME_KEYS",
+           "EMBEDDED", "TINY"]
 
 EMBEDDED = "embedded"  # data.train / data.eval: the embedded synthetic task
 TINY = "tiny"          # model.path: the tiny model built locally
@@ -170,6 +171,13 @@ class LogConfig:
     progress: bool = F(True, "tqdm progress bars")
     plot_every: int = F(10, "refresh OUTPUT_DIR/metrics.png every N steps (0: only at the end)")
     samples_every: int = F(50, "write example completions to OUTPUT_DIR/samples.jsonl every N steps (0: never)")
+    tensorboard: bool = F(False, "also write every metric to TensorBoard event files in OUTPUT_DIR/tensorboard "
+                                 "(needs the tensorboard package)")
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = F(2, "keep the newest N checkpoints of OUTPUT_DIR/checkpoints (0: keep all)")
 
 
 @dataclass
@@ -182,7 +190,8 @@ class TrainConfig:
     output_dir: str = F("mars_train/tiny", "where metrics.jsonl, metrics.png, config.yaml and checkpoints go")
     seed: int = F(0, "seed of weights, data and sampling")
     max_steps: int = F(300, "RL steps")
-    save_every: int = F(0, "checkpoint every N steps (0: only at the end)")
+    save_every: int = F(0, "checkpoint every N steps (0: only at the end; a checkpoint is also written on SIGINT / "
+                                 "SIGTERM)")
     threads: int = F(1, "torch CPU threads (0: torch's default; one thread keeps the tiny model fast on a "
                                   "shared CPU)")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -196,6 +205,7 @@ class TrainConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
@@ -394,6 +404,33 @@ def load_config(config=None, overrides=(), *, check_files: bool = True) -> Train
     return cfg
 
 
+# keys ``mars train --resume OUTPUT_DIR key=value`` may change: the run's length, what is
+# logged and kept, and (for out-of-memory recovery) the memory knobs, which change how
+# the same numbers are computed (batching, fusion), so only the first group keeps a resumed
+# run bit for bit equal to one that never stopped.
+RESUME_KEYS = ("max_steps", "save_every", "checkpoint.", "log.",
+               "rollout.max_batch_rows", "optim.micro_batch_size", "loss.chunk_size", "loss.fused",
+               "model.gradient_checkpointing")
+RESUME_MEMORY_KEYS = RESUME_KEYS[4:]
+
+
+def load_resume_config(output_dir: str, overrides=(), *, check_files: bool = True) -> TrainConfig:
+    """The config of run directory ``output_dir`` (its config.yaml) for ``mars train
+    --resume``, with ``output_dir`` set to the directory given and ``overrides`` limited to
+    :data:`RESUME_KEYS` (ConfigError naming the key otherwise)."""
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isdir(output_dir):
+        raise ConfigError(f"--resume {output_dir}: no such directory")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {output_dir}: {path} not found (not a mars train output directory)")
+    pairs = [o if isinstance(o, tuple) else parse_overrides([o])[0] for o in overrides]
+    for k, _ in pairs:
+        if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUME_KEYS):
+            raise ConfigError(f"--resume: {k} cannot change when a run is resumed (it would not be the same "
+                              f"run); keys that can: {', '.join(r + '*' if r.endswith('.') else r for r in RESUME_KEYS)}")
+    return load_config(path, [*pairs, ("output_dir", output_dir)], check_files=check_files)
+
+
 def _looks_local(path: str) -> bool:
     """A path that must exist here (not a hub name such as Qwen/Qwen2.5-VL-3B-Instruct)."""
     if path.startswith((".", "/", "~")) or os.sep + os.sep in path or path.count("/") > 1:
@@ -445,6 +482,12 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     need(cfg.eval.every >= 0, "eval.every", f"must be >= 0, got {cfg.eval.every}")
     need(cfg.log.plot_every >= 0, "log.plot_every", f"must be >= 0, got {cfg.log.plot_every}")
     need(cfg.log.samples_every >= 0, "log.samples_every", f"must be >= 0, got {cfg.log.samples_every}")
+    need(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {cfg.checkpoint.keep_last}")
+    if cfg.log.tensorboard:
+        import importlib.util
+
+        need(importlib.util.find_spec("tensorboard") is not None, "log.tensorboard",
+             "needs the tensorboard package, which is not installed: pip install tensorboard")
     need(len(cfg.compare.seeds) >= 1, "compare.seeds", "needs at least one seed")
     t = cfg.task
     from .task import CATEGORIES

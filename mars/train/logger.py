@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "rolling"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "rolling", "truncate_jsonl", "make_summary_writer"]
 
 
 def _clean(v):
@@ -24,31 +24,96 @@ def _clean(v):
     return v
 
 
+def make_summary_writer(log_dir: str, purge_step: int | None = None):
+    """``torch.utils.tensorboard.SummaryWriter(log_dir, purge_step=...)``; a clear
+    ImportError without the tensorboard package. (The seam the tests replace.)"""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                          f"({exc})") from None
+    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+
+def truncate_jsonl(path: str, step: int) -> list[dict]:
+    """Keep the lines of ``path`` whose ``step`` is <= ``step`` (a line cut short by a
+    killed writer is dropped), rewritten atomically; returns them. No file: []."""
+    if not os.path.isfile(path):
+        return []
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                kept.append(rec)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return kept
+
+
 class MetricsLogger:
     """Appends step records to ``directory/metrics.jsonl`` (flushed at once) and keeps them
-    for plotting."""
+    for plotting. resume_step: go on after that step (the file's records up to it are
+    kept, later ones dropped). tensorboard: also ``add_scalar`` every number of a record
+    at its step, to ``directory/tensorboard``."""
 
-    def __init__(self, directory: str, *, title: str = "", source_names=None):
+    def __init__(self, directory: str, *, title: str = "", source_names=None, resume_step: int | None = None,
+                 tensorboard: bool = False):
         self.directory = directory
         self.path = os.path.join(directory, "metrics.jsonl")
         self.plot_path = os.path.join(directory, "metrics.png")
-        self.records: list[dict] = []
         self.title = title
         self.source_names = source_names
-        self._f = open(self.path, "w", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            self.tb = make_summary_writer(os.path.join(directory, "tensorboard"),
+                                          purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is None:
+            self.records: list[dict] = []
+            self._f = open(self.path, "w", encoding="utf-8")
+        else:
+            self.records = truncate_jsonl(self.path, resume_step)
+            self._f = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict) -> dict:
         rec = _clean(record)
         self.records.append(rec)
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
+        if self.tb is not None:
+            step = rec.get("step", 0)
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
         return rec
+
+    def sync(self) -> None:
+        """fsync metrics.jsonl (before a checkpoint that covers its records)."""
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def plot(self) -> str | None:
         return plot_metrics(self.records, self.plot_path, title=self.title, source_names=self.source_names)
 
     def close(self):
         self._f.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def read_metrics(path: str) -> list[dict]:

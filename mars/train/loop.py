@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,9 +41,10 @@ from mars.rollout.encode import EncodedPrompt
 
 from . import task as embedded
 from .batch import collate_rows, logits_logprobs, response_inputs, row_logprobs
-from .checkpoint import save_checkpoint
-from .config import EMBEDDED, TINY, TrainConfig, save_config, to_dict
-from .logger import MetricsLogger
+from . import checkpoint as ckpt
+from . import faults
+from .config import EMBEDDED, TINY, ConfigError, TrainConfig, save_config, to_dict
+from .logger import MetricsLogger, truncate_jsonl
 
 __all__ = ["train", "TrainResult", "Rollout", "compute_advantages", "informative_groups", "score_rollouts"]
 
@@ -76,20 +78,35 @@ class Rollout:
 
 
 # =============================================================================== the recipe
-def train(cfg: TrainConfig, warm_start_cache: dict | None = None) -> TrainResult:
+def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: bool = False) -> TrainResult:
     """Run the configured training (the config is validated by ``load_config``).
     warm_start_cache: a dict shared between runs (``mars train --compare``): a run whose
     model, task, data and warm-start settings and seed match a finished warm start reuses
-    its weights instead of repeating it."""
+    its weights instead of repeating it.
+    resume: go on from the newest complete checkpoint of ``cfg.output_dir`` (``mars train
+    --resume``): model, reference model, optimizer, scheduler, every RNG and the data
+    position are the checkpoint's, the warm start is not redone, and metrics.jsonl,
+    reward_errors.jsonl and samples.jsonl are cut back to its step and appended to, so the
+    run writes what it would have written had it never stopped. Without a checkpoint the
+    run starts over.
+    Raises ``faults.Interrupted`` after SIGINT / SIGTERM (the step finished and
+    checkpointed), ``checkpoint.CheckpointError`` naming a corrupt or missing checkpoint
+    file, and ``torch.OutOfMemoryError`` with a note naming the config keys to lower."""
     t_start = time.perf_counter()
     os.makedirs(cfg.output_dir, exist_ok=True)
+    resume_from = ckpt.find_resumable(cfg.output_dir) if resume else None
+    if resume and resume_from is None:
+        print(f"mars train: no complete checkpoint in {cfg.output_dir}: starting the run over", file=sys.stderr)
     save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     _seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.model.device)
     errors_path = os.path.join(cfg.output_dir, "reward_errors.jsonl")
-    open(errors_path, "w").close()
+    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
+    if resume_from is None:
+        for p in (errors_path, samples_path):
+            open(p, "w").close()
 
     # ---- data, model, engine
     task = embedded.EmbeddedTask(cfg.task.mix, cfg.task.image_size, cfg.task.noise, seed=cfg.seed) \
@@ -103,87 +120,131 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None) -> TrainResult
     if cfg.data.eval == EMBEDDED and heldout:  # the held-out set as a `mars eval` file
         embedded.write_eval_file(heldout, os.path.join(cfg.output_dir, "heldout"))
 
-    # ---- supervised warm start (teaches the answer format)
-    t = time.perf_counter()
-    key = json.dumps([cfg.seed, cfg.data.train, to_dict(cfg.model), to_dict(cfg.task), to_dict(cfg.warmup)])
-    if cfg.warmup.steps and warm_start_cache is not None and key in warm_start_cache:
-        policy.model.load_state_dict(warm_start_cache[key])
-    elif cfg.warmup.steps:
-        warm_start(policy, encoder, cfg, task, prompts, device)
-        if warm_start_cache is not None:
-            warm_start_cache[key] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
-    warmup_time = time.perf_counter() - t
-    _seed_everything(cfg.seed + 1)  # RL draws the same numbers whether or not the warm start ran here
+    with faults.StopSignals(cfg.output_dir) as stop:  # SIGINT / SIGTERM: finish the step, checkpoint, stop
+        # ---- supervised warm start (teaches the answer format; a resumed run has its result)
+        t = time.perf_counter()
+        key = json.dumps([cfg.seed, cfg.data.train, to_dict(cfg.model), to_dict(cfg.task), to_dict(cfg.warmup)])
+        if resume_from is not None or not cfg.warmup.steps:
+            pass
+        elif warm_start_cache is not None and key in warm_start_cache:
+            policy.model.load_state_dict(warm_start_cache[key])
+        else:
+            warm_start(policy, encoder, cfg, task, prompts, device, stop=stop)
+            if warm_start_cache is not None:
+                warm_start_cache[key] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
+        warmup_time = time.perf_counter() - t
+        _seed_everything(cfg.seed + 1)  # RL draws the same numbers whether or not the warm start ran here
 
-    # ---- RL
-    reference = _frozen_copy(policy.model) if cfg.loss.kl_coef > 0 else None
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
-    warm = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
-    source_names = list(embedded.SOURCES) if cfg.data.train == EMBEDDED else None
-    logger = MetricsLogger(cfg.output_dir, title=_title(cfg), source_names=source_names)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-    final_eval, checkpoint = {}, None
-    pbar = _tqdm(cfg, total=cfg.max_steps, desc="mars train (RL)", unit="step")
-    evaluation = evaluate(engine, heldout, cfg) if heldout else {}  # step 0: after the warm start
-    logger.log({"step": 0, "warmup_time_s": warmup_time, "elapsed": time.perf_counter() - t_start, **evaluation})
-    try:
-        for step in range(1, cfg.max_steps + 1):
-            t_step = time.perf_counter()
-            times: dict[str, float] = {}
-
-            # 1-3. rollouts, rewards, advantages (+ dynamic sampling)
-            batch, adv, stats, gen_info = collect_batch(engine, encoder, prompts, cfg, times, errors_path, step)
-            trained = [r for r in batch if not r.anchor]
-
-            # 4. old (and reference) log-probs, no gradient
-            t = time.perf_counter()
-            old_logp = row_logprobs(policy.model, [r.prompt for r in trained],
-                                    [r.completion.token_ids for r in trained], encoder.pad_token_id,
-                                    temperature=cfg.rollout.temperature, micro_batch_size=cfg.optim.micro_batch_size,
-                                    device=device, chunk_size=cfg.loss.chunk_size) if trained else []
-            ref_logp = row_logprobs(reference, [r.prompt for r in trained], [r.completion.token_ids for r in trained],
-                                    encoder.pad_token_id, temperature=cfg.rollout.temperature,
-                                    micro_batch_size=cfg.optim.micro_batch_size, device=device,
-                                    chunk_size=cfg.loss.chunk_size) if reference is not None and trained else None
-            times["time_old_logp"] = time.perf_counter() - t
-
-            # 5. policy update
-            t = time.perf_counter()
-            upd = policy_update(policy.model, optimizer, scheduler, trained, adv, old_logp, ref_logp, cfg,
-                                encoder.pad_token_id, device, shuffle_gen) if trained else {}
+        # ---- RL
+        reference = _frozen_copy(policy.model) if cfg.loss.kl_coef > 0 else None
+        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      weight_decay=cfg.optim.weight_decay)
+        warm = cfg.optim.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
+        shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        start, saved = 1, {}
+        if resume_from is not None:  # everything a step depends on, as it was after the checkpoint's step
+            state = ckpt.restore_checkpoint(resume_from, model=policy.model, optimizer=optimizer, scheduler=scheduler,
+                                            generators={"shuffle": shuffle_gen}, reference=reference)
             engine.update_weights(policy.model)
-            times["time_update"] = time.perf_counter() - t
-            times["time_step"] = time.perf_counter() - t_step
+            prompts.cursor, start, t_start = state["data_cursor"], state["step"] + 1, t_start - state["elapsed"]
+            saved[state["step"]] = resume_from
+            if state["step"] > cfg.max_steps:
+                raise ConfigError(f"max_steps: {cfg.max_steps} is below the step of the checkpoint to resume "
+                                  f"({state['step']}, {resume_from})")
+            for p in (errors_path, samples_path):
+                truncate_jsonl(p, state["step"])
+        elif reference is not None:  # saved once: every checkpoint's reference model
+            ckpt.save_reference(cfg.output_dir, reference)
+        source_names = list(embedded.SOURCES) if cfg.data.train == EMBEDDED else None
+        logger = MetricsLogger(cfg.output_dir, title=_title(cfg), source_names=source_names,
+                               resume_step=start - 1 if resume_from else None, tensorboard=cfg.log.tensorboard)
 
-            # log, evaluate, plot, checkpoint
-            rec = {"step": step, **step_metrics(batch, trained, adv, stats, old_logp, cfg), **upd, **gen_info,
-                   **times, "elapsed": time.perf_counter() - t_start}
-            rec["tokens_per_s"] = rec["gen_tokens"] / max(times["time_step"], 1e-9)
-            if heldout and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.max_steps:
-                rec.update(evaluate(engine, heldout, cfg))
-            if step == cfg.max_steps and heldout:
-                final_eval = evaluate(engine, heldout, cfg)
-                rec.update(final_eval)
-            rec = logger.log(rec)
-            if rec["reward_errors"]:
-                pbar.write(f"step {step}: {rec['reward_errors']} reward call(s) failed and scored 0 "
-                           f"(sample ids in {errors_path})")
-            if cfg.log.samples_every and (step % cfg.log.samples_every == 0 or step == 1):
-                _write_samples(cfg.output_dir, step, batch)
-            if cfg.log.plot_every and step % cfg.log.plot_every == 0:
-                logger.plot()
-            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
-                checkpoint = _save(cfg, policy, step, prompts)
-            pbar.update(1)
-            pbar.set_postfix(reward=f"{rec['reward_multi']:.2f}", mono=_fmt(rec.get("reward_mono")),
-                             acc=f"{rec['acc_multi']:.2f}")
-    finally:
-        pbar.close()
-        logger.close()
-    plot = logger.plot()
-    checkpoint = _save(cfg, policy, cfg.max_steps, prompts)
+        def save(step: int) -> str:  # a resumable checkpoint of the state after `step`
+            if step not in saved:
+                logger.sync()
+                saved[step] = ckpt.save_checkpoint(
+                    cfg.output_dir, step, model=policy.model, tokenizer=policy.tokenizer, processor=policy.processor,
+                    image_processor=policy.image_processor, optimizer=optimizer, scheduler=scheduler,
+                    generators={"shuffle": shuffle_gen}, config=to_dict(cfg), data_cursor=prompts.cursor,
+                    seed=cfg.seed, elapsed=time.perf_counter() - t_start, keep_last=cfg.checkpoint.keep_last)
+            return saved[step]
+
+        final_eval = {}
+        pbar = _tqdm(cfg, total=cfg.max_steps, initial=start - 1, desc="mars train (RL)", unit="step")
+        try:
+            if resume_from is None:  # step 0: the policy after the warm start
+                evaluation = evaluate(engine, heldout, cfg) if heldout else {}
+                logger.log({"step": 0, "warmup_time_s": warmup_time, "elapsed": time.perf_counter() - t_start,
+                            **evaluation})
+            for step in range(start, cfg.max_steps + 1):
+                t_step = time.perf_counter()
+                times: dict[str, float] = {}
+
+                # 1-3. rollouts, rewards, advantages (+ dynamic sampling)
+                with faults.oom_hint("generation", cfg):
+                    batch, adv, stats, gen_info = collect_batch(engine, encoder, prompts, cfg, times, errors_path,
+                                                                step)
+                faults.kill_point("rollout", step)  # tests: killed mid-step
+                trained = [r for r in batch if not r.anchor]
+
+                # 4. old (and reference) log-probs, no gradient
+                t = time.perf_counter()
+                with faults.oom_hint("old_logp", cfg):
+                    old_logp = row_logprobs(policy.model, [r.prompt for r in trained],
+                                            [r.completion.token_ids for r in trained], encoder.pad_token_id,
+                                            temperature=cfg.rollout.temperature,
+                                            micro_batch_size=cfg.optim.micro_batch_size, device=device,
+                                            chunk_size=cfg.loss.chunk_size) if trained else []
+                    ref_logp = row_logprobs(reference, [r.prompt for r in trained],
+                                            [r.completion.token_ids for r in trained], encoder.pad_token_id,
+                                            temperature=cfg.rollout.temperature,
+                                            micro_batch_size=cfg.optim.micro_batch_size, device=device,
+                                            chunk_size=cfg.loss.chunk_size) if reference is not None and trained \
+                        else None
+                times["time_old_logp"] = time.perf_counter() - t
+
+                # 5. policy update
+                t = time.perf_counter()
+                with faults.oom_hint("update", cfg):
+                    upd = policy_update(policy.model, optimizer, scheduler, trained, adv, old_logp, ref_logp, cfg,
+                                        encoder.pad_token_id, device, shuffle_gen) if trained else {}
+                engine.update_weights(policy.model)
+                times["time_update"] = time.perf_counter() - t
+                times["time_step"] = time.perf_counter() - t_step
+
+                # log, evaluate, plot, checkpoint
+                rec = {"step": step, **step_metrics(batch, trained, adv, stats, old_logp, cfg), **upd, **gen_info,
+                       **times, "elapsed": time.perf_counter() - t_start}
+                rec["tokens_per_s"] = rec["gen_tokens"] / max(times["time_step"], 1e-9)
+                if heldout and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.max_steps:
+                    rec.update(evaluate(engine, heldout, cfg))
+                if step == cfg.max_steps and heldout:
+                    final_eval = evaluate(engine, heldout, cfg)
+                    rec.update(final_eval)
+                rec = logger.log(rec)
+                faults.kill_point("logged", step)  # tests: killed after logging, before the checkpoint
+                if rec["reward_errors"]:
+                    pbar.write(f"step {step}: {rec['reward_errors']} reward call(s) failed and scored 0 "
+                               f"(sample ids in {errors_path})")
+                if cfg.log.samples_every and (step % cfg.log.samples_every == 0 or step == 1):
+                    _write_samples(samples_path, step, batch)
+                if cfg.log.plot_every and step % cfg.log.plot_every == 0:
+                    logger.plot()
+                if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
+                    save(step)
+                if step != cfg.max_steps:
+                    stop.check(step, lambda: save(step))  # a signal came: checkpoint, raise faults.Interrupted
+                pbar.update(1)
+                pbar.set_postfix(reward=f"{rec['reward_multi']:.2f}", mono=_fmt(rec.get("reward_mono")),
+                                 acc=f"{rec['acc_multi']:.2f}")
+        finally:
+            pbar.close()
+            logger.close()
+        plot = logger.plot()
+        checkpoint = save(cfg.max_steps)
+    if not final_eval and logger.records:  # resumed after the last step
+        final_eval = {k: v for k, v in logger.records[-1].items() if k.startswith("eval_")}
     wall = time.perf_counter() - t_start
     result = TrainResult(cfg.output_dir, logger.path, plot, checkpoint, logger.records, final_eval, wall)
     _write_summary(cfg, result)
@@ -434,13 +495,14 @@ def micro_batch_loss(model, rows, adv, old_logp, ref_logp, opts, num_tokens, num
 
 
 # =============================================================================== warm start
-def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device) -> None:
+def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=None) -> None:
     """Supervised fine-tuning on responses in the answer format (the cold start):
     ``<think> ... </think> <answer> ANSWER </answer>`` + end of turn, token-mean
     cross-entropy, AdamW at warmup.lr. Embedded task: a warmup.single_share of the prompts
     show one source alone (answered with what it shows), the others both sources of a
     scene of warmup.categories (answered with the truth); warmup.label_noise of the
-    answers flipped. File data: the training prompts with their ground truth."""
+    answers flipped. File data: the training prompts with their ground truth.
+    stop: a faults.StopSignals; after a signal the warm start raises faults.Interrupted."""
     w = cfg.warmup
     model = policy.model
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr)
@@ -472,6 +534,8 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device) -> None
         opt.step()
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
+        if stop is not None:
+            stop.check(0, None)
     pbar.close()
 
 
@@ -505,7 +569,8 @@ def evaluate(engine, samples, cfg: TrainConfig) -> dict:
         jobs.append((s, None, s))
         if cfg.eval.mono:
             jobs += [(s, k, v) for k, v in enumerate(s.mono_variants(mode))]
-    out = engine.generate_ids([GenerationRequest(v, greedy) for _, _, v in jobs])
+    with faults.oom_hint("evaluation", cfg):
+        out = engine.generate_ids([GenerationRequest(v, greedy) for _, _, v in jobs])
     acc: dict[str, list] = {}
     for (s, k, v), cs in zip(jobs, out):
         c = float(sample_metric(s.task, cs[0].text, s.ground_truth)["correct"])
@@ -710,14 +775,8 @@ def _title(cfg: TrainConfig) -> str:
     return f"mars train: {method}, G={cfg.rollout.n}, seed {cfg.seed} ({cfg.output_dir})"
 
 
-def _save(cfg, policy, step, prompts) -> str:
-    return save_checkpoint(cfg.output_dir, step, model=policy.model, tokenizer=policy.tokenizer,
-                           processor=policy.processor, image_processor=policy.image_processor,
-                           config=to_dict(cfg), data_cursor=prompts.cursor, seed=cfg.seed)
-
-
-def _write_samples(output_dir: str, step: int, batch: list[Rollout], per_kind: int = 4) -> None:
-    with open(os.path.join(output_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
+def _write_samples(path: str, step: int, batch: list[Rollout], per_kind: int = 4) -> None:
+    with open(path, "a", encoding="utf-8") as f:
         for r in [r for r in batch if not r.anchor][:per_kind] + [r for r in batch if r.anchor][:per_kind]:
             f.write(json.dumps({"step": step, "id": r.uid, "anchor": r.anchor, "source": r.source,
                                 "ground_truth": str(r.sample.ground_truth), "reward": r.reward,

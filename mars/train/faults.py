@@ -1,0 +1,151 @@
+"""Faults of a ``mars train`` run: stop signals, out-of-memory, and the test kill points.
+
+* :class:`StopSignals` (a context manager around the run): the first SIGINT / SIGTERM
+  lets the current step finish; the loop then writes a checkpoint and raises
+  :class:`Interrupted`. A second signal abandons the step at once (:class:`Interrupted`
+  from the handler; the newest checkpoint stays the resume point). ``mars train`` prints
+  the message, which says ``mars train --resume OUTPUT_DIR``, and exits with 128 + the
+  signal number (130 for SIGINT, 143 for SIGTERM).
+* :func:`oom_hint` (a context manager around a phase): a ``torch.OutOfMemoryError``
+  (CUDA's included) gets a note naming the config keys that lower that phase's memory,
+  and is re-raised, never swallowed.
+* :func:`kill_point`: with ``MARS_TRAIN_KILL_AT=STEP:POINT[:SIGNAL]`` in the environment
+  the process sends itself SIGKILL (or SIGTERM / SIGINT) when step STEP reaches POINT
+  (``rollout``, ``logged``, ``checkpoint``: inside a checkpoint save before its marker,
+  ``committed``: after the rename, before ``latest``). For the resume tests only; without
+  the variable it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+import torch
+
+__all__ = ["Interrupted", "StopSignals", "oom_hint", "oom_message", "kill_point", "KILL_ENV"]
+
+KILL_ENV = "MARS_TRAIN_KILL_AT"
+
+
+def resume_command(output_dir: str) -> str:
+    import shlex
+
+    return f"mars train --resume {shlex.quote(str(output_dir))}"
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGINT / SIGTERM. signum: the signal; step: the last finished
+    step (None: abandoned during a step); checkpoint: the checkpoint written on the way
+    out (None: none written now); exit_code: 128 + signum."""
+
+    def __init__(self, signum: int, output_dir: str, *, step: int | None = None, checkpoint: str | None = None):
+        self.signum, self.output_dir, self.step, self.checkpoint = signum, output_dir, step, checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.checkpoint is not None:
+            what = f"stopped by {name} after step {self.step}; checkpoint {self.checkpoint}"
+        else:
+            from .checkpoint import find_resumable
+
+            try:
+                newest = find_resumable(self.output_dir)
+            except Exception:  # noqa: BLE001 - the message must not fail
+                newest = None
+            where = "during the warm start" if self.step == 0 else "in the middle of a step"
+            what = (f"stopped by {name} {where}; " + (f"the newest checkpoint is {newest}" if newest else
+                    "no checkpoint was written yet (resuming starts the run over)"))
+        return f"{what}; resume with: {resume_command(self.output_dir)}"
+
+
+class StopSignals:
+    """Installs SIGINT / SIGTERM handlers while the run lasts (main thread only; elsewhere
+    it does nothing). ``requested``: the first signal's number (None: none yet)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, output_dir: str, *, quiet: bool = False):
+        self.output_dir, self.quiet = output_dir, quiet
+        self.requested: int | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.requested is not None:  # the second one: abandon the step now
+            raise Interrupted(signum, self.output_dir)
+        self.requested = signum
+        if not self.quiet:
+            print(f"\nmars train: {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+        return False
+
+    def check(self, step: int, save) -> None:
+        """After step ``step``: if a signal came, ``save()`` (returns the checkpoint
+        directory) and raise :class:`Interrupted`."""
+        if self.requested is not None:
+            raise Interrupted(self.requested, self.output_dir, step=step, checkpoint=save() if step else None)
+
+
+# ----------------------------------------------------------------------------- out of memory
+def oom_message(phase: str, cfg) -> str:
+    """What to lower when ``phase`` ("generation", "evaluation", "old_logp", "update")
+    runs out of memory, with the config's current values."""
+    r, o, lo = cfg.rollout, cfg.optim, cfg.loss
+    if phase in ("generation", "evaluation"):
+        knobs = [f"rollout.max_batch_rows (rows per model.generate, now {r.max_batch_rows})"]
+        if phase == "generation":
+            knobs.append(f"optim.prompts_per_step x rollout.n (now {o.prompts_per_step} x {r.n})")
+        if r.engine != "hf":
+            key = "rollout.gpu_memory_utilization" if hasattr(r, "gpu_memory_utilization") else \
+                "the vLLM engine's gpu_memory_utilization"
+            knobs.insert(0, f"{key} (the GPU memory fraction vLLM takes)")
+    else:
+        knobs = [f"optim.micro_batch_size (rows per forward / backward, now {o.micro_batch_size})"]
+        if lo.fused:
+            knobs.append(f"loss.chunk_size (tokens per logits block of the fused loss, now {lo.chunk_size})")
+        else:
+            knobs.append("loss.fused=true (no [tokens x vocab] logits; then loss.chunk_size)")
+        if phase == "update" and not cfg.model.gradient_checkpointing:
+            knobs.append("model.gradient_checkpointing=true")
+    return (f"mars train: out of memory during {phase}; lower " + ", or ".join(knobs)
+            + f". Then go on from the newest checkpoint with the smaller setting: {resume_command(cfg.output_dir)} "
+            "KEY=VALUE (these memory keys may change on resume).")
+
+
+@contextlib.contextmanager
+def oom_hint(phase: str, cfg):
+    """Re-raise an out-of-memory error of ``phase`` with :func:`oom_message` as a note."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        exc.add_note(oom_message(phase, cfg))
+        raise
+
+
+# ----------------------------------------------------------------------------- tests
+def kill_point(point: str, step: int) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[0].isdigit():
+        raise ValueError(f"{KILL_ENV}={spec!r}: expected STEP:POINT[:KILL|TERM|INT]")
+    if int(parts[0]) == step and parts[1] == point:
+        sig = getattr(signal, "SIG" + (parts[2] if len(parts) == 3 else "KILL"))
+        os.kill(os.getpid(), sig)
