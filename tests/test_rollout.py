@@ -272,36 +272,4 @@ def test_engine_subclass_must_generate_something():
             pass
 
 
-class FakeLogprob:
-    def __init__(self, lp):
-        self.logprob = lp
-
-
-def test_vllm_generate_ids_one_call(samples):
-    class LLM(FakeLLM):
-        def generate(self, prompts, sampling_params=None, use_tqdm=True):
-            self.calls = getattr(self, "calls", 0) + 1
-            self.requests.extend(prompts)
-            self.params = sampling_params
-            outs = []
-            for i, p in enumerate(sampling_params):
-                n = p.kwargs["n"]
-                outs.append(SimpleNamespace(outputs=[SimpleNamespace(
-                    text=f"t{i}.{j}", token_ids=[7, 8 + j], finish_reason="length" if j else "stop",
-                    logprobs=[{7: FakeLogprob(-0.5)}, {8 + j: FakeLogprob(-1.5)}]) for j in range(n)]))
-            return outs
-
-    llm = LLM()
-    engine = VLLMEngine(llm, sampling_params_cls=FakeSamplingParams)
-    s = samples[0]
-    reqs = [GenerationRequest(s, SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9, n=3))] + \
-        [GenerationRequest(v, SamplingConfig(max_new_tokens=5)) for v in s.mono_variants()]
-    out = engine.generate_ids(reqs)
-    assert llm.calls == 1 and len(llm.params) == 3
-    assert llm.params[0].kwargs == {"n": 3, "temperature": 1.0, "top_p": 0.9, "max_tokens": 5, "seed": None,
-                                    "logprobs": 0}
-    assert llm.params[1].kwargs["n"] == 1 and llm.params[1].kwargs["temperature"] == 0.0
-    assert [len(o) for o in out] == [3, 1, 1]
-    c = out[0][1]
-    assert c.token_ids == [7, 9] and c.logprobs == [-0.5, -1.5] and c.finish_reason == "length"
-    assert out[0][0].finish_reason == "stop"
+# VLLMEngine.generate_ids (token prompts, one generate call, weight pushes): tests/test_rollout_vllm.py

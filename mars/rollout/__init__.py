@@ -5,6 +5,10 @@
     engine.generate(samples, SamplingConfig(max_new_tokens=512))  # -> list[list[str]]
     engine.generate_ids([GenerationRequest(s, SamplingConfig(temperature=1.0, n=8)), ...])
                                                                  # -> list[list[Completion]]
+
+    # training: the engine around the trained policy (rollout.engine = "hf" | "vllm")
+    from mars.rollout import build_rollout_engine
+    engine = build_rollout_engine("vllm", policy, gpu_memory_utilization=0.3, max_batch_rows=64)
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import importlib.util
 
 from .base import Completion, GenerationRequest, RolloutEngine, SamplingConfig
 from .encode import EncodedPrompt, PromptEncoder
+from .factory import ENGINES, build_rollout_engine
 from .hf import HFEngine
-from .vllm import VLLMEngine
+from .vllm import RolloutOutOfMemoryError, VLLMEngine
 
 __all__ = ["RolloutEngine", "SamplingConfig", "GenerationRequest", "Completion", "EncodedPrompt",
-           "PromptEncoder", "HFEngine", "VLLMEngine", "build_engine", "BACKENDS"]
+           "PromptEncoder", "HFEngine", "VLLMEngine", "build_engine", "BACKENDS", "build_rollout_engine",
+           "ENGINES", "RolloutOutOfMemoryError"]
 
 BACKENDS = ("auto", "hf", "vllm")
 
