@@ -192,6 +192,7 @@ def test_corrupt_file_through_the_command_line(uninterrupted, tmp_path, capsys):
 def test_resume_extends_a_finished_run_and_refuses_fewer_steps(uninterrupted, tmp_path, capsys):
     run, _ = _corrupt_run(uninterrupted, tmp_path, "extend")
     assert "max_steps: 5 is below the step of the checkpoint" in _resume_error_steps(run, capsys, 5)
+    assert "max_steps: 6" in open(os.path.join(run, "config.yaml")).read()  # refused: config.yaml untouched
     assert mars_main(["train", "--resume", run, "max_steps=7", "log.plot_every=0"]) == 0
     recs = _lines(os.path.join(run, "metrics.jsonl"))
     assert [r["step"] for r in recs] == list(range(8))

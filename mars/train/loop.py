@@ -97,6 +97,8 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     resume_from = ckpt.find_resumable(cfg.output_dir) if resume else None
     if resume and resume_from is None:
         print(f"mars train: no complete checkpoint in {cfg.output_dir}: starting the run over", file=sys.stderr)
+    if resume_from is not None and ckpt.read_trainer_state(resume_from)["step"] > cfg.max_steps:
+        raise ConfigError(f"max_steps: {cfg.max_steps} is below the step of the checkpoint to resume ({resume_from})")
     save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     _seed_everything(cfg.seed)
     if cfg.threads:
@@ -124,14 +126,13 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
         # ---- supervised warm start (teaches the answer format; a resumed run has its result)
         t = time.perf_counter()
         key = json.dumps([cfg.seed, cfg.data.train, to_dict(cfg.model), to_dict(cfg.task), to_dict(cfg.warmup)])
-        if resume_from is not None or not cfg.warmup.steps:
-            pass
-        elif warm_start_cache is not None and key in warm_start_cache:
-            policy.model.load_state_dict(warm_start_cache[key])
-        else:
-            warm_start(policy, encoder, cfg, task, prompts, device, stop=stop)
-            if warm_start_cache is not None:
-                warm_start_cache[key] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
+        if resume_from is None and cfg.warmup.steps:
+            if warm_start_cache is not None and key in warm_start_cache:
+                policy.model.load_state_dict(warm_start_cache[key])
+            else:
+                warm_start(policy, encoder, cfg, task, prompts, device, stop=stop)
+                if warm_start_cache is not None:
+                    warm_start_cache[key] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
         warmup_time = time.perf_counter() - t
         _seed_everything(cfg.seed + 1)  # RL draws the same numbers whether or not the warm start ran here
 
@@ -149,9 +150,6 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
             engine.update_weights(policy.model)
             prompts.cursor, start, t_start = state["data_cursor"], state["step"] + 1, t_start - state["elapsed"]
             saved[state["step"]] = resume_from
-            if state["step"] > cfg.max_steps:
-                raise ConfigError(f"max_steps: {cfg.max_steps} is below the step of the checkpoint to resume "
-                                  f"({state['step']}, {resume_from})")
             for p in (errors_path, samples_path):
                 truncate_jsonl(p, state["step"])
         elif reference is not None:  # saved once: every checkpoint's reference model
@@ -191,17 +189,9 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                 # 4. old (and reference) log-probs, no gradient
                 t = time.perf_counter()
                 with faults.oom_hint("old_logp", cfg):
-                    old_logp = row_logprobs(policy.model, [r.prompt for r in trained],
-                                            [r.completion.token_ids for r in trained], encoder.pad_token_id,
-                                            temperature=cfg.rollout.temperature,
-                                            micro_batch_size=cfg.optim.micro_batch_size, device=device,
-                                            chunk_size=cfg.loss.chunk_size) if trained else []
-                    ref_logp = row_logprobs(reference, [r.prompt for r in trained],
-                                            [r.completion.token_ids for r in trained], encoder.pad_token_id,
-                                            temperature=cfg.rollout.temperature,
-                                            micro_batch_size=cfg.optim.micro_batch_size, device=device,
-                                            chunk_size=cfg.loss.chunk_size) if reference is not None and trained \
-                        else None
+                    old_logp = response_logprobs(policy.model, trained, encoder, cfg, device)
+                    ref_logp = response_logprobs(reference, trained, encoder, cfg, device) \
+                        if reference is not None and trained else None
                 times["time_old_logp"] = time.perf_counter() - t
 
                 # 5. policy update
@@ -400,6 +390,17 @@ def informative_groups(out, labels) -> set:
     """DAPO dynamic sampling under MARS: the groups whose pooled std (rollouts + anchors)
     is > 0. A group whose G rewards are equal but differ from its anchors is kept."""
     return {g for g, s in zip(labels, out.std.tolist()) if s > 0}
+
+
+# =============================================================================== 4. old log-probs
+def response_logprobs(model, rows: list[Rollout], encoder, cfg: TrainConfig, device) -> list:
+    """Per-token log-probs (no gradient) of each row's response under ``model``, at the
+    rollout temperature, in optim.micro_batch_size rows per forward ([] for no rows)."""
+    if not rows:
+        return []
+    return row_logprobs(model, [r.prompt for r in rows], [r.completion.token_ids for r in rows],
+                        encoder.pad_token_id, temperature=cfg.rollout.temperature,
+                        micro_batch_size=cfg.optim.micro_batch_size, device=device, chunk_size=cfg.loss.chunk_size)
 
 
 # =============================================================================== 5. update
