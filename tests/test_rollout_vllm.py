@@ -619,6 +619,21 @@ def test_multiprocessing_engine_cannot_take_weights(samples):
         engine.update_weights(model)
 
 
+def test_push_must_cover_every_vllm_parameter(samples):
+    model, tok, improc = tiny("qwen2_5_vl")
+    engine = colocated(model, tok, improc)
+    params = list(model.named_parameters())
+    partial = SimpleNamespace(named_parameters=lambda: iter(params[:-1]))  # lm_head.weight left out
+    with pytest.raises(RuntimeError, match=r"not loaded from the pushed weights: \['language_model.lm_head.weight'\]"):
+        engine.update_weights(partial)
+    only_q = SimpleNamespace(named_parameters=lambda: iter(p for p in params if ".k_proj." not in p[0]))
+    with pytest.raises(RuntimeError, match="qkv_proj"):  # a fused parameter needs all of its shards
+        engine.update_weights(only_q)
+    extra = SimpleNamespace(named_parameters=lambda: iter(params + [("model.visual.extra.weight", params[0][1])]))
+    with pytest.raises(ValueError, match="no module or parameter named 'visual.extra.weight'"):
+        engine.update_weights(extra)
+
+
 class Corrupting(StandInLLM):
     """The stand-in with one field of its outputs broken."""
 
