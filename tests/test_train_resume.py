@@ -215,8 +215,11 @@ def test_resume_without_a_checkpoint_starts_over(tmp_path, capsys):
                 str(run / "config.yaml"))
     (run / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # a killed run's
     os.makedirs(run / "checkpoints" / ".tmp-step_000002")
-    assert mars_main(["train", "--resume", str(run)]) == 0
-    assert "no complete checkpoint in" in capsys.readouterr().err
+    os.makedirs(run / "checkpoints" / "step_000009")  # no marker: never resumed, removed by the new start
+    with pytest.warns(UserWarning, match="skipping"):
+        assert mars_main(["train", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "no complete checkpoint in" in err and "removed 1 checkpoint(s) of an earlier run" in err
     assert _steps(str(run)) == [0, 1] and "loss" in _lines(str(run / "metrics.jsonl"))[1]
     assert _ckpts(str(run)) == ["latest", "step_000001"]
 
@@ -234,3 +237,14 @@ def test_rng_state_round_trip():
     assert torch.equal(draws[0], again[0]) and draws[1:3] == again[1:3] and torch.equal(draws[3], again[3])
     with pytest.raises(KeyError, match="generator 'other' not saved"):
         ckpt.set_rng_state(state, {"other": g})
+
+
+def test_edited_config_yaml_is_refused(uninterrupted, tmp_path, capsys):
+    run, _ = _corrupt_run(uninterrupted, tmp_path, "edited")
+    path = os.path.join(run, "config.yaml")
+    text = open(path).read()
+    assert "  clip_high: 0.2\n" in text
+    with open(path, "w") as f:
+        f.write(text.replace("  clip_high: 0.2\n", "  clip_high: 0.28\n"))
+    err = _resume_error(run, capsys)
+    assert "config.yaml differs from the config checkpoint" in err and "at loss.clip_high;" in err

@@ -40,6 +40,7 @@ import torch
 from . import faults
 
 __all__ = ["CheckpointError", "save_checkpoint", "save_reference", "find_resumable", "read_trainer_state",
+           "clear_checkpoints", "config_differences",
            "restore_checkpoint", "load_weights", "latest_checkpoint", "rng_state", "set_rng_state",
            "MARKER", "REFERENCE_DIR"]
 
@@ -235,6 +236,39 @@ def save_reference(output_dir: str, model) -> str:
         json.dump({"files": files}, f)
     _commit(tmp, final)
     return final
+
+
+def clear_checkpoints(output_dir: str) -> int:
+    """Remove the checkpoints of an earlier run in OUTPUT_DIR (``step_*``, ``.tmp-*``,
+    ``reference``, ``latest``), so that a new run's ``--resume`` can never pick one of
+    them; returns how many ``step_*`` directories were removed."""
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return 0
+    n = len(_step_dirs(ckpt_dir))
+    for name in os.listdir(ckpt_dir):
+        p = os.path.join(ckpt_dir, name)
+        if _STEP_DIR.fullmatch(name) or name.startswith((".tmp-", ".old-")) or name == REFERENCE_DIR:
+            shutil.rmtree(p, ignore_errors=True)
+        elif name in ("latest", "latest.tmp"):
+            os.remove(p)
+    return n
+
+
+def config_differences(saved: dict, current: dict, allowed=(), prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts, except keys matching
+    ``allowed`` (a key, or a section prefix ending in '.')."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        key = prefix + k
+        if any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            continue
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and not key.startswith("task.mix"):
+            out += config_differences(a, b, allowed, key + ".")
+        elif a != b:
+            out.append(key)
+    return out
 
 
 # ----------------------------------------------------------------------------- reading

@@ -97,8 +97,10 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     resume_from = ckpt.find_resumable(cfg.output_dir) if resume else None
     if resume and resume_from is None:
         print(f"mars train: no complete checkpoint in {cfg.output_dir}: starting the run over", file=sys.stderr)
-    if resume_from is not None and ckpt.read_trainer_state(resume_from)["step"] > cfg.max_steps:
-        raise ConfigError(f"max_steps: {cfg.max_steps} is below the step of the checkpoint to resume ({resume_from})")
+    if resume_from is None and (n := ckpt.clear_checkpoints(cfg.output_dir)):
+        print(f"mars train: removed {n} checkpoint(s) of an earlier run in {cfg.output_dir}", file=sys.stderr)
+    if resume_from is not None:
+        _check_resume_config(cfg, ckpt.read_trainer_state(resume_from), resume_from)
     save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     _seed_everything(cfg.seed)
     if cfg.threads:
@@ -774,6 +776,19 @@ def _title(cfg: TrainConfig) -> str:
     if cfg.algorithm.dynamic_sampling:
         method = method.replace("GRPO", "DAPO")
     return f"mars train: {method}, G={cfg.rollout.n}, seed {cfg.seed} ({cfg.output_dir})"
+
+
+def _check_resume_config(cfg: TrainConfig, state: dict, path: str) -> None:
+    """The config to resume with is the checkpoint's, but for the keys --resume may change."""
+    from .config import RESUME_KEYS
+
+    if state["step"] > cfg.max_steps:
+        raise ConfigError(f"max_steps: {cfg.max_steps} is below the step of the checkpoint to resume ({path})")
+    diff = ckpt.config_differences(state.get("config", {}), to_dict(cfg), (*RESUME_KEYS, "output_dir"))
+    if diff:
+        raise ConfigError(f"{cfg.output_dir}/config.yaml differs from the config checkpoint {path} was written "
+                          f"with at {', '.join(diff)}; a resumed run keeps its config (--resume may change only "
+                          "max_steps, save_every, checkpoint.*, log.* and the memory keys)")
 
 
 def _write_samples(path: str, step: int, batch: list[Rollout], per_kind: int = 4) -> None:
