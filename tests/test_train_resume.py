@@ -114,6 +114,11 @@ def test_killed_anywhere_and_resumed_is_the_same_run(uninterrupted, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "checkpoint: " + os.path.join(run, "checkpoints", "step_000006") in res.stdout
     _assert_same_run(uninterrupted, run)
+    summary = json.load(open(os.path.join(run, "summary.json")))  # this process wrote step 6 only
+    assert summary["checkpoints_written"] == 1 and summary["checkpoint_time_s"] > 0
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        raw = [json.loads(line) for line in f]
+    assert [r["step"] for r in raw if "time_eval" in r] == [0, 2, 4, 6]  # every phase timed
     assert _ckpts(uninterrupted) == ["latest", "reference", "step_000004", "step_000006"]
 
 

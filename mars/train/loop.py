@@ -58,6 +58,7 @@ class TrainResult:
     records: list
     final_eval: dict
     wall_time: float
+    checkpoint_times: list = None  # seconds of each checkpoint this process wrote
 
 
 @dataclass
@@ -160,21 +161,26 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
         logger = MetricsLogger(cfg.output_dir, title=_title(cfg), source_names=source_names,
                                resume_step=start - 1 if resume_from else None, tensorboard=cfg.log.tensorboard)
 
+        save_times: list[float] = []
+
         def save(step: int) -> str:  # a resumable checkpoint of the state after `step`
             if step not in saved:
+                t = time.perf_counter()
                 logger.sync()
                 saved[step] = ckpt.save_checkpoint(
                     cfg.output_dir, step, model=policy.model, tokenizer=policy.tokenizer, processor=policy.processor,
                     image_processor=policy.image_processor, optimizer=optimizer, scheduler=scheduler,
                     generators={"shuffle": shuffle_gen}, config=to_dict(cfg), data_cursor=prompts.cursor,
                     seed=cfg.seed, elapsed=time.perf_counter() - t_start, keep_last=cfg.checkpoint.keep_last)
+                save_times.append(time.perf_counter() - t)
             return saved[step]
 
         final_eval = {}
         pbar = _tqdm(cfg, total=cfg.max_steps, initial=start - 1, desc="mars train (RL)", unit="step")
         try:
             if resume_from is None:  # step 0: the policy after the warm start
-                evaluation = evaluate(engine, heldout, cfg) if heldout else {}
+                t = time.perf_counter()
+                evaluation = {**evaluate(engine, heldout, cfg), "time_eval": time.perf_counter() - t} if heldout else {}
                 logger.log({"step": 0, "warmup_time_s": warmup_time, "elapsed": time.perf_counter() - t_start,
                             **evaluation})
             for step in range(start, cfg.max_steps + 1):
@@ -209,11 +215,12 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                 rec = {"step": step, **step_metrics(batch, trained, adv, stats, old_logp, cfg), **upd, **gen_info,
                        **times, "elapsed": time.perf_counter() - t_start}
                 rec["tokens_per_s"] = rec["gen_tokens"] / max(times["time_step"], 1e-9)
+                t = time.perf_counter()
                 if heldout and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.max_steps:
-                    rec.update(evaluate(engine, heldout, cfg))
+                    rec.update(evaluate(engine, heldout, cfg), time_eval=time.perf_counter() - t)
                 if step == cfg.max_steps and heldout:
                     final_eval = evaluate(engine, heldout, cfg)
-                    rec.update(final_eval)
+                    rec.update(final_eval, time_eval=time.perf_counter() - t)
                 rec = logger.log(rec)
                 faults.kill_point("logged", step)  # tests: killed after logging, before the checkpoint
                 if rec["reward_errors"]:
@@ -238,7 +245,8 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     if not final_eval and logger.records:  # resumed after the last step
         final_eval = {k: v for k, v in logger.records[-1].items() if k.startswith("eval_")}
     wall = time.perf_counter() - t_start
-    result = TrainResult(cfg.output_dir, logger.path, plot, checkpoint, logger.records, final_eval, wall)
+    result = TrainResult(cfg.output_dir, logger.path, plot, checkpoint, logger.records, final_eval, wall,
+                         save_times)
     _write_summary(cfg, result)
     return result
 
@@ -805,7 +813,9 @@ def _write_summary(cfg: TrainConfig, result: TrainResult) -> None:
                "first_reward_multi": steps[0]["reward_multi"] if steps else None,
                "last_reward_multi": steps[-1]["reward_multi"] if steps else None,
                "final_eval": result.final_eval, "checkpoint": result.checkpoint,
-               "metrics": result.metrics_path, "plot": result.plot_path}
+               "metrics": result.metrics_path, "plot": result.plot_path,
+               "checkpoints_written": len(result.checkpoint_times or []),
+               "checkpoint_time_s": sum(result.checkpoint_times or [])}
     with open(os.path.join(cfg.output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
 
