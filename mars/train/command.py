@@ -32,8 +32,9 @@ minutes. NAME is a shipped config ({configs}). Nested keys with dots, values as 
 --resume goes on from the newest complete checkpoint of OUTPUT_DIR with the config saved
 there (OUTPUT_DIR/config.yaml), appending to its metrics.jsonl; a run stopped at any
 moment (SIGKILL included) and resumed writes the same metrics and weights as one that never
-stopped. Overrides on resume: {resume_keys} (the memory keys {memory_keys}
-change the numbers at rounding level).
+stopped. Overrides on resume: {resume_keys};
+after running out of memory also {memory_keys}
+(batched differently: equal up to rounding, no longer bit for bit).
 --compare runs GRPO (rollout.mono=none) and GRPO+MARS on compare.seeds and writes one plot.
 """
 
@@ -64,7 +65,8 @@ def cli_main(argv) -> int:
     argv = list(argv)
     if "-h" in argv or "--help" in argv:
         print(USAGE.format(configs=", ".join(shipped_configs()), resume_keys=", ".join(
-            k + "*" if k.endswith(".") else k for k in RESUME_KEYS), memory_keys=", ".join(RESUME_MEMORY_KEYS)))
+            k + "*" if k.endswith(".") else k for k in RESUME_KEYS if k not in RESUME_MEMORY_KEYS),
+            memory_keys=", ".join(RESUME_MEMORY_KEYS)))
         return 0
     resume = None
     if "--resume" in argv:  # --resume OUTPUT_DIR
