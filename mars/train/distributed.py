@@ -1,0 +1,586 @@
+"""Data parallel ``mars train``: the building blocks (docs/distributed.md).
+
+    torchrun --nproc_per_node N -m mars train ...      # DDP (default); dist.strategy=fsdp2
+
+Each rank owns a disjoint slice of the step's prompts (:func:`shard_prompts`) with all of
+their rollouts and anchors, so the advantage (a per-prompt statistic) needs no gather.
+The loss of every micro-batch is normalised by the *global* token / sequence counts
+(:func:`global_counts`) and multiplied by the world size, because DDP and FSDP2 average
+the ranks' gradients: the averaged gradient is then exactly the gradient of one big batch
+(:func:`accumulate_gradients`, a drop-in for ``mars.train.loop.accumulate_gradients``).
+Metrics are reduced across ranks before rank 0 logs them (:func:`reduce_metrics`, the
+table :data:`REDUCTIONS` says which key gets which reduction); each rank checkpoints its
+own RNG state (:func:`save_rng_state`: ``rng_state_rank{r}.pt``).
+
+Without torchrun's environment (``WORLD_SIZE`` unset) everything here is the identity:
+one process, no process group, the same numbers as the single-process trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "current", "shutdown", "shard_prompts", "global_counts",
+           "all_reduce_numbers", "ResponseModel", "wrap_model", "unwrap", "is_wrapped", "response_forward",
+           "no_sync", "accumulate_gradients", "loss_multiplier", "REDUCTIONS", "local_weights", "reduce_metrics",
+           "broadcast_object", "all_gather_objects", "rank_seed", "rng_file", "save_rng_state", "load_rng_state",
+           "replica_max_diff", "full_state_dict", "STRATEGIES"]
+
+STRATEGIES = ("ddp", "fsdp2")
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+# =============================================================================== process group
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands. ``device``: the torch.device this rank computes on (the
+    tensors of the collectives live there: NCCL needs CUDA tensors). ``backend``: "gloo",
+    "nccl", or None for a single process without a process group."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes files and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """A process group with more than one rank exists."""
+        return self.world_size > 1
+
+
+def _env_int(name: str, env) -> int:
+    raw = env.get(name)
+    if raw is None:
+        raise ValueError(f"{name} is not set, but WORLD_SIZE={env.get('WORLD_SIZE')!r} is: run under torchrun "
+                         f"(python -m torch.distributed.run), which sets {', '.join(_TORCHRUN_ENV)}")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def init_distributed(backend: str | None = None, device_kind: str = "auto", *, timeout_s: float = 1800.0,
+                     env=None) -> DistInfo:
+    """Join torchrun's process group (``env://``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT) and return this rank's :class:`DistInfo`.
+
+    device_kind: "cpu", "cuda" (rank r on cuda:LOCAL_RANK, ``torch.cuda.set_device``) or
+    "auto" (cuda when available). backend: None picks "nccl" on CUDA and "gloo" on CPU.
+    timeout_s: how long a collective may wait for a slow rank before it raises.
+    With ``WORLD_SIZE`` unset (or 1 without a group) nothing is initialised: rank 0 of 1.
+    Calling it again returns the existing group's info. Raises ValueError naming a missing
+    or malformed variable, a rank outside [0, WORLD_SIZE), an unknown device_kind, or
+    "cuda" without a GPU."""
+    env = os.environ if env is None else env
+    if device_kind not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device_kind must be 'auto', 'cpu' or 'cuda', got {device_kind!r}")
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device_kind='cuda' but torch.cuda.is_available() is False")
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if dist.is_available() and dist.is_initialized():
+        return current()
+    if env.get("WORLD_SIZE") is None:
+        return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
+    world, rank, local = _env_int("WORLD_SIZE", env), _env_int("RANK", env), _env_int("LOCAL_RANK", env)
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE={world} must be >= 1")
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
+    if world == 1:
+        device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        return DistInfo(0, 1, local, device, None)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not env.get(name):
+            raise ValueError(f"{name} is not set (torchrun sets it; WORLD_SIZE={world})")
+    if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        torch.cuda.set_device(local)
+        device = torch.device(f"cuda:{local}")
+    else:
+        device = torch.device("cpu")
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    kw = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
+                            **kw)
+    return DistInfo(rank, world, local, device, backend)
+
+
+def current() -> DistInfo:
+    """This process's :class:`DistInfo` from the initialised process group (rank 0 of 1
+    when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    backend = dist.get_backend()
+    local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if backend == "nccl" else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device, backend)
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# =============================================================================== data
+def shard_prompts(prompts: Sequence, info: DistInfo | None = None) -> list:
+    """This rank's contiguous slice of the step's prompts: ``prompts[r*k:(r+1)*k]``,
+    k = len / world_size (TRL's ``process_slice``). Every rank draws the same global list
+    (so the data cursor agrees everywhere) and generates, scores and trains only its
+    slice; a prompt's rollouts and anchors all stay on the rank that owns the prompt.
+    Raises ValueError when len(prompts) is not a multiple of the world size (no padding:
+    a duplicated prompt would count twice in the gradient)."""
+    info = info or current()
+    n, w = len(prompts), info.world_size
+    if n % w:
+        raise ValueError(f"{n} prompts cannot be split evenly over {w} ranks: optim.prompts_per_step must be a "
+                         f"multiple of the number of processes (e.g. {max(w, n - n % w)} or {n + w - n % w})")
+    k = n // w
+    return list(prompts[info.rank * k:(info.rank + 1) * k])
+
+
+# =============================================================================== collectives
+def all_reduce_numbers(values: Sequence[float], op: str = "sum", info: DistInfo | None = None) -> list[float]:
+    """Element-wise all-reduce of a few numbers ("sum", "max", "min") in float64 on the
+    rank's device; one collective for the whole list. The identity for one process."""
+    info = info or current()
+    values = [float(v) for v in values]
+    if not info.distributed:
+        return values
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f"op must be one of {', '.join(ops)}, got {op!r}")
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, ops[op])
+    return t.tolist()
+
+
+def global_counts(num_tokens: int, num_seqs: int, info: DistInfo | None = None) -> tuple[int, int]:
+    """(sum over ranks of num_tokens, sum over ranks of num_seqs): the normalisers of the
+    whole data-parallel mini-batch (valid response tokens; rows with at least one). Exact
+    integers (float64 holds them exactly up to 2**53)."""
+    t, s = all_reduce_numbers([num_tokens, num_seqs], "sum", info)
+    return int(round(t)), int(round(s))
+
+
+def broadcast_object(obj: Any, info: DistInfo | None = None, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable; e.g. the resume step or a data
+    cursor read from a checkpoint by rank 0)."""
+    info = info or current()
+    if not info.distributed:
+        return obj
+    box = [obj if info.rank == src else None]
+    dist.broadcast_object_list(box, src=src, device=info.device if info.backend == "nccl" else None)
+    return box[0]
+
+
+def all_gather_objects(obj: Any, info: DistInfo | None = None) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
+    info = info or current()
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# =============================================================================== model
+class ResponseModel(torch.nn.Module):
+    """The trainer's forward as a module, so DDP / FSDP2 see it: ``forward(inputs, T)`` ->
+    ``mars.hf_model.LMHeadInputs`` of the last T positions (hidden [B, T, H], lm-head
+    weight [V, H] and bias, response ids [B, T], mask). The trainer never calls the HF
+    model's own forward (it runs the base model and reads the head's weight, so the fused
+    loss never builds logits); the head weight and bias are returned as views, so they are
+    part of the forward's autograd graph (DDP's unused-parameter search and FSDP2's root
+    all-gather both need that). ``policy``: the wrapped HF model."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, inputs: dict, response_length: int):
+        from mars.hf_model import LMHeadInputs
+
+        from .batch import response_inputs
+
+        x = response_inputs(self.policy, inputs, response_length)
+        return LMHeadInputs(x.hidden, x.weight.view_as(x.weight),
+                            None if x.bias is None else x.bias.view_as(x.bias), x.ids, x.mask)
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo | None = None, strategy: str = "ddp", *,
+               find_unused_parameters: bool = True, shard_classes: Sequence[str] | None = None) -> torch.nn.Module:
+    """The HF policy ready for data-parallel training; ``model`` itself for one process.
+
+    strategy "ddp": ``DistributedDataParallel(ResponseModel(model))`` (replicas; rank 0's
+    weights and buffers broadcast at construction; no buffer broadcast in forward
+    (``forward_sync_buffers=False``, before torch 2.14 ``broadcast_buffers=False``): the rotary buffers are
+    constants and a per-forward broadcast would make every forward a collective).
+    ``find_unused_parameters=True`` (default) is needed whenever a micro-batch may leave
+    parameters without a gradient: a VLM's vision tower on text-only prompts. Without it
+    DDP silently skips the all-reduce of the step where that happens and fails at the next
+    (tested). With images in every micro-batch it may be set False (one graph traversal
+    per forward saved).
+
+    strategy "fsdp2": ``torch.distributed.fsdp.fully_shard`` on every module whose class
+    is in ``shard_classes`` (default: the model's ``_no_split_modules``, the decoder layers
+    and vision blocks), then on the ``ResponseModel`` root (embeddings, lm head, norms).
+    Parameters become sharded DTensors: the HF model can no longer run a plain forward
+    (generation and old log-probs go through :func:`response_forward` with every rank
+    taking part, or a gathered copy: :func:`full_state_dict`).
+
+    Call it after the model is on ``info.device`` and before building the optimizer (for
+    FSDP2 the optimizer must see the sharded parameters). Raises ValueError for an unknown
+    strategy."""
+    info = info or current()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"dist.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not info.distributed:
+        return model
+    root = ResponseModel(model)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else {"broadcast_buffers": False}  # torch 2.14 renamed it (buffers still synced at init)
+        return DDP(root, device_ids=ids, find_unused_parameters=find_unused_parameters, **kw)
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(shard_classes if shard_classes is not None else (getattr(model, "_no_split_modules", None) or ()))
+    for m in list(model.modules()):
+        if type(m).__name__ in names:
+            fully_shard(m)
+    fully_shard(root)
+    return root
+
+
+def is_wrapped(model) -> bool:
+    """True for what :func:`wrap_model` returns in a process group (DDP or an FSDP2 root)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return isinstance(model, DDP) or isinstance(model, ResponseModel)
+
+
+def unwrap(model):
+    """The HF model inside a wrapped model (``save_pretrained``, ``generate``,
+    ``engine.update_weights``); ``model`` itself when it is not wrapped. Under FSDP2 its
+    parameters are shards: gather them with :func:`full_state_dict` first."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(model, DDP):
+        model = model.module
+    return model.policy if isinstance(model, ResponseModel) else model
+
+
+def response_forward(model, inputs: dict, response_length: int):
+    """``LMHeadInputs`` of the response positions: through the wrapper (DDP hooks, FSDP2
+    all-gathers) when ``model`` is wrapped, else ``mars.train.batch.response_inputs``.
+    What ``loop.micro_batch_loss`` calls once integrated (docs/distributed.md)."""
+    if is_wrapped(model):
+        return model(inputs, response_length)
+    from .batch import response_inputs
+
+    return response_inputs(model, inputs, response_length)
+
+
+@contextlib.contextmanager
+def no_sync(model, enabled: bool = True):
+    """Accumulate gradients locally without communicating (all but the last micro-batch
+    of a mini-batch): DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``; a no-op
+    for a plain model or enabled=False."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not enabled:
+        yield
+    elif isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def loss_multiplier(model, info: DistInfo | None = None) -> float:
+    """The factor on every micro-batch loss before backward: world_size for a wrapped
+    model (DDP divides each bucket by world_size before its SUM all-reduce, FSDP2
+    reduce-scatters with AVG), so that with the global normalisers the reduced gradient is
+    sum over ranks of d(local loss) = d(whole-batch loss); 1 otherwise. A power of two
+    (2, 4, 8 ranks) scales every float exactly."""
+    info = info or current()
+    return float(info.world_size) if is_wrapped(model) else 1.0
+
+
+# =============================================================================== gradients
+def accumulate_gradients(model, rows, adv, old_logp, ref_logp, cfg, pad_token_id: int, device, *,
+                         info: DistInfo | None = None, dummy=None):
+    """Data-parallel ``mars.train.loop.accumulate_gradients`` (same arguments and result):
+    backward of this rank's share ``rows`` of one mini-batch, in micro-batches of
+    optim.micro_batch_size rows, each loss normalised by the **global** token count
+    (token-mean) / sequence count (seq-mean-*) of the mini-batch and multiplied by
+    :func:`loss_multiplier`, so the gradient every rank holds after the last backward is
+    the gradient of the whole mini-batch (all ranks' rows) in one process.
+
+    Only the last micro-batch communicates (:func:`no_sync` before it). Every rank runs the
+    same number of micro-batches under FSDP2 (its forwards are collectives) and at least
+    one under DDP: a rank with fewer rows runs ``dummy`` (any trainable Rollout of the
+    step: its prompt is encoded) with advantage 0 and loss times 0, which adds exactly 0.
+
+    Returns None on every rank when the global mini-batch has no valid token (then no rank
+    steps), else (loss, metrics) of the whole mini-batch, identical on every rank: the loss
+    summed over ranks and micro-batches, the loss metrics token-weighted over all ranks and
+    ``num_tokens`` the global token count. For one process it gives the numbers of
+    ``loop.accumulate_gradients``. Raises ValueError when a rank must run a padding
+    micro-batch and ``dummy`` is None."""
+    from mars.reference import LOSS_METRICS
+
+    from . import loop
+
+    info = info or current()
+    lengths = [len(r.completion.token_ids) for r in rows]
+    local = (sum(lengths), sum(L > 0 for L in lengths))
+    num_tokens, num_seqs = global_counts(*local, info) if info.distributed else local
+    if num_tokens == 0:
+        return None
+    opts = loop.loss_options(cfg)
+    mb = cfg.optim.micro_batch_size
+    starts = list(range(0, len(rows), mb))
+    k = len(starts)
+    if info.distributed:
+        fsdp = not isinstance(model, torch.nn.parallel.DistributedDataParallel) and is_wrapped(model)
+        k = int(all_reduce_numbers([k], "max", info)[0]) if fsdp else max(k, 1)
+    scale = loss_multiplier(model, info)
+    loss_total, sums = 0.0, {}
+    for i in range(k):
+        with no_sync(model, enabled=info.distributed and i < k - 1):
+            if i < len(starts):
+                b = starts[i]
+                out = loop.micro_batch_loss(model, rows[b:b + mb], adv[b:b + mb], old_logp[b:b + mb],
+                                            None if ref_logp is None else ref_logp[b:b + mb], opts, num_tokens,
+                                            num_seqs, cfg, pad_token_id, device)
+                (out.loss * scale if scale != 1.0 else out.loss).backward()
+                loss_total += float(out.loss.detach())
+                n = float(out.metrics["num_tokens"])
+                for key, v in out.metrics.items():
+                    sums[key] = sums.get(key, 0.0) + (float(v) * n if key != "num_tokens" else n)
+            else:  # padding micro-batch: a forward / backward that adds 0 to every gradient
+                if dummy is None:
+                    raise ValueError(f"rank {info.rank} has {len(rows)} row(s), fewer micro-batches than another "
+                                     "rank: pass dummy= (a trainable Rollout of this step) to pad")
+                L = len(dummy.completion.token_ids)
+                out = loop.micro_batch_loss(model, [dummy], torch.zeros(1), [torch.zeros(L)],
+                                            None if ref_logp is None else [torch.zeros(L)], opts, num_tokens,
+                                            num_seqs, cfg, pad_token_id, device)
+                (out.loss * 0.0).backward()
+    if not info.distributed:
+        n = max(sums["num_tokens"], 1.0)
+        return loss_total, {key: (v / n if key != "num_tokens" else v) for key, v in sums.items()}
+    keys = list(LOSS_METRICS)
+    tot = all_reduce_numbers([loss_total] + [sums.get(key, 0.0) for key in keys], "sum", info)
+    loss_total, red = tot[0], dict(zip(keys, tot[1:]))
+    n = max(red["num_tokens"], 1.0)
+    return loss_total, {key: (v / n if key != "num_tokens" else v) for key, v in red.items()}
+
+
+# =============================================================================== metrics
+# How each key of a step's metrics record is reduced across ranks (docs/distributed.md):
+#   ("sum",)            sum over ranks
+#   ("mean", W)         mean weighted by the local count W of local_weights() (ranks with W = 0 add nothing)
+#   ("max",) ("min",)   over ranks (the times: the slowest rank is the step's wall time)
+#   ("std", M, W)       pooled sample std from each rank's (W, mean M, std) - exact
+#   ("same",)           already global (computed from all-reduced numbers): rank 0's value
+#   ("main",)           computed on rank 0 only (held-out evaluation): rank 0's value
+# Keys of no entry (and no prefix rule) get the unweighted mean over the ranks that have them.
+REDUCTIONS: dict[str, tuple] = {
+    **{k: ("sum",) for k in ("reward_errors", "gen_tokens", "rollouts", "anchors", "prompts_skipped")},
+    **{k: ("mean", "rollouts") for k in ("reward_multi", "acc_multi", "format_multi", "response_length",
+                                         "truncated_frac", "adv_mean", "adv_abs_mean")},
+    **{k: ("mean", "anchors") for k in ("reward_mono", "acc_mono", "anchor_response_length")},
+    **{k: ("mean", "groups") for k in ("pooled_std", "frac_zero_std", "frac_zero_std_multi")},
+    "gain": ("mean", "gain_groups"),
+    "adv_abs_mean_equal_groups": ("mean", "equal_group_rollouts"),
+    "rollout_logp_diff": ("mean", "logp_rows"),
+    "adv_std": ("std", "adv_mean", "rollouts"),
+    **{k: ("max",) for k in ("response_length_max", "adv_max", "elapsed", "warmup_time_s")},
+    "adv_min": ("min",),
+    **{k: ("same",) for k in ("step", "loss", "clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl",
+                              "ref_kl", "grad_norm", "lr", "optimizer_steps", "groups_kept", "groups_drawn",
+                              "gen_batches")},
+}
+PREFIX_REDUCTIONS = (("time_", ("max",)), ("eval_", ("main",)))
+
+
+def local_weights(batch, trained, stats=None, old_logp=None) -> dict[str, int]:
+    """The local counts behind the means of ``loop.step_metrics(batch, trained, adv, stats,
+    old_logp, cfg)``: rollouts (trained rows), anchors, groups (prompts of the advantage
+    stats), gain_groups (groups with a finite gain), equal_group_rollouts (rollouts of
+    groups whose rewards are all equal), logp_rows (rows with engine log-probs and >= 1
+    token). Pass it to :func:`reduce_metrics` as ``weights``."""
+    by_group: dict[str, set] = {}
+    for r in trained:
+        by_group.setdefault(r.group, set()).add(r.reward)
+    w = {"rollouts": len(trained), "anchors": sum(bool(r.anchor) for r in batch),
+         "groups": 0, "gain_groups": 0,
+         "equal_group_rollouts": sum(len(by_group[r.group]) == 1 for r in trained),
+         "logp_rows": sum(r.completion.logprobs is not None and len(lp) > 0
+                          for r, lp in zip(trained, old_logp or []))}
+    if stats is not None:
+        w["groups"] = int(stats.std.numel())
+        w["gain_groups"] = sum(not math.isnan(g) for g in stats.gain.tolist())
+    return w
+
+
+def _reduce_key(key: str, vals: list, weights: list[dict], recs: list[dict]):
+    rule = REDUCTIONS.get(key)
+    if rule is None:
+        rule = next((r for p, r in PREFIX_REDUCTIONS if key.startswith(p)), ("unweighted",))
+    present = [(i, v) for i, v in enumerate(vals) if v is not None]
+    kind = rule[0]
+    if kind in ("same", "main"):
+        return vals[0] if vals[0] is not None or kind == "main" else (present[0][1] if present else None)
+    if not present:
+        return None
+    if kind == "sum":
+        s = sum(v for _, v in present)
+        return int(s) if all(isinstance(v, int) and not isinstance(v, bool) for _, v in present) else s
+    if kind == "max":
+        return max(v for _, v in present)
+    if kind == "min":
+        return min(v for _, v in present)
+    if kind == "mean":
+        ws = [(weights[i].get(rule[1], 0), v) for i, v in present]
+        total = sum(w for w, _ in ws)
+        return vals[0] if total == 0 else sum(w * v for w, v in ws) / total
+    if kind == "std":
+        mkey, wkey = rule[1], rule[2]
+        parts = [(weights[i].get(wkey, 0), recs[i].get(mkey), v) for i, v in present]
+        parts = [(n, m, s) for n, m, s in parts if n > 0 and m is not None]
+        N = sum(n for n, _, _ in parts)
+        if N <= 1:
+            return 0.0 if N == 1 else vals[0]
+        M = sum(n * m for n, m, _ in parts) / N
+        ss = sum((n - 1) * s * s + n * (m - M) ** 2 for n, m, s in parts)
+        return math.sqrt(max(ss, 0.0) / (N - 1))
+    return sum(v for _, v in present) / len(present)
+
+
+def reduce_metrics(record: dict, info: DistInfo | None = None, weights: dict | None = None, *,
+                   check_same: bool = False) -> dict:
+    """The step's record over all ranks, on every rank (rank 0 logs it): every key reduced
+    as :data:`REDUCTIONS` says, with ``weights`` (:func:`local_weights` of this rank) for the
+    weighted means; ``tokens_per_s`` recomputed as gen_tokens / time_step of the reduced
+    record. One ``all_gather_object`` of the small dicts. Keys present on some ranks only
+    (eval_* on rank 0) are reduced over the ranks that have them. check_same: raise
+    ValueError naming a "same" key whose ranks disagree (a desynchronised run). For one
+    process: a copy of ``record``."""
+    info = info or current()
+    if not info.distributed:
+        return dict(record)
+    recs, ws = zip(*all_gather_objects((dict(record), dict(weights or {})), info))
+    keys = list(dict.fromkeys(k for r in recs for k in r))
+    out = {}
+    for key in keys:
+        vals = [r.get(key) for r in recs]
+        if check_same and REDUCTIONS.get(key) == ("same",):
+            present = [v for v in vals if v is not None]
+            if any(v != present[0] for v in present):
+                raise ValueError(f"metric {key!r} should be equal on every rank but is {vals}")
+        out[key] = _reduce_key(key, vals, list(ws), list(recs))
+    if "tokens_per_s" in out and out.get("gen_tokens") is not None and out.get("time_step"):
+        out["tokens_per_s"] = out["gen_tokens"] / max(out["time_step"], 1e-9)
+    return out
+
+
+# =============================================================================== RNG, resume
+def rank_seed(seed: int, info: DistInfo | None = None) -> int:
+    """The seed of rank r's sampling RNG: ``seed`` on rank 0 (a one-process run draws what
+    it drew before), ``seed + 1_000_003 * r`` elsewhere, so ranks sample different
+    responses. Weights must *not* use it (every rank builds the same model)."""
+    info = info or current()
+    return int(seed) + 1_000_003 * info.rank
+
+
+def rng_file(directory: str, info: DistInfo | None = None) -> str:
+    """``directory/rng_state_rank{r}.pt``."""
+    info = info or current()
+    return os.path.join(directory, f"rng_state_rank{info.rank}.pt")
+
+
+def save_rng_state(directory: str, info: DistInfo | None = None, generators: dict | None = None) -> str:
+    """Write this rank's RNG state (``checkpoint.rng_state``: torch CPU and CUDA, Python,
+    numpy, and ``generators`` {name: torch.Generator}) to :func:`rng_file` plus the world
+    size; every rank calls it. Returns the path."""
+    from .checkpoint import rng_state
+
+    info = info or current()
+    os.makedirs(directory, exist_ok=True)
+    path = rng_file(directory, info)
+    tmp = path + ".tmp"
+    torch.save({"world_size": info.world_size, "rank": info.rank, "state": rng_state(generators)}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_rng_state(directory: str, info: DistInfo | None = None, generators: dict | None = None) -> None:
+    """Restore what :func:`save_rng_state` wrote for this rank. Raises ValueError when the
+    file is missing or was written by a run with another world size (resuming an
+    N-process run needs N processes: the per-rank streams cannot be re-split)."""
+    from .checkpoint import set_rng_state
+
+    info = info or current()
+    path = rng_file(directory, info)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found: the checkpoint was not written by a run with rank {info.rank} "
+                         f"(resume with the checkpoint's number of processes)")
+    saved = torch.load(path, weights_only=True)
+    if saved["world_size"] != info.world_size:
+        raise ValueError(f"{path} was written by a {saved['world_size']}-process run; this run has "
+                         f"{info.world_size} processes: resume with --nproc_per_node {saved['world_size']}")
+    set_rng_state(saved["state"], generators)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state_dict(model, info: DistInfo | None = None) -> dict:
+    """The HF model's full (unsharded) state dict, on the CPU, on every rank: FSDP2 shards
+    gathered (a collective: every rank calls it), DDP / plain weights copied. Keys are the
+    HF model's own (``save_pretrained`` / ``load_state_dict`` of an unwrapped copy)."""
+    inner = unwrap(model)
+    return {k: _plain(v.detach()).cpu().clone() for k, v in inner.state_dict().items()}
+
+
+def replica_max_diff(model, info: DistInfo | None = None) -> float:
+    """max |w_rank - w_rank0| over every parameter and rank (0.0 for one process): DDP
+    replicas must stay identical after every optimizer step. Collective."""
+    info = info or current()
+    if not info.distributed:
+        return 0.0
+    worst = 0.0
+    for p in unwrap(model).parameters():
+        t = _plain(p.detach()).to(info.device).clone()
+        ref = t.clone()
+        dist.broadcast(ref, src=0)
+        worst = max(worst, float((t - ref).abs().max()) if t.numel() else 0.0)
+    return all_reduce_numbers([worst], "max", info)[0]
