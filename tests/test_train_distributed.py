@@ -302,14 +302,23 @@ def _main(info, res, cpu, out_dir):
                         state_dict_max_diff=max(float((full[n] - w_r[n]).abs().max()) for n in w_r),
                         replica_max_diff=D.replica_max_diff(fs2, info))
 
-    # (3) metrics: reduce(step_metrics of each rank's shard) vs step_metrics of the whole batch
-    m_all = loop.step_metrics(rows, tr_all, adv_all, st_all, old_all, cfg)
-    m_loc = loop.step_metrics(local, tr, adv, st, old, cfg)
+    # (3) metrics: reduce(step_metrics of each rank's shard) vs step_metrics of the whole batch; rank 1
+    # keeps one of its two prompts (as dynamic sampling may), so the ranks' counts differ and the weights
+    # of the means matter
+    kept = sorted(mine) if info.rank == 0 else sorted(mine)[:1]
+    every = {g for ks in D.all_gather_objects(kept, info) for g in ks}
+    rows_k = [r for r in rows if r.group in every]
+    local_k = [r for r in local if r.group in kept]
+    tr_all_k, adv_all_k, old_all_k, st_all_k = _train_inputs(rows_k, cfg)
+    tr_k, adv_k, old_k, st_k = _train_inputs(local_k, cfg)
+    m_all = loop.step_metrics(rows_k, tr_all_k, adv_all_k, st_all_k, old_all_k, cfg)
+    m_loc = loop.step_metrics(local_k, tr_k, adv_k, st_k, old_k, cfg)
+    m_unweighted = D.all_gather_objects(m_loc["reward_multi"], info)
     m_loc.update(step=1, time_step=1.0 + info.rank, time_update=0.5 * (1 + info.rank), tokens_per_s=0.0)
     if info.is_main:
         m_loc["eval_acc_multi"] = 0.75
-    red = D.reduce_metrics(m_loc, info, D.local_weights(local, tr, st, old), check_same=True)
-    res["metrics"] = {"reduced": red, "whole": m_all}
+    red = D.reduce_metrics(m_loc, info, D.local_weights(local_k, tr_k, st_k, old_k), check_same=True)
+    res["metrics"] = {"reduced": red, "whole": m_all, "unweighted_reward_multi": sum(m_unweighted) / 2}
 
     # (4) DDP and a vision tower unused on one rank (text-only prompts on rank 1): find_unused_parameters
     prompts_t, rows_t = _batch(enc, task, V, step=2, text_only_from=P // 2)
@@ -560,6 +569,9 @@ def test_metrics_reduced_to_the_whole_batch(main_run):
         assert red["time_step"] == 2.0 and red["time_update"] == 1.0  # max: the slowest rank
         assert red["tokens_per_s"] == pytest.approx(whole["gen_tokens"] / 2.0)
         assert red["eval_acc_multi"] == 0.75  # rank 0's evaluation
+        assert red["rollouts"] == 3 * G and red["anchors"] == 3 * M
+        # the plain mean of the ranks' means is not the batch's: the check can tell
+        assert abs(r["metrics"]["unweighted_reward_multi"] - whole["reward_multi"]) > 1e-3
     assert res[0]["metrics"]["reduced"] == res[1]["metrics"]["reduced"]
 
 
