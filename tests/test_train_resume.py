@@ -23,11 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 6 RL steps of the tiny model, a checkpoint every 2: a reference model (kl_coef), a
 # learning-rate warm-up that is still rising (the scheduler's state matters), two
 # optimizer steps per RL step (the shuffle generator), evaluation every 2 steps
-# (it draws from the torch RNG too) and samples every step
-ARGS = ["max_steps=6", "save_every=2", "checkpoint.keep_last=2", "warmup.steps=2", "warmup.batch_size=4",
-        "task.eval_per_category=1", "rollout.n=3", "optim.prompts_per_step=2", "rollout.max_new_tokens=8",
+# (it draws from the torch RNG too), samples every step, and DAPO's dynamic sampling
+# after a warm start long enough for some groups to agree (a data position that moves by
+# a varying number of prompts per step)
+ARGS = ["max_steps=6", "save_every=2", "checkpoint.keep_last=2", "warmup.steps=30", "warmup.batch_size=4",
+        "task.eval_per_category=1", "rollout.n=3", "optim.prompts_per_step=2", "rollout.max_new_tokens=14",
         "log.progress=false", "optim.micro_batch_size=4", "optim.mini_batches=2", "eval.every=2",
-        "log.plot_every=0", "loss.kl_coef=0.01", "optim.warmup_steps=8", "log.samples_every=1"]
+        "log.plot_every=0", "loss.kl_coef=0.01", "optim.warmup_steps=8", "log.samples_every=1",
+        "algorithm.dynamic_sampling=true", "algorithm.max_gen_batches=2"]
 WALL_CLOCK = {"elapsed", "tokens_per_s", "warmup_time_s"}
 
 
@@ -71,6 +74,7 @@ def _assert_same_run(a, b):
     assert [r["step"] for r in recs] == list(range(7))
     assert len({r["lr"] for r in recs[1:]}) > 1 and all(r["ref_kl"] is not None for r in recs[1:])
     assert all("eval_acc_multi" in recs[s] for s in (0, 2, 4, 6))
+    assert len({r["groups_drawn"] for r in recs[1:]}) > 1  # dynamic sampling drew more prompts on some steps
     from safetensors.torch import load_file
 
     wa, wb = (load_file(os.path.join(d, "checkpoints", "step_000006", "model.safetensors")) for d in (a, b))
@@ -194,7 +198,13 @@ def test_corrupt_file_through_the_command_line(uninterrupted, tmp_path, capsys):
     assert f"{step}/scheduler.pt: 10 bytes, the checkpoint wrote" in _resume_error(run, capsys)
 
 
-def test_resume_extends_a_finished_run_and_refuses_fewer_steps(uninterrupted, tmp_path, capsys):
+def test_resume_extends_a_finished_run_and_refuses_fewer_steps(uninterrupted, tmp_path, capsys, monkeypatch):
+    import mars.train.loop as loop
+
+    def no_warm_start(*a, **k):
+        raise AssertionError("a resumed run repeated the warm start")
+
+    monkeypatch.setattr(loop, "warm_start", no_warm_start)
     run, _ = _corrupt_run(uninterrupted, tmp_path, "extend")
     assert "max_steps: 5 is below the step of the checkpoint" in _resume_error_steps(run, capsys, 5)
     assert "max_steps: 6" in open(os.path.join(run, "config.yaml")).read()  # refused: config.yaml untouched
