@@ -95,9 +95,14 @@ def cli_main(argv) -> int:
         return 2
     if "--compare" in flags:
         from .compare import run_compare
+        from .faults import Interrupted
 
         explicit_dir = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
-        res = run_compare(cfg, output_dir=None if explicit_dir or config else "mars_train/compare")
+        try:
+            res = run_compare(cfg, output_dir=None if explicit_dir or config else "mars_train/compare")
+        except Interrupted as exc:
+            print(f"\nmars train --compare: {exc} (that run alone; --compare starts over)", file=sys.stderr)
+            return exc.exit_code
         print(res.table)
         print(f"\nplot:    {res.plot_path}\nsummary: {res.summary_path}")
         return 0
