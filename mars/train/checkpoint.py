@@ -214,7 +214,6 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, processor=N
     with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
         json.dump(state, f, indent=1)
     _commit(tmp, final)
-    faults.kill_point("committed", step)  # tests: killed before `latest` names it
     _write_text(os.path.join(ckpt_dir, "latest"), name + "\n")
     if keep_last > 0:
         for _, old in _step_dirs(ckpt_dir)[:-keep_last]:

@@ -11,9 +11,9 @@
   and is re-raised, never swallowed.
 * :func:`kill_point`: with ``MARS_TRAIN_KILL_AT=STEP:POINT[:SIGNAL]`` in the environment
   the process sends itself SIGKILL (or SIGTERM / SIGINT) when step STEP reaches POINT
-  (``rollout``, ``logged``, ``checkpoint``: inside a checkpoint save before its marker,
-  ``committed``: after the rename, before ``latest``). For the resume tests only; without
-  the variable it does nothing.
+  (``rollout``: after the step's rollouts, before its update; ``checkpoint``: inside the
+  step's checkpoint save, before its marker is written). For the resume tests only;
+  without the variable it does nothing.
 """
 
 from __future__ import annotations
