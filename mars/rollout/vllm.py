@@ -48,9 +48,9 @@ vLLM's V1 multiprocessing, which ``colocated`` turns off
 the prefix cache, the multimodal cache and the **encoder cache** are reset (else a
 repeated image reuses vision-tower outputs of the old weights, vllm#44910).
 
-Memory: vLLM's ``RuntimeError`` / ``torch.OutOfMemoryError`` / KV-cache ``ValueError``
-for too little memory, at engine creation or in ``generate``, is re-raised as
-:class:`RolloutOutOfMemoryError` naming ``rollout.vllm.gpu_memory_utilization`` and
+Memory: vLLM's ``torch.OutOfMemoryError`` / out-of-memory ``RuntimeError`` / KV-cache
+``ValueError`` for too little memory, at engine creation or in ``generate``, is re-raised
+as :class:`RolloutOutOfMemoryError` (a ``torch.OutOfMemoryError``) naming ``rollout.vllm.gpu_memory_utilization`` and
 ``rollout.max_batch_rows`` (the original exception chained).
 
 vLLM sources (0.31.0): vllm/entrypoints/llm.py (LLM, generate, sleep, wake_up,
@@ -68,6 +68,8 @@ import os
 import tempfile
 import warnings
 from typing import Callable, Iterator, Sequence
+
+import torch
 
 from .base import Completion, GenerationRequest, RolloutEngine, SamplingConfig, require
 from .encode import IMAGE_TOKEN, PromptEncoder
@@ -91,19 +93,15 @@ OOM_HINT = ("vLLM ran out of GPU memory ({what}). The engine shares the GPU with
             "(max_num_seqs; lower it); rollout.vllm.max_model_len bounds the KV cache one sequence needs.")
 
 
-class RolloutOutOfMemoryError(RuntimeError):
+class RolloutOutOfMemoryError(torch.OutOfMemoryError):
     """vLLM had too little GPU memory; the message says which settings to change, the
-    original exception is ``__cause__``."""
+    original exception is ``__cause__``. A ``torch.OutOfMemoryError`` (so a RuntimeError),
+    so code that handles CUDA out-of-memory errors handles it too."""
 
 
 def _is_oom(exc: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
     msg = str(exc).lower()
     return any(k in msg for k in ("out of memory", "gpu_memory_utilization", "gpu memory utilization",
                                   "kv cache memory", "no available memory for the cache blocks"))
