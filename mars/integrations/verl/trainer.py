@@ -1,0 +1,90 @@
+"""The MARS recipe's trainer: verl 0.9.1's legacy ``RayPPOTrainer`` plus the anchors.
+
+Why the legacy trainer: ``trainer.use_v1=true`` (verl's default) runs the TransferQueue
+trainers (verl/trainer/ppo/v1/), whose ``_compute_advantage`` fetches a fixed list of
+fields (uid, response_mask, rm_scores, ...) and never ``reward_baselines``
+(v1/trainer_base.py L1743-1786); the legacy ``compute_advantage`` passes it to a registered
+estimator (ray_trainer.py L257-259). ``RayPPOTrainer`` is marked deprecated in 0.9.1
+(ray_trainer.py L284) but ships and runs; verl's DAPO recipe subclasses it the same way.
+
+What this subclass changes, and nothing else of ``fit``:
+
+- ``init_workers``: wraps ``self.async_rollout_manager`` in
+  :class:`mars.integrations.verl.rollout.MonoAnchorRollout` (the anchors are generated in
+  ``fit``'s own ``generate_sequences`` call and handed over as ``reward_baselines``).
+- ``_compute_reward_colocate``: with a colocated reward model (no ``rm_scores`` from the
+  agent loop), also scores the pending mono outputs with the same reward manager.
+- ``_balance_batch``: adds the step's ``mars/*`` anchor metrics to ``fit``'s metrics dict
+  (the one hook ``fit`` hands that dict to; so only with ``trainer.balance_batch=true``,
+  verl's default).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+from mars.integrations.verl.rollout import MonoAnchorRollout
+
+__all__ = ["RayMARSTrainer", "mars_options"]
+
+_DEFAULTS = {"anchors": True, "mono_mode": "duplicate", "min_sources": 1}
+
+
+def mars_options(config) -> dict:
+    """The recipe's ``mars`` config section with its defaults (anchors, mono_mode,
+    min_sources); unknown keys raise ValueError naming them."""
+    section = config.get("mars", None) if hasattr(config, "get") else None
+    opts = dict(_DEFAULTS)
+    if section is not None:
+        for k in section:
+            if k not in _DEFAULTS and k != "use_mars_rewards":
+                raise ValueError(f"unknown mars option {k!r}; known: {sorted(_DEFAULTS) + ['use_mars_rewards']}")
+            if k in _DEFAULTS:
+                opts[k] = section[k]
+    return opts
+
+
+class RayMARSTrainer(RayPPOTrainer):
+    """``RayPPOTrainer`` whose rollouts also produce the greedy mono-source anchors.
+
+    Same constructor as ``RayPPOTrainer``; the ``mars`` config section (see
+    :func:`mars_options`) selects the mono input and can turn the anchors off.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        self.mars_opts = mars_options(config)
+        estimator = str(config.algorithm.adv_estimator)
+        if self.mars_opts["anchors"] and estimator != "mars":
+            warnings.warn(f"algorithm.adv_estimator={estimator}: the recipe generates mono anchors "
+                          "that only the 'mars' estimator reads (set mars.anchors=false for plain "
+                          "GRPO without the extra generations)", UserWarning, stacklevel=2)
+        if estimator == "remax":
+            raise ValueError("the MARS recipe cannot run REMAX: both use __do_sample__ and "
+                             "reward_baselines")
+        super().__init__(config, *args, **kwargs)
+
+    def init_workers(self):
+        super().init_workers()
+        self.async_rollout_manager = MonoAnchorRollout(
+            self.async_rollout_manager,
+            num_workers=int(self.config.actor_rollout_ref.rollout.agent.num_workers),
+            mono_mode=self.mars_opts["mono_mode"],
+            min_sources=int(self.mars_opts["min_sources"]),
+            enable=bool(self.mars_opts["anchors"]),
+        )
+
+    def _compute_reward_colocate(self, batch):
+        result = super()._compute_reward_colocate(batch)
+        rollout = self.async_rollout_manager
+        if isinstance(rollout, MonoAnchorRollout) and rollout.pending is not None:
+            rollout.finish_pending(super()._compute_reward_colocate, batch, result)
+        return result
+
+    def _balance_batch(self, batch, metrics, *args, **kwargs):
+        out = super()._balance_batch(batch, metrics, *args, **kwargs)
+        rollout = self.async_rollout_manager
+        if isinstance(rollout, MonoAnchorRollout):
+            metrics.update(rollout.pop_metrics())
+        return out
