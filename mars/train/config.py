@@ -85,8 +85,23 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = F(0.3, "fraction of the whole GPU the colocated vLLM takes (weights + KV cache)")
+    enable_sleep_mode: bool = F(True, "free vLLM's GPU memory during the old log-probs and the update (sleep/wake_up)")
+    sleep_level: int = F(1, "1: offload vLLM's weights to CPU while asleep; 2: discard them (they are re-pushed)")
+    max_model_len: Optional[int] = F(None, "tokens per sequence (null: rollout.max_prompt_length + "
+                                           "rollout.max_new_tokens)")
+    max_images: int = F(6, "images per prompt (vLLM's limit_mm_per_prompt)")
+    enforce_eager: bool = F(False, "no CUDA graphs (less memory, slower)")
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = F(
+        "processed_logprobs", "engine log-probs: after temperature/top-p (processed) or before (raw; equals the "
+                              "trainer's at temperature 1)")
+
+
+@dataclass
 class RolloutConfig:
-    engine: Literal["hf"] = F("hf", "generation engine (hf: transformers generate)")
+    engine: Literal["hf", "vllm"] = F("hf", "generation engine (hf: transformers generate; vllm: a colocated "
+                                            "vllm.LLM, docs/vllm.md)")
     n: int = F(8, "G: sampled rollouts per prompt")
     temperature: float = F(1.0, "sampling temperature of the G rollouts")
     top_p: float = F(0.9, "nucleus of the G rollouts")
@@ -96,7 +111,9 @@ class RolloutConfig:
         "duplicate", "mono anchors: source k in every image slot (duplicate), one image (single), or none "
                      "(plain GRPO / DAPO)")
     separate_anchor_call: bool = F(False, "generate the anchors in a second call (timing only)")
-    max_batch_rows: Optional[int] = F(None, "rows per model.generate (null: one call for the whole step)")
+    max_batch_rows: Optional[int] = F(None, "rows per model.generate; vllm: max_num_seqs (null: one call for the "
+                                            "whole step / vLLM's default)")
+    vllm: VLLMConfig = field(default_factory=VLLMConfig, metadata={"help": "rollout.engine=vllm settings"})
 
 
 @dataclass
@@ -455,6 +472,14 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
     need(r.max_prompt_length >= 1, "rollout.max_prompt_length", f"must be >= 1, got {r.max_prompt_length}")
     need(r.max_batch_rows is None or r.max_batch_rows >= 1, "rollout.max_batch_rows", "must be >= 1 or null")
+    v = r.vllm
+    need(0 < v.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
+         f"must be in (0, 1], got {v.gpu_memory_utilization}")
+    need(v.sleep_level in (1, 2), "rollout.vllm.sleep_level", f"must be 1 or 2, got {v.sleep_level}")
+    need(v.max_model_len is None or v.max_model_len >= 1, "rollout.vllm.max_model_len", "must be >= 1 or null")
+    need(v.max_images >= 1, "rollout.vllm.max_images", f"must be >= 1, got {v.max_images}")
+    need(r.engine != "vllm" or cfg.model.device not in ("cpu",), "rollout.engine",
+         "vllm needs a CUDA device (model.device is cpu)")
     need(o.prompts_per_step >= 1, "optim.prompts_per_step", f"must be >= 1, got {o.prompts_per_step}")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

@@ -112,7 +112,7 @@ def oom_message(phase: str, cfg) -> str:
         if phase == "generation":
             knobs.append(f"optim.prompts_per_step x rollout.n (now {o.prompts_per_step} x {r.n})")
         if r.engine != "hf":
-            key = "rollout.gpu_memory_utilization" if hasattr(r, "gpu_memory_utilization") else \
+            key = "rollout.vllm.gpu_memory_utilization" if hasattr(r, "vllm") else \
                 "the vLLM engine's gpu_memory_utilization"
             knobs.insert(0, f"{key} (the GPU memory fraction vLLM takes)")
     else:

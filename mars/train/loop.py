@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 import mars
-from mars.rollout import Completion, GenerationRequest, HFEngine, SamplingConfig
+from mars.rollout import Completion, GenerationRequest, HFEngine, SamplingConfig, build_rollout_engine
 from mars.rollout.encode import EncodedPrompt
 
 from . import task as embedded
@@ -119,8 +119,7 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     prompts = PromptSource(cfg, task)
     heldout = _heldout(cfg, task)
     policy = build_policy(cfg, device)
-    engine = HFEngine(policy.model, policy.processor, tokenizer=policy.tokenizer,
-                      image_processor=policy.image_processor, max_batch_rows=cfg.rollout.max_batch_rows)
+    engine = build_rollout_engine(cfg.rollout.engine, policy, **engine_options(cfg))
     encoder = engine.encoder
     if cfg.data.eval == EMBEDDED and heldout:  # the held-out set as a `mars eval` file
         embedded.write_eval_file(heldout, os.path.join(cfg.output_dir, "heldout"))
@@ -136,6 +135,7 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                 warm_start(policy, encoder, cfg, task, prompts, device, stop=stop)
                 if warm_start_cache is not None:
                     warm_start_cache[key] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
+        engine.update_weights(policy.model)  # an engine with its own copy of the weights (vLLM) gets these
         warmup_time = time.perf_counter() - t
         _seed_everything(cfg.seed + 1)  # RL draws the same numbers whether or not the warm start ran here
 
@@ -192,6 +192,8 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                     batch, adv, stats, gen_info = collect_batch(engine, encoder, prompts, cfg, times, errors_path,
                                                                 step)
                 faults.kill_point("rollout", step)  # tests: killed mid-step
+                if hasattr(engine, "sleep"):
+                    engine.sleep()  # vLLM frees its GPU memory for steps 4-5; update_weights wakes it
                 trained = [r for r in batch if not r.anchor]
 
                 # 4. old (and reference) log-probs, no gradient
@@ -641,6 +643,19 @@ class Policy:
     tokenizer: Any
     processor: Any = None
     image_processor: Any = None
+
+
+def engine_options(cfg: TrainConfig) -> dict:
+    """``build_rollout_engine``'s options for ``cfg.rollout.engine`` (docs/vllm.md)."""
+    r = cfg.rollout
+    if r.engine == "hf":
+        return {"max_batch_rows": r.max_batch_rows}
+    v = r.vllm
+    return dict(max_batch_rows=r.max_batch_rows, gpu_memory_utilization=v.gpu_memory_utilization,
+                enable_sleep_mode=v.enable_sleep_mode, sleep_level=v.sleep_level,
+                max_model_len=v.max_model_len or r.max_prompt_length + r.max_new_tokens,
+                limit_mm_per_prompt=v.max_images, seed=cfg.seed, enforce_eager=v.enforce_eager,
+                logprobs_mode=v.logprobs_mode, model_path=None if cfg.model.path == TINY else cfg.model.path)
 
 
 def build_policy(cfg: TrainConfig, device) -> Policy:
