@@ -29,11 +29,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "current", "shutdown", "shard_prompts", "global_counts",
+__all__ = ["DistInfo", "init_distributed", "current", "shutdown", "device_kind", "shard_prompts", "global_counts",
            "all_reduce_numbers", "ResponseModel", "wrap_model", "unwrap", "is_wrapped", "response_forward",
            "no_sync", "accumulate_gradients", "loss_multiplier", "REDUCTIONS", "local_weights", "reduce_metrics",
            "broadcast_object", "all_gather_objects", "rank_seed", "rng_file", "save_rng_state", "load_rng_state",
-           "replica_max_diff", "full_state_dict", "STRATEGIES"]
+           "replica_max_diff", "full_state_dict", "sync_generation_copy", "gather_rng_files", "union_sets",
+           "any_rank", "agree_signal", "write_rank_errors", "NullLogger", "STRATEGIES"]
 
 STRATEGIES = ("ddp", "fsdp2")
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -120,6 +121,12 @@ def init_distributed(backend: str | None = None, device_kind: str = "auto", *, t
     return DistInfo(rank, world, local, device, backend)
 
 
+def device_kind(name: str) -> str:
+    """``init_distributed``'s device_kind for a ``model.device`` value: "cpu", "cuda" (any
+    "cuda" / "cuda:N": under torchrun rank r uses cuda:LOCAL_RANK) or "auto"."""
+    return "auto" if name == "auto" else "cuda" if name.startswith("cuda") else "cpu"
+
+
 def current() -> DistInfo:
     """This process's :class:`DistInfo` from the initialised process group (rank 0 of 1
     when there is none)."""
@@ -197,6 +204,75 @@ def all_gather_objects(obj: Any, info: DistInfo | None = None) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def union_sets(items: set, info: DistInfo | None = None) -> set:
+    """The union over ranks of ``items`` (e.g. every rank's informative groups, so that
+    dynamic sampling keeps the same groups, in the same draw order, on every rank)."""
+    out = set()
+    for part in all_gather_objects(set(items), info):
+        out |= part
+    return out
+
+
+def any_rank(flag: bool, info: DistInfo | None = None) -> bool:
+    """True on every rank when ``flag`` is true on one (a rank without rows must still take
+    part in the update when another has some)."""
+    return bool(all_reduce_numbers([1.0 if flag else 0.0], "max", info)[0])
+
+
+def agree_signal(signum: int | None, info: DistInfo | None = None) -> int | None:
+    """The stop signal as every rank sees it: the largest signal number any rank received
+    (None: none). torchrun forwards SIGINT / SIGTERM to every worker, but not at the same
+    instant; without agreeing, one rank would checkpoint and stop while another enters the
+    next step's collectives and waits for it until the timeout."""
+    v = int(all_reduce_numbers([float(signum or 0)], "max", info)[0])
+    return v or None
+
+
+def write_rank_errors(batch, cfg, step: int, errors_path: str, info: DistInfo | None = None) -> None:
+    """Rank 0 appends to ``errors_path`` the failed reward calls of the other ranks'
+    rollouts (``Rollout.error``; rank 0 wrote its own in ``score_rollouts``), in the format
+    of ``score_rollouts``. Collective; the identity for one process."""
+    import json
+
+    info = info or current()
+    if not info.distributed:
+        return
+    mine = [{"step": step, "sample_id": r.uid, "reward": cfg.reward.name or r.sample.task, "error": r.error}
+            for r in batch if r.error is not None]
+    parts = all_gather_objects(mine, info)
+    if info.is_main and any(parts[1:]):
+        with open(errors_path, "a", encoding="utf-8") as f:
+            for part in parts[1:]:
+                for e in part:
+                    f.write(json.dumps(e) + "\n")
+
+
+class NullLogger:
+    """What ranks > 0 log to: ``MetricsLogger``'s interface (log / sync / plot / close,
+    ``records``, ``path``), writing nothing; only rank 0 writes files."""
+
+    def __init__(self, directory: str, **_):
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self.plot_path = None
+        self.records: list[dict] = []
+
+    def log(self, record: dict) -> dict:
+        from .logger import _clean
+
+        rec = _clean(record)
+        self.records.append(rec)
+        return rec
+
+    def sync(self) -> None:
+        pass
+
+    def plot(self):
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 # =============================================================================== model
@@ -412,7 +488,8 @@ def accumulate_gradients(model, rows, adv, old_logp, ref_logp, cfg, pad_token_id
 #   ("main",)           computed on rank 0 only (held-out evaluation): rank 0's value
 # Keys of no entry (and no prefix rule) get the unweighted mean over the ranks that have them.
 REDUCTIONS: dict[str, tuple] = {
-    **{k: ("sum",) for k in ("reward_errors", "gen_tokens", "rollouts", "anchors", "prompts_skipped")},
+    **{k: ("sum",) for k in ("reward_errors", "gen_tokens", "rollouts", "anchors", "prompts_skipped",
+                             "groups_kept", "groups_drawn")},
     **{k: ("mean", "rollouts") for k in ("reward_multi", "acc_multi", "format_multi", "response_length",
                                          "truncated_frac", "adv_mean", "adv_abs_mean")},
     **{k: ("mean", "anchors") for k in ("reward_mono", "acc_mono", "anchor_response_length")},
@@ -424,8 +501,7 @@ REDUCTIONS: dict[str, tuple] = {
     **{k: ("max",) for k in ("response_length_max", "adv_max", "elapsed", "warmup_time_s")},
     "adv_min": ("min",),
     **{k: ("same",) for k in ("step", "loss", "clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl",
-                              "ref_kl", "grad_norm", "lr", "optimizer_steps", "groups_kept", "groups_drawn",
-                              "gen_batches")},
+                              "ref_kl", "grad_norm", "lr", "optimizer_steps", "gen_batches")},
 }
 PREFIX_REDUCTIONS = (("time_", ("max",)), ("eval_", ("main",)))
 
@@ -526,17 +602,32 @@ def rng_file(directory: str, info: DistInfo | None = None) -> str:
     return os.path.join(directory, f"rng_state_rank{info.rank}.pt")
 
 
+def _rng_payload(info: DistInfo, generators: dict | None) -> dict:
+    from .checkpoint import rng_state
+
+    return {"world_size": info.world_size, "rank": info.rank, "state": rng_state(generators)}
+
+
+def gather_rng_files(info: DistInfo | None = None, generators: dict | None = None) -> dict | None:
+    """On rank 0: {``rng_state_rank{r}.pt``: rank r's RNG payload} of every rank, to be
+    written into a checkpoint with its other files (what :func:`load_rng_state` reads);
+    None on the other ranks. Collective: every rank calls it (CPU tensors travel)."""
+    info = info or current()
+    parts = all_gather_objects(_rng_payload(info, generators), info)
+    if not info.is_main:
+        return None
+    return {f"rng_state_rank{p['rank']}.pt": p for p in parts}
+
+
 def save_rng_state(directory: str, info: DistInfo | None = None, generators: dict | None = None) -> str:
     """Write this rank's RNG state (``checkpoint.rng_state``: torch CPU and CUDA, Python,
     numpy, and ``generators`` {name: torch.Generator}) to :func:`rng_file` plus the world
     size; every rank calls it. Returns the path."""
-    from .checkpoint import rng_state
-
     info = info or current()
     os.makedirs(directory, exist_ok=True)
     path = rng_file(directory, info)
     tmp = path + ".tmp"
-    torch.save({"world_size": info.world_size, "rank": info.rank, "state": rng_state(generators)}, tmp)
+    torch.save(_rng_payload(info, generators), tmp)
     os.replace(tmp, path)
     return path
 
@@ -569,6 +660,14 @@ def full_state_dict(model, info: DistInfo | None = None) -> dict:
     HF model's own (``save_pretrained`` / ``load_state_dict`` of an unwrapped copy)."""
     inner = unwrap(model)
     return {k: _plain(v.detach()).cpu().clone() for k, v in inner.state_dict().items()}
+
+
+def sync_generation_copy(model, target, info: DistInfo | None = None) -> None:
+    """FSDP2: load the gathered weights of the sharded ``model`` into ``target``, the
+    unsharded HF copy that generates, computes old log-probs, evaluates and is saved
+    (collective). DDP and one process: nothing (``target`` is the trained module)."""
+    if is_wrapped(model) and unwrap(model) is not target:
+        target.load_state_dict(full_state_dict(model, info))
 
 
 def replica_max_diff(model, info: DistInfo | None = None) -> float:
