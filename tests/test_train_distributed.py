@@ -320,6 +320,43 @@ def _main(info, res, cpu, out_dir):
     red = D.reduce_metrics(m_loc, info, D.local_weights(local_k, tr_k, st_k, old_k), check_same=True)
     res["metrics"] = {"reduced": red, "whole": m_all, "unweighted_reward_multi": sum(m_unweighted) / 2}
 
+    # (3b) the small collectives the loop integration uses
+    from mars.rollout import Completion
+    from mars.train.loop import Rollout
+
+    bad = Rollout("g", "g/r0", task.sample(0), None, Completion([1], "x"), error="boom")
+    errors_path = os.path.join(out_dir, "errors.jsonl")
+    if info.is_main:
+        open(errors_path, "w").close()
+    D.write_rank_errors([bad] if info.rank == 1 else [], _cfg(), 3, errors_path, info)
+    gen = torch.Generator().manual_seed(100 + info.rank)
+    files = D.gather_rng_files(info, {"shuffle": gen})
+    expect = torch.rand(2, generator=gen).tolist()
+    if info.is_main:
+        for name, obj in files.items():
+            torch.save(obj, os.path.join(out_dir, name))
+    D.broadcast_object(None, info)  # the files are written
+    gen2 = torch.Generator().manual_seed(0)
+    D.load_rng_state(out_dir, info, {"shuffle": gen2})
+    nl = D.NullLogger(out_dir)
+    res["collectives"] = {
+        "union": sorted(D.union_sets({info.rank, 10}, info)),
+        "any_rank_1": D.any_rank(info.rank == 1, info), "any_rank_none": D.any_rank(False, info),
+        "signal": D.agree_signal(15 if info.rank == 1 else None, info), "no_signal": D.agree_signal(None, info),
+        "rng_files": None if files is None else sorted(files), "rng_restored": torch.rand(2, generator=gen2).tolist()
+        == expect,
+        "errors": open(errors_path).read().splitlines() if info.is_main else None,
+        "null_logger": [nl.log({"step": 1, "x": 1.0}) == {"step": 1, "x": 1.0}, nl.plot() is None,
+                        nl.path == os.path.join(out_dir, "metrics.jsonl"), len(nl.records)],
+        "sync_copy_max_diff": None}
+    copy_model = copy.deepcopy(base)
+    D.sync_generation_copy(fs2, copy_model, info)
+    full = D.full_state_dict(fs2, info)
+    res["collectives"]["sync_copy_max_diff"] = max(float((full[n] - p.detach()).abs().max())
+                                                   for n, p in copy_model.named_parameters())
+    res["collectives"]["sync_copy_moved"] = max(float((p.detach() - w0[n]).abs().max())
+                                                for n, p in copy_model.named_parameters())
+
     # (4) DDP and a vision tower unused on one rank (text-only prompts on rank 1): find_unused_parameters
     prompts_t, rows_t = _batch(enc, task, V, step=2, text_only_from=P // 2)
     local_t = [r for r in rows_t if r.group in {g for g, _ in D.shard_prompts(prompts_t, info)}]
@@ -575,6 +612,22 @@ def test_metrics_reduced_to_the_whole_batch(main_run):
     assert res[0]["metrics"]["reduced"] == res[1]["metrics"]["reduced"]
 
 
+def test_collectives_of_the_loop_integration(main_run):
+    out, res = main_run
+    for r in res:
+        c = r["collectives"]
+        assert c["union"] == [0, 1, 10]
+        assert c["any_rank_1"] is True and c["any_rank_none"] is False
+        assert c["signal"] == 15 and c["no_signal"] is None  # every rank stops after the same step
+        assert c["rng_restored"]  # rank r's own generator state came back from rng_state_rank{r}.pt
+        assert c["null_logger"] == [True, True, True, 1]
+        assert c["sync_copy_max_diff"] == 0.0 and c["sync_copy_moved"] > 0  # the FSDP2 step reached the copy
+    assert res[0]["collectives"]["rng_files"] == ["rng_state_rank0.pt", "rng_state_rank1.pt"]
+    assert res[1]["collectives"]["rng_files"] is None
+    lines = [json.loads(x) for x in res[0]["collectives"]["errors"]]
+    assert lines == [{"step": 3, "sample_id": "g/r0", "reward": "vqa", "error": "boom"}]  # rank 1's, by rank 0
+
+
 def test_resumed_two_process_run_equals_uninterrupted(main_run):
     out, res = main_run
     for r in res:
@@ -639,6 +692,7 @@ def test_bad_environment_and_arguments_are_named():
     assert D.shard_prompts(list(range(6)), D.DistInfo(rank=1, world_size=2)) == [3, 4, 5]
     with pytest.raises(ValueError, match="dist.strategy must be one of ddp, fsdp2"):
         D.wrap_model(torch.nn.Linear(2, 2), D.DistInfo(), "zero3")
+    assert [D.device_kind(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda"]
     info = D.DistInfo(rank=1, world_size=2)
     assert D.rank_seed(3, D.DistInfo()) == 3 and D.rank_seed(3, info) != 3
     assert D.rng_file("/x", info) == os.path.join("/x", "rng_state_rank1.pt")

@@ -408,8 +408,8 @@ def loss_multiplier(model, info: DistInfo | None = None) -> float:
 
 
 # =============================================================================== gradients
-def accumulate_gradients(model, rows, adv, old_logp, ref_logp, cfg, pad_token_id: int, device, *,
-                         info: DistInfo | None = None, dummy=None):
+def accumulate_gradients(model, rows, adv, old_logp, ref_logp, cfg, pad_token_id: int, device, dummy=None, *,
+                         info: DistInfo | None = None):
     """Data-parallel ``mars.train.loop.accumulate_gradients`` (same arguments and result):
     backward of this rank's share ``rows`` of one mini-batch, in micro-batches of
     optim.micro_batch_size rows, each loss normalised by the **global** token count
@@ -425,14 +425,16 @@ def accumulate_gradients(model, rows, adv, old_logp, ref_logp, cfg, pad_token_id
     Returns None on every rank when the global mini-batch has no valid token (then no rank
     steps), else (loss, metrics) of the whole mini-batch, identical on every rank: the loss
     summed over ranks and micro-batches, the loss metrics token-weighted over all ranks and
-    ``num_tokens`` the global token count. For one process it gives the numbers of
-    ``loop.accumulate_gradients``. Raises ValueError when a rank must run a padding
-    micro-batch and ``dummy`` is None."""
+    ``num_tokens`` the global token count. For one process, or a model that is not wrapped
+    (its gradient is not reduced, so it trains on its own rows with local counts, even
+    inside a process group), it gives the numbers of the single-process
+    ``loop.accumulate_gradients`` bit for bit. Raises ValueError when a rank must run a
+    padding micro-batch and ``dummy`` is None."""
     from mars.reference import LOSS_METRICS
 
     from . import loop
 
-    info = info or current()
+    info = (info or current()) if is_wrapped(model) else DistInfo()
     lengths = [len(r.completion.token_ids) for r in rows]
     local = (sum(lengths), sum(L > 0 for L in lengths))
     num_tokens, num_seqs = global_counts(*local, info) if info.distributed else local
