@@ -368,15 +368,16 @@ def test_fused_lm_head_equals_unfused(text_model, tmp_path, level):
 
 # ----------------------------------------------------------------------------- mono sources
 
-def vlm_trainer(vlm, tmp_path, mono="duplicate", reward=None, **over):
+def vlm_trainer(vlm, tmp_path, mono="duplicate", reward=None, fused=False, **over):
     model, proc = vlm
-    args = config(tmp_path, beta=0.0, num_iterations=1, reward_weights=None, max_completion_length=5,
-                  gradient_accumulation_steps=2, **over)  # generation batch: 2 prompts x G
+    kw = dict(beta=0.0, num_iterations=1, reward_weights=None, max_completion_length=5,
+              gradient_accumulation_steps=2)  # generation batch: 2 prompts x G
+    args = config(tmp_path, **{**kw, **over})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return MarsGRPOTrainer(model=copy.deepcopy(model), reward_funcs=[reward or Recorder()], args=args,
                                processing_class=proc, train_dataset=Dataset.from_list(vlm_rows()),
-                               mono_sources=mono)
+                               mono_sources=mono, fused_lm_head=fused)
 
 
 @pytest.mark.parametrize("mono", ["duplicate", "single"])
@@ -456,6 +457,8 @@ def test_vlm_two_images_trains_and_evaluates(vlm, tmp_path):
         t = MarsGRPOTrainer(model=str(tmp_path / "vlm"), reward_funcs=[Recorder()], args=args, processing_class=proc,
                             train_dataset=Dataset.from_list(vlm_rows()), eval_dataset=Dataset.from_list(vlm_rows(2)),
                             mono_sources="single", fused_lm_head=True)
+    ev0 = t.evaluate()  # before any training step (no gradient-accumulation count yet)
+    assert math.isfinite(ev0["eval_loss"]) and "eval_mars/gain" in ev0
     before = [p.detach().clone() for p in t.model.parameters()]
     t.train()
     steps = [h for h in t.state.log_history if "loss" in h]
@@ -463,6 +466,24 @@ def test_vlm_two_images_trains_and_evaluates(vlm, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
     ev = t.evaluate()
     assert math.isfinite(ev["eval_loss"]) and "eval_mars/mono_reward" in ev
+
+
+def test_vlm_fused_lm_head_equals_unfused(vlm, tmp_path):
+    """The fused path feeds the VLM backbone the same inputs (pixel_values, image_grid_thw,
+    mm_token_type_ids for M-RoPE) as TRL's forward: same loss and gradients."""
+    plain = vlm_trainer(vlm, tmp_path, "duplicate", num_iterations=2)
+    fused = vlm_trainer(vlm, tmp_path, "duplicate", num_iterations=2, fused=True)
+    for t in (plain, fused):
+        t.model.train()
+        t.current_gradient_accumulation_steps = 2
+    torch.manual_seed(1)
+    batch = plain._generate_and_score_completions([r for r in vlm_rows()[:2] for _ in range(G)])
+    assert "pixel_values" in batch and "mm_token_type_ids" in batch and "old_per_token_logps" in batch
+    perturb([plain.model, fused.model], scale=0.02)
+    l_plain, g_plain = loss_and_grads(plain, batch)
+    l_fused, g_fused = loss_and_grads(fused, batch)
+    assert l_fused.item() == pytest.approx(l_plain.item(), rel=1e-5, abs=1e-7)
+    assert_grads_close(g_plain, g_fused, 1e-4)
 
 
 class FakeVLLM:

@@ -328,8 +328,19 @@ class MarsGRPOTrainer(GRPOTrainer):
         variant (every rank gets the same answer: the count is gathered)."""
         device = self.accelerator.device
         variants = self._variants
-        req = plan_anchor_requests(inputs, self.accelerator.process_index, num_generations, variants)
-        count = int(self.accelerator.gather(torch.tensor([len(req.examples)], device=device)).max())
+        error = None
+        try:
+            req = plan_anchor_requests(inputs, self.accelerator.process_index, num_generations, variants)
+            n = len(req.examples)
+        except Exception as e:  # every rank must learn of it, or the others wait in the gather below
+            error, n = e, -1
+        counts = self.accelerator.gather(torch.tensor([n], device=device))
+        if error is not None:
+            raise error
+        if (counts < 0).any():
+            bad = (counts < 0).nonzero().flatten().tolist()
+            raise RuntimeError(f"building the mono variants failed on process(es) {bad}; see their error")
+        count = int(counts.max())
         if count == 0:
             return None
         req = pad_anchor_requests(req, count, inputs, variants)
@@ -408,8 +419,10 @@ class MarsGRPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         old = inputs.get("old_per_token_logps")
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        # set by the training loop; TRL reads it in train mode only (evaluate() may come first)
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         norms = loss_normalisers(
-            self.loss_type, mask, gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            self.loss_type, mask, gradient_accumulation_steps=ga,
             train=mode == "train", max_completion_length=self.max_completion_length,
             num_items_in_batch=inputs.get("num_items_in_batch"), num_processes=self.accelerator.num_processes,
             steps_per_generation=self.args.steps_per_generation)
@@ -454,8 +467,7 @@ class MarsGRPOTrainer(GRPOTrainer):
                           **plan.options, **norms)
         loss = out.loss
         if self.aux_loss_enabled:
-            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            loss = loss + self.router_aux_loss_coef * aux_loss / ga
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(mode, out, mask, entropies, per_token_logps.detach(), old_logp, advantages)
         return loss
