@@ -18,12 +18,26 @@ position (the reference implementation's bug, ../shared/SPEC.md section 6).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
 __all__ = ["compute_mars_advantage", "anchors_from_baselines"]
+
+_warned_no_anchors = False
+
+
+def _warn_no_anchors():
+    global _warned_no_anchors
+    if not _warned_no_anchors:
+        _warned_no_anchors = True
+        warnings.warn(
+            "adv_estimator=mars got no reward_baselines: no mono anchors, so these are plain "
+            "GRPO advantages. verl's own trainers do not generate anchors; run the recipe "
+            "`python -m mars.integrations.verl.main` (docs/verl.md). Warned once.",
+            UserWarning, stacklevel=3)
 
 
 def _cfg_get(config, key, default):
@@ -118,7 +132,8 @@ def compute_mars_advantage(
         token_level_rewards: [bs, L] float; the outcome reward of row i is its sum over L.
         response_mask: [bs, L] 0/1 or bool.
         index: [bs] uid labels (verl's ``non_tensor_batch["uid"]``), required.
-        reward_baselines: None (no anchors: exactly verl's GRPO) or [bs, M] / [bs] float,
+        reward_baselines: None (no anchors: exactly verl's GRPO; a UserWarning once per
+            process says so, since verl's own trainers never produce anchors) or [bs, M] / [bs] float,
             each row its prompt's mono rewards, NaN for a missing source (see
             :func:`anchors_from_baselines`).
         config: verl's algorithm config; ``norm_adv_by_std_in_grpo`` (default True) is read
@@ -155,6 +170,7 @@ def compute_mars_advantage(
         anchors, anchor_labels = anchors_from_baselines(labels, reward_baselines)
         anchors = anchors.to(scores.device)
     else:
+        _warn_no_anchors()
         anchors, anchor_labels = None, None
     if bs == 0:
         out = token_level_rewards.new_zeros(token_level_rewards.shape)

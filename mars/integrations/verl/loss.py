@@ -1,7 +1,7 @@
 """verl policy loss ``mars``: ``mars.loss.policy_loss`` in verl's policy-loss signature.
 
 verl 0.9.1 calls a registered policy loss from ``ppo_loss`` (verl/workers/utils/losses.py
-L99-112) with keywords only::
+L103-112) with keywords only::
 
     fn(old_log_prob=, log_prob=, advantages=, response_mask=, loss_agg_mode=,
        config=<ActorConfig>, rollout_is_weights=)
@@ -39,7 +39,7 @@ def verl_loss_options(config, loss_agg_mode: str) -> tuple[dict, int]:
     - agg: ``loss_agg_mode`` (verl's five names are mars's).
     - normalisers from ``config.global_batch_info``: ``batch_num_tokens`` -> num_tokens,
       ``global_batch_size`` -> num_seqs, ``loss_scale_factor`` -> loss_scale; the loss is
-      then multiplied by ``dp_size`` like verl's ``agg_loss`` (core_algos.py L1140-1199),
+      then multiplied by ``dp_size`` like verl's ``agg_loss`` (core_algos.py L1140-1206),
       so data-parallel ranks average to the global batch's gradient.
 
     Raises ValueError when config is None, or dp_size > 1 without the global count the mode

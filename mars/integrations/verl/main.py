@@ -103,7 +103,13 @@ class MarsTaskRunner:
 
 @hydra.main(config_path="config", config_name="mars_trainer", version_base=None)
 def main(config):
-    """Hydra entry point: validate, then run :class:`MarsTaskRunner` on Ray."""
+    """Hydra entry point: validate, then run :class:`MarsTaskRunner` on Ray.
+
+    Raises ValueError for ``trainer.use_v1=true`` (before importing verl's trainers)."""
+    if config.trainer.get("use_v1", False):
+        raise ValueError("trainer.use_v1=true: the v1 trainers do not pass reward_baselines to the "
+                         "advantage estimator; the MARS recipe runs verl's legacy trainer "
+                         "(trainer.use_v1=false, the recipe's default)")
     import ray
     from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
@@ -112,10 +118,6 @@ def main(config):
 
     import mars.integrations.verl.plugin  # noqa: F401
 
-    if config.trainer.get("use_v1", False):
-        raise ValueError("trainer.use_v1=true: the v1 trainers do not pass reward_baselines to the "
-                         "advantage estimator; the MARS recipe runs verl's legacy trainer "
-                         "(trainer.use_v1=false, the recipe's default)")
     apply_mars_defaults(config)
     auto_set_device(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config),

@@ -1,7 +1,7 @@
 """The anchor step in verl's generation call: a wrapper around the trainer's
 ``async_rollout_manager`` (verl's ``AgentLoopManager``).
 
-verl 0.9.1's legacy ``RayPPOTrainer.fit`` calls, once per step (ray_trainer.py L1509)::
+verl 0.9.1's legacy ``RayPPOTrainer.fit`` calls, once per step (ray_trainer.py L1513)::
 
     combined_gen_output = self.async_rollout_manager.generate_sequences(combined_gen_batch)
     self.checkpoint_manager.sleep_replicas()

@@ -5,7 +5,7 @@ trainers (verl/trainer/ppo/v1/), whose ``_compute_advantage`` fetches a fixed li
 fields (uid, response_mask, rm_scores, ...) and never ``reward_baselines``
 (v1/trainer_base.py L1743-1786); the legacy ``compute_advantage`` passes it to a registered
 estimator (ray_trainer.py L257-259). ``RayPPOTrainer`` is marked deprecated in 0.9.1
-(ray_trainer.py L284) but ships and runs; verl's DAPO recipe subclasses it the same way.
+(ray_trainer.py L285) but ships and runs; verl's DAPO recipe subclasses it the same way.
 
 What this subclass changes, and nothing else of ``fit``:
 
@@ -25,26 +25,10 @@ import warnings
 
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
+from mars.integrations.verl.options import mars_options
 from mars.integrations.verl.rollout import MonoAnchorRollout
 
-__all__ = ["RayMARSTrainer", "mars_options"]
-
-_DEFAULTS = {"anchors": True, "mono_mode": "duplicate", "min_sources": 1}
-
-
-def mars_options(config) -> dict:
-    """The recipe's ``mars`` config section with its defaults (anchors, mono_mode,
-    min_sources); unknown keys raise ValueError naming them."""
-    section = config.get("mars", None) if hasattr(config, "get") else None
-    opts = dict(_DEFAULTS)
-    if section is not None:
-        for k in section:
-            if k not in _DEFAULTS and k != "use_mars_rewards":
-                raise ValueError(f"unknown mars option {k!r}; known: {sorted(_DEFAULTS) + ['use_mars_rewards']}")
-            if k in _DEFAULTS:
-                opts[k] = section[k]
-    return opts
-
+__all__ = ["RayMARSTrainer"]
 
 class RayMARSTrainer(RayPPOTrainer):
     """``RayPPOTrainer`` whose rollouts also produce the greedy mono-source anchors.
