@@ -35,7 +35,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import mars  # noqa: E402
 from mars.integrations.trl import MarsGRPOTrainer, mono_examples, trl_advantages  # noqa: E402
-from mars.integrations.trl.trainer import pad_anchor_requests, plan_anchor_requests  # noqa: E402
+from mars.integrations.trl.trainer import pad_anchor_requests, pad_example, plan_anchor_requests  # noqa: E402
 from mars.train.tiny import build_tiny, build_tiny_tokenizer  # noqa: E402
 
 WORDS = "a b c d e f g h yes no one two three four left right".split()
@@ -238,10 +238,11 @@ def test_anchor_requests_over_ranks():
     assert r0.groups == [0, 0, 1, 1] and [e["images"] for e in r0.examples] == [[0, 0], [100, 100], [1, 1],
                                                                                  [101, 101]]
     assert r1.groups == [2, 2] and [e["images"][0] for e in r1.examples] == [2, 102]
-    p1 = pad_anchor_requests(r1, 4, rows[6:], dup)
-    assert p1.groups == [2, 2, -1, -1] and len(p1.examples) == 4
+    p1 = pad_anchor_requests(r1, 4, pad_example(r1, rows[6:], dup))
+    assert p1.groups == [2, 2, -1, -1] and p1.examples[2:] == [r1.examples[0]] * 2
     # a rank without a group start pads with a variant of its first row
-    p = pad_anchor_requests(plan_anchor_requests(rows[1:3], 1, 4, dup), 2, rows[1:3], dup)
+    none = plan_anchor_requests(rows[1:3], 1, 4, dup)
+    p = pad_anchor_requests(none, 2, pad_example(none, rows[1:3], dup))
     assert p.groups == [-1, -1] and p.examples[0]["images"] == [0, 0]
 
 

@@ -52,7 +52,7 @@ from .advantage import trl_advantages, trl_rewards  # noqa: E402
 from .loss import LossPlan, loss_normalisers, loss_plan  # noqa: E402
 from .mono import MONO_MODES, check_variants, mono_examples  # noqa: E402
 
-__all__ = ["MarsGRPOTrainer", "plan_anchor_requests"]
+__all__ = ["MarsGRPOTrainer", "plan_anchor_requests", "pad_example", "pad_anchor_requests"]
 
 # sampling options removed from generation kwargs for the greedy anchors
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff",
@@ -92,20 +92,20 @@ def plan_anchor_requests(inputs: list[dict], process_index: int, num_generations
     return AnchorRequests(examples, groups)
 
 
-def pad_anchor_requests(requests: AnchorRequests, count: int, inputs: list[dict],
-                        variants: Callable[[dict], list[dict]]) -> AnchorRequests:
-    """``requests`` padded to ``count`` rows (group -1) with a copy of one of its own
-    requests, or, when this rank owns none, a variant of its first row (else the row)."""
-    examples, groups = list(requests.examples), list(requests.groups)
-    if len(examples) < count:
-        if examples:
-            pad = examples[0]
-        else:
-            vs = variants(inputs[0]) if inputs else []
-            pad = vs[0] if vs else inputs[0]
-        examples += [pad] * (count - len(examples))
-        groups += [-1] * (count - len(groups))
-    return AnchorRequests(examples, groups)
+def pad_example(requests: AnchorRequests, inputs: list[dict], variants: Callable[[dict], list[dict]]) -> dict:
+    """What a rank pads its requests with: one of its own requests, or, when it owns none,
+    a variant of its first row (else the row itself)."""
+    if requests.examples:
+        return requests.examples[0]
+    vs = variants(inputs[0])
+    return vs[0] if vs else inputs[0]
+
+
+def pad_anchor_requests(requests: AnchorRequests, count: int, pad: dict) -> AnchorRequests:
+    """``requests`` padded to ``count`` rows with ``pad`` (group -1: dropped after the
+    gather)."""
+    k = count - len(requests.examples)
+    return AnchorRequests(requests.examples + [pad] * k, requests.groups + [-1] * k)
 
 
 def _patch_mars_head(model) -> None:
@@ -329,8 +329,9 @@ class MarsGRPOTrainer(GRPOTrainer):
         device = self.accelerator.device
         variants = self._variants
         error = None
-        try:
+        try:  # everything that calls mono_fn, before the first collective
             req = plan_anchor_requests(inputs, self.accelerator.process_index, num_generations, variants)
+            pad = pad_example(req, inputs, variants)
             n = len(req.examples)
         except Exception as e:  # every rank must learn of it, or the others wait in the gather below
             error, n = e, -1
@@ -343,7 +344,7 @@ class MarsGRPOTrainer(GRPOTrainer):
         count = int(counts.max())
         if count == 0:
             return None
-        req = pad_anchor_requests(req, count, inputs, variants)
+        req = pad_anchor_requests(req, count, pad)
         rewards_per_func, completion_ids, _ = self._generate_anchors(req.examples)
         groups = self.accelerator.gather(torch.tensor(req.groups, dtype=torch.long, device=device))
         lengths = self.accelerator.gather(torch.tensor([len(c) for c in completion_ids], device=device))
