@@ -117,8 +117,11 @@ def _groups(seed, sizes):
 def test_estimator_without_anchors_is_verls_grpo(norm):
     index, tlr, mask = _groups(0, [5, 1, 4, 4, 2, 1, 3])   # incl. one-row groups
     cfg = verl.trainer.config.AlgoConfig(norm_adv_by_std_in_grpo=norm)
-    got, ret = compute_mars_advantage(token_level_rewards=tlr, response_mask=mask, index=index,
-                                      config=cfg)
+    import mars.integrations.verl.estimator as est
+    est._warned_no_anchors = False
+    with pytest.warns(UserWarning, match="no reward_baselines"):   # verl's trainers give none
+        got, ret = compute_mars_advantage(token_level_rewards=tlr, response_mask=mask, index=index,
+                                          config=cfg)
     want, _ = core_algos.compute_grpo_outcome_advantage(tlr, mask, index,
                                                         norm_adv_by_std_in_grpo=norm)
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -323,15 +326,13 @@ def test_mono_batch_several_images_per_row():
         B.build_mono_batch(gen, mode="both")
 
 
-def _rows(data, i):
-    return ({k: v[i] for k, v in data.batch.items()} if data.batch is not None else {},
-            {k: v[i] for k, v in data.non_tensor_batch.items()})
-
-
 @pytest.mark.parametrize("divisor", [1, 4, 8])
 def test_combined_batch_pads_to_divisor_and_slices_back(divisor):
+    from tensordict import TensorDict
     gen = _gen_batch()
+    gen.batch = TensorDict({"row_id": torch.arange(12)}, batch_size=[12])   # a tensor field too
     mono = B.build_mono_batch(gen)
+    assert mono.data.batch["row_id"].tolist() == [0, 0, 6, 6, 6, 9]         # the uid's first row
     combined, layout = B.combine_for_generation(gen, mono.data, divisor)
     assert len(combined) % divisor == 0 and layout.total == len(combined)
     assert (layout.n_sampled, layout.n_mono) == (12, 6) and layout.n_pad == (-18) % divisor
@@ -342,7 +343,7 @@ def test_combined_batch_pads_to_divisor_and_slices_back(divisor):
     # an engine stand-in: output row i = input row i plus tensors
     out = DataProto.from_dict(
         tensors={"responses": torch.arange(len(combined))[:, None].repeat(1, 3),
-                 "rm_scores": torch.zeros(len(combined), 3)},
+                 "rm_scores": torch.zeros(len(combined), 3), "row_id": combined.batch["row_id"]},
         non_tensors=dict(combined.non_tensor_batch), meta_info={"timing": {}})
     sampled, mono_out = B.split_generation_output(out, layout)
     assert len(sampled) == 12 and len(mono_out) == 6
@@ -350,6 +351,7 @@ def test_combined_batch_pads_to_divisor_and_slices_back(divisor):
     for k, v in gen.non_tensor_batch.items():     # the sampled rows come back unchanged
         assert all(a is b for a, b in zip(sampled.non_tensor_batch[k], v)), k
     assert sampled.batch["responses"][:, 0].tolist() == list(range(12))
+    assert torch.equal(sampled.batch["row_id"], gen.batch["row_id"])
     assert mono_out.batch["responses"][:, 0].tolist() == list(range(12, 18))
     with pytest.raises(ValueError, match="rows"):
         B.split_generation_output(out.slice(0, 10), layout)
@@ -474,7 +476,7 @@ def test_anchor_handover_survives_balance_batch_and_reaches_estimator():
     engine is the stand-in above. Both reward paths: scored in the agent loop, and a
     colocated reward model scoring after the replicas sleep."""
     r = _run(_RAY_TRAINER_STUBS + textwrap.dedent("""
-        import json, sys, types
+        import json, sys
         import numpy as np, torch
         from omegaconf import OmegaConf
         sys.path.insert(0, "tests")

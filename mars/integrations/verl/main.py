@@ -122,7 +122,10 @@ def main(config):
     auto_set_device(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config),
                     use_critic=need_critic(config))
-    run_ppo(config, task_runner_class=ray.remote(num_cpus=1)(MarsTaskRunner))
+    # by its package name, so that Ray workers import it instead of unpickling a __main__ class
+    from mars.integrations.verl.main import MarsTaskRunner as runner
+
+    run_ppo(config, task_runner_class=ray.remote(num_cpus=1)(runner))
 
 
 if __name__ == "__main__":
