@@ -371,7 +371,7 @@ def test_fused_lm_head_equals_unfused(text_model, tmp_path, level):
 
 # ----------------------------------------------------------------------------- mono sources
 
-def vlm_trainer(vlm, tmp_path, mono="duplicate", reward=None, fused=False, **over):
+def vlm_trainer(vlm, tmp_path, mono="duplicate", reward=None, fused=False, mono_fn=None, **over):
     model, proc = vlm
     kw = dict(beta=0.0, num_iterations=1, reward_weights=None, max_completion_length=5,
               gradient_accumulation_steps=2, mask_truncated_completions=False)  # generation batch: 2 prompts x G
@@ -380,7 +380,7 @@ def vlm_trainer(vlm, tmp_path, mono="duplicate", reward=None, fused=False, **ove
         warnings.simplefilter("ignore")
         return MarsGRPOTrainer(model=copy.deepcopy(model), reward_funcs=[reward or Recorder()], args=args,
                                processing_class=proc, train_dataset=Dataset.from_list(vlm_rows()),
-                               mono_sources=mono, fused_lm_head=fused)
+                               mono_sources=mono, mono_fn=mono_fn, fused_lm_head=fused)
 
 
 @pytest.mark.parametrize("mono", ["duplicate", "single"])
@@ -412,6 +412,20 @@ def test_mono_advantages_equal_mars(vlm, tmp_path, mono, scale):
     assert met["mars/mono_reward"][0] == pytest.approx(m.mean().item(), abs=1e-6)
     assert met["mars/anchors_per_prompt"] == [2.0]
     assert list(t._logs["advantages"]) == pytest.approx(out["advantages"].tolist(), abs=1e-6)
+
+
+def test_mono_fn(vlm, tmp_path):
+    """A user's variants: only the second source, as a single image; one anchor per prompt."""
+    rec = Recorder()
+    t = vlm_trainer(vlm, tmp_path, None, rec, mono_fn=lambda x: mono_examples(x, "single")[1:])
+    t.model.train()
+    rows = vlm_rows()
+    out = t._generate_and_score_completions([r for r in rows[:2] for _ in range(G)])
+    assert rec.calls[1]["images"] == [[rows[0]["images"][1]], [rows[1]["images"][1]]]
+    r, m = torch.tensor(rec.calls[0]["out"]), torch.tensor(rec.calls[1]["out"])
+    want = mars.mono_anchored_advantage(r, torch.arange(2 * G) // G, m, torch.tensor([0, 1]), eps=1e-4)
+    assert torch.allclose(out["advantages"], want, atol=1e-6)
+    assert t._metrics["train"]["mars/anchors_per_prompt"] == [1.0]
 
 
 def _greedy_reference(model, proc, example, max_new_tokens):
