@@ -143,6 +143,25 @@ class _Patched:
         loop.response_inputs, loop.accumulate_gradients = self.saved
 
 
+def _ddp_vs_one_process(base, enc, task, V, cfg, c, pad, cpu, info, *, step, text_only_from):
+    """One step's batch: the whole batch's gradient in one process (loop.accumulate_gradients)
+    vs this rank's shard through DDP (find_unused_parameters). Returns (_max_diff of the
+    two, the one-process grads, the DDP model, this rank's (rows, adv, old_logp))."""
+    from mars.train import distributed as D, loop
+    prompts, rows = _batch(enc, task, V, step=step, text_only_from=text_only_from)
+    local = [r for r in rows if r.group in {g for g, _ in D.shard_prompts(prompts, info)}]
+    tr_all, adv_all, old_all, _ = _train_inputs(rows, cfg)
+    tr, adv, old, _ = _train_inputs(local, cfg)
+    ref = copy.deepcopy(base)
+    with _Patched(False):
+        loop.accumulate_gradients(ref, tr_all, adv_all, old_all, None, c, pad, cpu)
+    g_ref = _grads(ref)
+    ddp = D.wrap_model(copy.deepcopy(base), info, "ddp", find_unused_parameters=True)
+    with _Patched(False):
+        D.accumulate_gradients(ddp, tr, adv, old, None, c, pad, cpu, info=info)
+    return _max_diff(_grads(D.unwrap(ddp)), g_ref), g_ref, ddp, (tr, adv, old)
+
+
 def _optimizer(params, cfg):
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
@@ -359,18 +378,8 @@ def _main(info, res, cpu, out_dir):
                                                 for n, p in copy_model.named_parameters())
 
     # (4) DDP and a vision tower unused on one rank (text-only prompts on rank 1): find_unused_parameters
-    prompts_t, rows_t = _batch(enc, task, V, step=2, text_only_from=P // 2)
-    local_t = [r for r in rows_t if r.group in {g for g, _ in D.shard_prompts(prompts_t, info)}]
-    tr_all_t, adv_all_t, old_all_t, _ = _train_inputs(rows_t, cfg)
-    tr_t, adv_t, old_t, _ = _train_inputs(local_t, cfg)
-    ref = copy.deepcopy(base)
-    with _Patched(False):
-        loop.accumulate_gradients(ref, tr_all_t, adv_all_t, old_all_t, None, c, pad, cpu)
-    g_ref = _grads(ref)
-    ddp = D.wrap_model(copy.deepcopy(base), info, "ddp", find_unused_parameters=True)
-    with _Patched(False):
-        D.accumulate_gradients(ddp, tr_t, adv_t, old_t, None, c, pad, cpu, info=info)
-    d = _max_diff(_grads(D.unwrap(ddp)), g_ref)
+    d, g_ref, ddp, _ = _ddp_vs_one_process(base, enc, task, V, cfg, c, pad, cpu, info, step=2,
+                                           text_only_from=P // 2)
     res["unused"] = {"find_unused_max_diff": d[0], "scale": d[1], "none_mismatch": d[2],
                      "find_unused_replica_grad_diff": _replica_grad_diff(D.unwrap(ddp), info)}
     # (5) the first half of the resume check: 2 steps straight; 1 step + checkpoint
@@ -381,18 +390,8 @@ def _main(info, res, cpu, out_dir):
     # nothing (last: that DDP object is unusable afterwards). Unused on one rank only, DDP without
     # find_unused_parameters launches different collectives on the two ranks: gloo aborts (or NCCL
     # hangs), which a test cannot do safely - docs/distributed.md.
-    prompts_n, rows_n = _batch(enc, task, V, step=3, text_only_from=0)
-    local_n = [r for r in rows_n if r.group in {g for g, _ in D.shard_prompts(prompts_n, info)}]
-    tr_all_n, adv_all_n, old_all_n, _ = _train_inputs(rows_n, cfg)
-    tr_n, adv_n, old_n, _ = _train_inputs(local_n, cfg)
-    ref = copy.deepcopy(base)
-    with _Patched(False):
-        loop.accumulate_gradients(ref, tr_all_n, adv_all_n, old_all_n, None, c, pad, cpu)
-    g_ref = _grads(ref)
-    ddp = D.wrap_model(copy.deepcopy(base), info, "ddp", find_unused_parameters=True)
-    with _Patched(False):
-        D.accumulate_gradients(ddp, tr_n, adv_n, old_n, None, c, pad, cpu, info=info)
-    d = _max_diff(_grads(D.unwrap(ddp)), g_ref)
+    d, g_ref, ddp, (tr_n, adv_n, old_n) = _ddp_vs_one_process(base, enc, task, V, cfg, c, pad, cpu, info,
+                                                              step=3, text_only_from=0)
     res["unused_all"] = {"find_unused_max_diff": d[0], "scale": d[1], "none_mismatch": d[2],
                          "vision_grads_none": sum(g is None for n, g in g_ref.items() if ".visual." in n),
                          "vision_params": sum(".visual." in n for n in g_ref)}
