@@ -1,17 +1,28 @@
 """Triton kernels of the clipped-ratio token loss (docs/loss.md).
 
-Matches `mars.reference.policy_loss`. One program per row reads logp, old_logp, (ref_logp),
-(is_weights), mask and the advantage once and, in the same pass, writes d(row loss
-sum)/d(logp) per token (backward only scales it) and the row's partial sums: loss, valid
-tokens, clip-high / clip-low / dual-clip counts, approx-KL and ref-KL sums. GSPO (SEQ)
-first reduces the row's mean log-ratio and finally adds the sequence term to the row's
-gradient. The rows are then aggregated by a fixed-order reduction (no atomics:
-deterministic). Masked tokens are replaced by 0 on load, so -inf / NaN under the mask never
-reaches exp or a gradient. A == 0 (or an importance-sampling weight of 0) gives loss 0 and
-gradient 0 even for an infinite ratio (clamp off), and k3 is e^d - 1 - d by the reference's
-series below |d| < 0.5 (mars.reference.kl_estimate), the same order of operations as the
-C++ / CUDA bodies (csrc/policy_loss.h).
+Matches `mars.reference.policy_loss`. Each row's T tokens are cut into tiles of BLOCK
+(BLOCK depends on T only); a program (i, j) of the grid (B, splits) handles a run of
+consecutive tiles of row i, so a small batch still fills the GPU (B = 8 with 132 SMs: up
+to 132 programs). In one pass it reads logp, old_logp, (ref_logp), (is_weights), mask and
+the advantage once, writes d(row loss sum)/d(logp) per token and, per tile, the partial
+sums: loss, valid tokens, clip-high / clip-low / dual-clip counts, approx-KL and ref-KL
+(and, for GSPO, the row ratio's gradient share). A second one-program kernel reduces the
+tiles in a fixed order (float64) to the loss, the metrics and the per-row scale (the
+aggregation weight): no atomics, deterministic, and the same bits whatever `splits` is
+(each tile's sums do not depend on which program made them). GSPO (SEQ): every program
+first reduces its row's mean log-ratio (the same loop, so the same bits), and a third
+kernel adds the row term to the gradient. Backward is one kernel (`policy_loss_backward`):
+grad * (row_scale[i] * grad_loss), grad_loss read by pointer (no host sync), written in
+logp's dtype. Options are kernel arguments (float64 bit patterns): no per-call tensor of
+them, no host-to-device copy.
+
+Masked tokens are replaced by 0 on load, so -inf / NaN under the mask never reaches exp or
+a gradient. A == 0 (or an importance-sampling weight of 0) gives loss 0 and gradient 0 even
+for an infinite ratio (clamp off), and k3 is e^d - 1 - d by the reference's series below
+|d| < 0.5 (mars.reference.kl_estimate), the same order of operations as the C++ / CUDA
+bodies (csrc/policy_loss.h).
 """
+import functools
 import math
 
 import numpy as np
@@ -28,10 +39,12 @@ if len(K3_COEFS) != 14 or K3_COEFS[0] != 1.0 / math.factorial(15):
                        "update the kernel's coefficients")
 K3_TOP_FACTORIAL = float(math.factorial(15))
 
-
-NCOL = 7  # S, L, high, low, dual, approx_kl, ref_kl
+NCOL = 7  # tile partials: S, L, high, low, dual, approx_kl, ref_kl (+ G for GSPO)
 AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
         "seq-mean-token-sum-norm")
+MAX_BLOCK = 512  # tile of tokens; at least 8 tiles per row for T >= 128
+# Programs to aim for when B is small: the SM count on CUDA, this elsewhere (interpreter).
+TARGET_PROGRAMS = 132
 
 
 @triton.jit
@@ -41,18 +54,22 @@ def _f64(bits):
     return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
-# The options are kernel arguments (no per-call tensor of them, so no host-to-device copy);
 # do_not_specialize: a bit pattern that happens to equal 1 must not become a constexpr.
 @triton.jit(do_not_specialize=["lo_bits", "hi_bits", "dual_bits", "kl_bits", "clamp_bits"])
 def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_ptr, part_ptr,
-                     T, lo_bits, hi_bits, dual_bits, kl_bits, clamp_bits,
+                     B, T, NT, TPS, lo_bits, hi_bits, dual_bits, kl_bits, clamp_bits,
                      ADV_2D: tl.constexpr, HAS_IS: tl.constexpr,
                      IS_2D: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
                      HAS_KL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_CLAMP: tl.constexpr,
                      SEQ: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
                      K3_TOP: tl.constexpr, K3_BELOW: tl.constexpr):
+    """Program (i, j): tiles j*TPS .. min((j+1)*TPS, NT) - 1 of row i. grad [B, T] (DT);
+    part [NCOL (+1 for SEQ), B, NT] (DT): one column of sums per tile."""
     i = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
     base = i * T
+    cs = B.to(tl.int64) * NT  # stride between partial columns
+    pr = part_ptr + i * NT
     offs = tl.arange(0, BLOCK)
     # options: float64 values rounded to the compute dtype, as torch rounds a Python scalar
     lo = _f64(lo_bits).to(DT)
@@ -68,7 +85,7 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
             w_row = tl.load(is_ptr + i).to(DT)
     r_seq = 1.0
     dlw = 1.0
-    if SEQ:  # GSPO: log w_i = clamp(sum_t m (logp - old) / L_i)
+    if SEQ:  # GSPO: log w_i = clamp(sum_t m (logp - old) / L_i), over the whole row
         s = tl.zeros([BLOCK], dtype=tl.float64)
         cnt = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, T, BLOCK):
@@ -84,16 +101,9 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
             dlw = tl.where((lw >= -c) & (lw <= c), 1.0, 0.0)
             lw = tl.minimum(tl.maximum(lw, -c), c)
         r_seq = tl.exp(lw)
-    S = tl.zeros([BLOCK], dtype=DT)
-    akl = tl.zeros([BLOCK], dtype=DT)
-    rkl = tl.zeros([BLOCK], dtype=DT)
-    G = tl.zeros([BLOCK], dtype=DT)
-    L = tl.zeros([BLOCK], dtype=tl.int32)
-    nh = tl.zeros([BLOCK], dtype=tl.int32)
-    nl = tl.zeros([BLOCK], dtype=tl.int32)
-    nd = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, T, BLOCK):
-        idx = start + offs
+    k_end = tl.minimum(j * TPS + TPS, NT)
+    for k in range(j * TPS, k_end):
+        idx = k * BLOCK + offs
         inb = idx < T
         m = tl.load(mask_ptr + base + idx, mask=inb, other=0) != 0
         x = tl.load(lp_ptr + base + idx, mask=m, other=0.0).to(DT)
@@ -116,14 +126,15 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
         clipped = l2 > l1
         loss = tl.where(clipped, l2, l1)
         dl = tl.where(clipped, zero, l1)  # d l / d log-ratio
-        nh += (m & (A > 0.0) & (r > hi)).to(tl.int32)
-        nl += (m & (A < 0.0) & (r < lo)).to(tl.int32)
+        nh = (m & (A > 0.0) & (r > hi)).to(tl.int32)
+        nl = (m & (A < 0.0) & (r < lo)).to(tl.int32)
+        nd = tl.zeros([BLOCK], dtype=tl.int32)
         if HAS_DUAL:
             l3 = -A * dual_c
             dm = (A < 0.0) & (loss > l3)
             loss = tl.where(dm, l3, loss)
             dl = tl.where(dm, zero, dl)
-            nd += (m & dm).to(tl.int32)
+            nd = (m & dm).to(tl.int32)
         a0 = A == 0.0  # loss 0 and no gradient, even for r = inf (never 0 * inf)
         loss = tl.where(a0, zero, loss)
         dl = tl.where(a0, zero, dl)
@@ -136,11 +147,11 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
             loss = tl.where(w0, zero, loss * w)
             dl = tl.where(w0, zero, dl * w)
         if SEQ:
-            G += tl.where(m, dl, zero)
+            G = tl.where(m, dl, zero)
             gt = zero
         else:
             gt = dl * inside
-        akl += tl.where(m, -lr, zero)
+        rkl = zero
         if HAS_REF:
             ref = tl.load(ref_ptr + base + idx, mask=m, other=0.0).to(DT)
             d = ref - x
@@ -166,15 +177,15 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
                 small = (dc < K3_BELOW) & (dc > -K3_BELOW)
                 eb = tl.exp(dc) - 1.0
                 em1 = tl.where(small, dc + ks, eb)
-                k = tl.where(small, ks, eb - dc)
-                k_in = (k >= -10.0) & (k <= 10.0)
-                kl = tl.minimum(tl.maximum(k, -10.0), 10.0)
+                k3 = tl.where(small, ks, eb - dc)
+                k_in = (k3 >= -10.0) & (k3 <= 10.0)
+                kl = tl.minimum(tl.maximum(k3, -10.0), 10.0)
                 dkl = tl.where(d_in & k_in, -em1, zero)
             if KL_TYPE == 3:  # k3_ratio: k3 r, 0 where k3 (or dk3) is 0 (never 0 * inf)
                 k0 = kl == 0.0
                 dkl = tl.where(k0 | (dkl == 0.0), zero, dkl * r)
                 kl = tl.where(k0, zero, kl * r)
-            rkl += tl.where(m, kl, zero)
+            rkl = tl.where(m, kl, zero)
             if HAS_KL:
                 loss = loss + kl_coef * kl
                 gt = gt + kl_coef * dkl
@@ -183,63 +194,164 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
                         G += tl.where(m, kl_coef * kl, zero)
                     else:
                         gt = gt + tl.where(inside == 0.0, zero, kl_coef * kl)
-        S += tl.where(m, loss, zero)
-        L += m.to(tl.int32)
         tl.store(grad_ptr + base + idx, tl.where(m, gt, zero), mask=inb)
-    n_tok = tl.sum(L, axis=0)
-    if SEQ:  # d l_it / d logp_is = dl_it/dlw * dlw * m_is / L_i
-        add = (tl.sum(G, axis=0) / tl.maximum(n_tok, 1).to(DT)) * dlw
-        for start in range(0, T, BLOCK):
-            idx = start + offs
-            inb = idx < T
-            m = tl.load(mask_ptr + base + idx, mask=inb, other=0) != 0
-            g = tl.load(grad_ptr + base + idx, mask=inb, other=0.0)
-            tl.store(grad_ptr + base + idx, tl.where(m, g + add, g), mask=inb)
-    pr = part_ptr + i * 7
-    tl.store(pr + 0, tl.sum(S, axis=0))
-    tl.store(pr + 1, n_tok.to(DT))
-    tl.store(pr + 2, tl.sum(nh, axis=0).to(DT))
-    tl.store(pr + 3, tl.sum(nl, axis=0).to(DT))
-    tl.store(pr + 4, tl.sum(nd, axis=0).to(DT))
-    tl.store(pr + 5, tl.sum(akl, axis=0))
-    tl.store(pr + 6, tl.sum(rkl, axis=0))
+        tl.store(pr + k, tl.sum(tl.where(m, loss, zero), axis=0))
+        tl.store(pr + cs + k, tl.sum(m.to(tl.int32), axis=0).to(DT))
+        tl.store(pr + 2 * cs + k, tl.sum(nh, axis=0).to(DT))
+        tl.store(pr + 3 * cs + k, tl.sum(nl, axis=0).to(DT))
+        tl.store(pr + 4 * cs + k, tl.sum(nd, axis=0).to(DT))
+        tl.store(pr + 5 * cs + k, tl.sum(tl.where(m, -lr, zero), axis=0))
+        tl.store(pr + 6 * cs + k, tl.sum(rkl, axis=0))
+        if SEQ:  # dlw is 0 or 1: the product is exact
+            tl.store(pr + 7 * cs + k, tl.sum(G, axis=0) * dlw)
 
 
-def _finalize(part, T: int, agg: int, num_tokens: float, num_seqs: float, loss_scale: float):
-    """Fixed-order aggregation of the row partials [B, 7] (float64 math, like the C++ op):
-    loss = sum_i w_i S_i / denom, row_scale_i = w_i / denom, metrics [6]."""
-    p = part.double()
-    S, L = p[:, 0], p[:, 1]
-    N = L.sum()
-    n1 = N.clamp(min=1)
-    name = AGGS[agg]
-    # given normalisers stay Python floats: a new device tensor would be a blocking copy
-    if name == "token-mean":
-        denom = n1 if num_tokens <= 0 else num_tokens
-    elif name == "token-sum":
-        denom = 1.0
+@triton.jit
+def _tile_sums(part_ptr, r, rm, NT, KB: tl.constexpr):
+    """[RB] float64: the sums over tiles of one partial column, rows r (fixed order: blocks
+    of KB tiles in sequence, a tree within a block; independent of the grid's splits)."""
+    tiles = tl.arange(0, KB)
+    acc = tl.zeros(r.shape, dtype=tl.float64)
+    for k0 in range(0, NT, KB):
+        k = k0 + tiles
+        v = tl.load(part_ptr + r[:, None] * NT + k[None, :],
+                    mask=rm[:, None] & (k < NT)[None, :], other=0.0)
+        acc += tl.sum(v.to(tl.float64), axis=1)
+    return acc
+
+
+@triton.jit(do_not_specialize=["nt_bits", "ns_bits", "ls_bits"])
+def _policy_loss_finalize(part_ptr, loss_ptr, metrics_ptr, rs_ptr, add_ptr, B, T, NT,
+                          nt_bits, ns_bits, ls_bits, AGG: tl.constexpr, SEQ: tl.constexpr,
+                          DT: tl.constexpr, RB: tl.constexpr, KB: tl.constexpr):
+    """One program. part [NCOL (+1), B, NT] -> loss [] = sum_i w_i S_i / denom, metrics [6],
+    row_scale [B] = w_i / denom, and for SEQ add [B] = G_i / max(L_i, 1) (the row term of
+    GSPO's gradient). float64 math, rows in blocks of RB in order (like the C++ op)."""
+    cs = B.to(tl.int64) * NT
+    rows = tl.arange(0, RB).to(tl.int64)
+    z = tl.zeros([RB], dtype=tl.float64)
+    n_acc, rows_acc, sw_acc, h_acc, l_acc, d_acc, a_acc, k_acc = z, z, z, z, z, z, z, z
+    for r0 in range(0, B, RB):
+        r = r0 + rows
+        rm = r < B
+        S = _tile_sums(part_ptr, r, rm, NT, KB)
+        L = _tile_sums(part_ptr + cs, r, rm, NT, KB)
+        n_acc += L
+        rows_acc += tl.where(L > 0.0, 1.0, 0.0)
+        if AGG == 2:  # seq-mean-token-mean: each row's mean
+            sw_acc += S / tl.maximum(L, 1.0)
+        else:
+            sw_acc += S
+        h_acc += _tile_sums(part_ptr + 2 * cs, r, rm, NT, KB)
+        l_acc += _tile_sums(part_ptr + 3 * cs, r, rm, NT, KB)
+        d_acc += _tile_sums(part_ptr + 4 * cs, r, rm, NT, KB)
+        a_acc += _tile_sums(part_ptr + 5 * cs, r, rm, NT, KB)
+        k_acc += _tile_sums(part_ptr + 6 * cs, r, rm, NT, KB)
+        if SEQ:
+            G = _tile_sums(part_ptr + 7 * cs, r, rm, NT, KB)
+            tl.store(add_ptr + r, (G / tl.maximum(L, 1.0)).to(DT), mask=rm)
+    N = tl.sum(n_acc, axis=0)
+    n1 = tl.maximum(N, 1.0)
+    nt = _f64(nt_bits)
+    if AGG == 0:  # token-mean: the given token count, else the local one
+        denom = tl.where(nt <= 0.0, n1, nt)
+    elif AGG == 1:
+        denom = n1 * 0.0 + 1.0
     else:
-        denom = (L > 0).sum().double().clamp(min=1) if num_seqs <= 0 else num_seqs
-        if name == "seq-mean-token-sum-norm":
-            denom = denom * (loss_scale if loss_scale > 0 else float(T))
-    w = 1.0 / L.clamp(min=1) if name == "seq-mean-token-mean" else torch.ones_like(L)
-    loss = (S * w).sum() / denom
-    metrics = torch.cat([p[:, 2:].sum(0) / n1, N[None]])
-    dt = part.dtype
-    return loss.to(dt), metrics.to(dt), (w / denom).to(dt)
+        ns = _f64(ns_bits)
+        denom = tl.where(ns <= 0.0, tl.maximum(tl.sum(rows_acc, axis=0), 1.0), ns)
+        if AGG == 4:
+            ls = _f64(ls_bits)
+            denom = denom * tl.where(ls > 0.0, ls, T.to(tl.float64))
+    tl.store(loss_ptr, (tl.sum(sw_acc, axis=0) / denom).to(DT))
+    tl.store(metrics_ptr + 0, (tl.sum(h_acc, axis=0) / n1).to(DT))
+    tl.store(metrics_ptr + 1, (tl.sum(l_acc, axis=0) / n1).to(DT))
+    tl.store(metrics_ptr + 2, (tl.sum(d_acc, axis=0) / n1).to(DT))
+    tl.store(metrics_ptr + 3, (tl.sum(a_acc, axis=0) / n1).to(DT))
+    tl.store(metrics_ptr + 4, (tl.sum(k_acc, axis=0) / n1).to(DT))
+    tl.store(metrics_ptr + 5, N.to(DT))
+    for r0 in range(0, B, RB):  # the rows' scale, now that denom is known
+        r = r0 + rows
+        rm = r < B
+        if AGG == 2:
+            w = 1.0 / tl.maximum(_tile_sums(part_ptr + cs, r, rm, NT, KB), 1.0)
+        else:
+            w = z + 1.0
+        tl.store(rs_ptr + r, (w / denom).to(DT), mask=rm)
+
+
+@triton.jit
+def _gspo_add(grad_ptr, mask_ptr, add_ptr, T, NT, TPS, BLOCK: tl.constexpr):
+    """GSPO: grad[i, t] += add[i] where the mask is set; grid (B, splits) as the forward."""
+    i = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    base = i * T
+    offs = tl.arange(0, BLOCK)
+    add = tl.load(add_ptr + i)
+    for k in range(j * TPS, tl.minimum(j * TPS + TPS, NT)):
+        idx = k * BLOCK + offs
+        inb = idx < T
+        m = tl.load(mask_ptr + base + idx, mask=inb, other=0) != 0
+        g = tl.load(grad_ptr + base + idx, mask=inb, other=0.0)
+        tl.store(grad_ptr + base + idx, tl.where(m, g + add, g), mask=inb)
+
+
+@triton.jit
+def _policy_loss_bwd(grad_ptr, rs_ptr, gl_ptr, out_ptr, n, T, BLOCK: tl.constexpr):
+    """out[i, t] = grad[i, t] * (row_scale[i] * grad_loss), cast to out's dtype; flat over
+    the n = B * T tokens. grad_loss is a 0-dim tensor read here (no host sync). The order of
+    operations is torch's `grad * (row_scale * grad_loss)[:, None]`."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    g = tl.load(grad_ptr + offs, mask=inb, other=0.0)
+    s = tl.load(rs_ptr + offs // T, mask=inb, other=0.0) * tl.load(gl_ptr).to(g.dtype)
+    tl.store(out_ptr + offs, (g * s).to(out_ptr.dtype.element_ty), mask=inb)
+
+
+def _bits(*values):
+    """float64 bit patterns of the values, as Python ints (kernel arguments by value)."""
+    return np.array(values, dtype=np.float64).view(np.int64).tolist()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs to aim for: the device's SM count on CUDA (a host-side property, cached: no
+    sync), TARGET_PROGRAMS elsewhere (the interpreter)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return TARGET_PROGRAMS
+
+
+def tiling(B: int, T: int, device: torch.device, splits: int | None = None):
+    """(BLOCK, NT tiles per row, TPS tiles per program, splits): BLOCK from T only (so a
+    row's numbers do not depend on B or splits); splits programs per row so that B * splits
+    reaches the target when B is small (1 when B >= target); `splits` forces a count."""
+    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(max(-(-T // 8), 1))))
+    nt = max(1, -(-T // block))
+    if splits is None:
+        splits = -(-_target_programs(device) // max(B, 1))
+    splits = max(1, min(int(splits), nt))
+    tps = -(-nt // splits)
+    return block, nt, tps, -(-nt // tps)
 
 
 def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low: float,
                 clip_high: float, dual_clip: float, kl_coef: float, kl_type: int, agg: int,
                 num_tokens: float, num_seqs: float, loss_scale: float, seq_ratio: bool,
-                log_ratio_clamp: float):
+                log_ratio_clamp: float, splits: int | None = None):
     """Launcher, same contract as the C++ op mars::policy_loss (csrc/ops.cpp): returns
     (loss 0-dim, metrics [6], grad [B, T] unscaled, row_scale [B]), fp32 (fp64 for fp64).
-    Options go to the kernel as arguments and to the aggregation as Python numbers: no
-    host-to-device copy and no host sync per call (two kernel launches plus the few torch
-    ops of `_finalize`)."""
+
+    Two launches (three for GSPO), no host-to-device copy, no host sync: the options and
+    the given normalisers (-1: local count) are kernel arguments. `splits` (tests) forces
+    the programs per row; by default `tiling` picks them from B and the SM count."""
     B, T = logp.shape
     acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    dt = tl.float64 if acc == torch.float64 else tl.float32
     x, o, a = logp.contiguous(), old_logp.contiguous(), advantages.contiguous()
     m = mask.contiguous().view(torch.uint8)
     has_ref = ref_logp is not None
@@ -253,19 +365,52 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low
             raise ValueError(f"{name} must not be NaN")
     if not 0 <= kl_type <= 3:
         raise ValueError(f"kl_type must be 0, 1, 2 or 3, got {kl_type}")
-    # float64 bit patterns of the options, passed by value: no tensor, no copy to the device
-    bits = np.array([1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, log_ratio_clamp],
-                    dtype=np.float64).view(np.int64).tolist()
-    grad = torch.empty((B, T), dtype=acc, device=x.device)
-    part = torch.empty((B, NCOL), dtype=acc, device=x.device)
+    if not 0 <= agg < len(AGGS):
+        raise ValueError(f"agg must be 0 .. {len(AGGS) - 1}, got {agg}")
+    seq = bool(seq_ratio)
+    block, nt, tps, n_split = tiling(B, T, x.device, splits)
+    dev = x.device
+    grad = torch.empty((B, T), dtype=acc, device=dev)
+    part = torch.empty((NCOL + seq, B, nt), dtype=acc, device=dev)
+    row_scale = torch.empty((B,), dtype=acc, device=dev)
+    add = torch.empty((B,), dtype=acc, device=dev) if seq else row_scale
+    loss = torch.empty((), dtype=acc, device=dev)
+    metrics = torch.empty((6,), dtype=acc, device=dev)
+    warps = max(1, min(4, block // 128))
     if B > 0:
-        block = min(1024, max(16, triton.next_power_of_2(max(T, 1))))
-        _policy_loss_fwd[(B,)](
-            x, o, a, m, r, w, grad, part, T, *bits, ADV_2D=a.dim() == 2, HAS_IS=has_is,
-            IS_2D=has_is and w.dim() == 2, HAS_REF=has_ref,
-            KL_TYPE=int(kl_type), HAS_KL=bool(kl_coef > 0 and has_ref),
-            HAS_DUAL=bool(dual_clip > 0), HAS_CLAMP=bool(log_ratio_clamp > 0),
-            SEQ=bool(seq_ratio), DT=tl.float64 if acc == torch.float64 else tl.float32,
-            BLOCK=block, K3_TOP=K3_TOP_FACTORIAL, K3_BELOW=K3_SERIES_BELOW)
-    loss, metrics, row_scale = _finalize(part, T, agg, num_tokens, num_seqs, loss_scale)
+        _policy_loss_fwd[(B, n_split)](
+            x, o, a, m, r, w, grad, part, B, T, nt, tps,
+            *_bits(1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, log_ratio_clamp),
+            ADV_2D=a.dim() == 2, HAS_IS=has_is, IS_2D=has_is and w.dim() == 2,
+            HAS_REF=has_ref, KL_TYPE=int(kl_type), HAS_KL=bool(kl_coef > 0 and has_ref),
+            HAS_DUAL=bool(dual_clip > 0), HAS_CLAMP=bool(log_ratio_clamp > 0), SEQ=seq,
+            DT=dt, BLOCK=block, K3_TOP=K3_TOP_FACTORIAL, K3_BELOW=K3_SERIES_BELOW,
+            num_warps=warps)
+    kb = min(64, max(2, triton.next_power_of_2(nt)))
+    rb = max(2, min(triton.next_power_of_2(max(B, 1)), 2048 // kb))
+    _policy_loss_finalize[(1,)](part, loss, metrics, row_scale, add, B, T, nt,
+                                *_bits(num_tokens, num_seqs, loss_scale), AGG=int(agg),
+                                SEQ=seq, DT=dt, RB=rb, KB=kb)
+    if seq and B > 0 and T > 0:
+        _gspo_add[(B, n_split)](grad, m, add, T, nt, tps, BLOCK=block, num_warps=warps)
     return loss, metrics, grad, row_scale
+
+
+BWD_BLOCK = 1024
+
+
+def policy_loss_backward(grad, row_scale, grad_loss, dtype):
+    """d(loss)/d(logp) [B, T] in `dtype` (logp's) = grad * (row_scale[:, None] * grad_loss),
+    one kernel: grad [B, T] and row_scale [B] are the forward's outputs (fp32 / fp64),
+    grad_loss the upstream 0-dim tensor on their device (read in the kernel, never on the
+    host). Bit for bit torch's `(grad * (row_scale * grad_loss)[:, None]).to(dtype)`."""
+    if grad_loss.numel() != 1:
+        raise ValueError(f"grad_loss must have one element, got shape {tuple(grad_loss.shape)}")
+    B, T = grad.shape
+    out = torch.empty((B, T), dtype=dtype, device=grad.device)
+    n = B * T
+    if n > 0:
+        _policy_loss_bwd[(triton.cdiv(n, BWD_BLOCK),)](
+            grad.contiguous(), row_scale.contiguous(), grad_loss.reshape(()), out, n, T,
+            BLOCK=BWD_BLOCK)
+    return out
