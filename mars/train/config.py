@@ -198,6 +198,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: Literal["ddp", "fsdp2"] = F("ddp", "data parallel under torchrun (docs/distributed.md): ddp (replicas) or "
+                                                 "fsdp2 (fully_shard; checkpoints not resumable); one process: unused")
+    find_unused_parameters: bool = F(True, "ddp: find the parameters a micro-batch leaves without a gradient (a "
+                                           "VLM's vision tower on text-only prompts); false only if every prompt "
+                                           "has an image")
+    timeout_s: float = F(1800.0, "seconds a collective waits for a slow rank before it raises (keep it above the "
+                                 "held-out evaluation's time: rank 0 evaluates alone)")
+
+
+@dataclass
 class CompareConfig:
     seeds: list = F([0, 1, 2], "mars train --compare: seeds run for each method", value_type=int)
 
@@ -223,6 +234,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
@@ -425,10 +437,10 @@ def load_config(config=None, overrides=(), *, check_files: bool = True) -> Train
 # logged and kept, and (for out-of-memory recovery) the memory knobs, which change how
 # the same numbers are computed (batching, fusion), so only the first group keeps a resumed
 # run bit for bit equal to one that never stopped.
-RESUME_KEYS = ("max_steps", "save_every", "checkpoint.", "log.",
+RESUME_KEYS = ("max_steps", "save_every", "checkpoint.", "log.", "dist.timeout_s",
                "rollout.max_batch_rows", "optim.micro_batch_size", "loss.chunk_size", "loss.fused",
                "model.gradient_checkpointing")
-RESUME_MEMORY_KEYS = RESUME_KEYS[4:]
+RESUME_MEMORY_KEYS = RESUME_KEYS[5:]
 
 
 def load_resume_config(output_dir: str, overrides=(), *, check_files: bool = True) -> TrainConfig:
@@ -513,6 +525,7 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
 
         need(importlib.util.find_spec("tensorboard") is not None, "log.tensorboard",
              "needs the tensorboard package, which is not installed: pip install tensorboard")
+    need(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {cfg.dist.timeout_s}")
     need(len(cfg.compare.seeds) >= 1, "compare.seeds", "needs at least one seed")
     t = cfg.task
     from .task import CATEGORIES
