@@ -8,6 +8,8 @@
 * ``optimizer.pt`` (AdamW ``state_dict``), ``scheduler.pt`` (LambdaLR ``state_dict``);
 * ``rng_state.pt``: torch CPU (and CUDA) generator, Python ``random``, numpy, and the
   trainer's own ``torch.Generator`` objects (the mini-batch shuffle);
+* under torchrun, ``rng_state_rank{r}.pt`` of every rank r (its own sampling streams;
+  ``mars.train.distributed``), written with the other files;
 * ``trainer_state.json``, written last: step, seed, data cursor, elapsed time, the config
   as run, ``resumable: true`` and the size of every file above. It is the completion
   marker: a directory without it is never loaded.
@@ -187,11 +189,15 @@ def _step_dirs(ckpt_dir: str) -> list[tuple[int, str]]:
 
 def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, processor=None, image_processor=None,
                     optimizer=None, scheduler=None, generators: dict | None = None, config: dict,
-                    data_cursor: int, seed: int, elapsed: float = 0.0, keep_last: int = 0) -> str:
+                    data_cursor: int, seed: int, elapsed: float = 0.0, keep_last: int = 0,
+                    extra_files: dict | None = None) -> str:
     """Write checkpoint ``step`` atomically and return its directory. With ``optimizer``
     and ``scheduler`` the checkpoint is resumable (``trainer_state.json``: ``resumable:
     true``). ``generators``: {name: torch.Generator} saved in rng_state.pt. keep_last > 0:
-    delete all but the newest keep_last ``step_*`` checkpoints afterwards."""
+    delete all but the newest keep_last ``step_*`` checkpoints afterwards. extra_files:
+    {file name: object} written with ``torch.save`` into the same temporary directory
+    before the marker, so the rename and the marker's file sizes cover them (a
+    data-parallel run's ``rng_state_rank{r}.pt``, ``distributed.gather_rng_files``)."""
     ckpt_dir = os.path.join(output_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     name = f"step_{step:06d}"
@@ -206,6 +212,10 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, processor=N
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     torch.save(rng_state(generators), os.path.join(tmp, "rng_state.pt"))
+    for fname, obj in (extra_files or {}).items():
+        if os.path.basename(fname) != fname or fname in (MARKER, "rng_state.pt", "optimizer.pt", "scheduler.pt"):
+            raise ValueError(f"extra_files: {fname!r} must be a plain file name of its own")
+        torch.save(obj, os.path.join(tmp, fname))
     faults.kill_point("checkpoint", step)  # tests: killed with the checkpoint half written
     state = {"step": step, "seed": seed, "data_cursor": data_cursor, "elapsed": elapsed, "resumable": resumable,
              "files": _files(tmp), "config": config}
