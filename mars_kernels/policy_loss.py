@@ -297,7 +297,18 @@ def _gspo_add(grad_ptr, mask_ptr, add_ptr, T, NT, TPS, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _policy_loss_bwd(grad_ptr, rs_ptr, gl_ptr, out_ptr, n, T, BLOCK: tl.constexpr):
+def _rne_bf16(v):
+    """float32 -> bfloat16 rounded to nearest even from the bits (what a GPU's cvt.rn does;
+    the interpreter's own cast truncates), NaN kept NaN."""
+    b = v.to(tl.uint32, bitcast=True)
+    r = b + 0x7FFF + ((b >> 16) & 1)
+    r = tl.where(v != v, b | 0x400000, r)
+    return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _policy_loss_bwd(grad_ptr, rs_ptr, gl_ptr, out_ptr, n, T, BLOCK: tl.constexpr,
+                     OUT_BF16: tl.constexpr):
     """out[i, t] = grad[i, t] * (row_scale[i] * grad_loss), cast to out's dtype; flat over
     the n = B * T tokens. grad_loss is a 0-dim tensor read here (no host sync). The order of
     operations is torch's `grad * (row_scale * grad_loss)[:, None]`."""
@@ -305,7 +316,11 @@ def _policy_loss_bwd(grad_ptr, rs_ptr, gl_ptr, out_ptr, n, T, BLOCK: tl.constexp
     inb = offs < n
     g = tl.load(grad_ptr + offs, mask=inb, other=0.0)
     s = tl.load(rs_ptr + offs // T, mask=inb, other=0.0) * tl.load(gl_ptr).to(g.dtype)
-    tl.store(out_ptr + offs, (g * s).to(out_ptr.dtype.element_ty), mask=inb)
+    if OUT_BF16:
+        out = _rne_bf16((g * s).to(tl.float32))
+    else:
+        out = (g * s).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, out, mask=inb)
 
 
 def _bits(*values):
@@ -412,5 +427,5 @@ def policy_loss_backward(grad, row_scale, grad_loss, dtype):
     if n > 0:
         _policy_loss_bwd[(triton.cdiv(n, BWD_BLOCK),)](
             grad.contiguous(), row_scale.contiguous(), grad_loss.reshape(()), out, n, T,
-            BLOCK=BWD_BLOCK)
+            BLOCK=BWD_BLOCK, OUT_BF16=dtype == torch.bfloat16)
     return out
