@@ -45,8 +45,9 @@ def _compile_all():
             dt, kl_type, seq, has_is, is_2d, adv_2d, has_dual, has_clamp = cfg
             ptr = f"*{dt}"
             sig = dict(lp_ptr="*bf16", old_ptr="*bf16", adv_ptr="*bf16", mask_ptr="*u8",
-                       ref_ptr="*bf16", is_ptr="*bf16", grad_ptr=ptr, part_ptr=ptr, T="i32",
-                       lo_bits="i64", hi_bits="i64", dual_bits="i64", kl_bits="i64",
+                       ref_ptr="*bf16", is_ptr="*bf16", grad_ptr=ptr, part_ptr=ptr, B="i32",
+                       T="i32", NT="i32", TPS="i32", lo_bits="i64", hi_bits="i64",
+                       dual_bits="i64", kl_bits="i64",
                        clamp_bits="i32")  # a bit pattern that fits in 32 bits is typed i32
             cx = dict(ADV_2D=adv_2d, HAS_IS=has_is, IS_2D=is_2d, HAS_REF=True,
                       KL_TYPE=kl_type, HAS_KL=True, HAS_DUAL=has_dual, HAS_CLAMP=has_clamp,
@@ -54,6 +55,21 @@ def _compile_all():
                       K3_TOP=K.K3_TOP_FACTORIAL, K3_BELOW=K.K3_SERIES_BELOW)
             jobs[f"policy_loss-{'-'.join(map(str, cfg))}-sm{arch}"] = (K._policy_loss_fwd, sig,
                                                                         cx, arch)
+        for dt in ("fp32", "fp64"):
+            ptr = f"*{dt}"
+            DT = tl.float32 if dt == "fp32" else tl.float64
+            sig = dict(part_ptr=ptr, loss_ptr=ptr, metrics_ptr=ptr, rs_ptr=ptr, add_ptr=ptr,
+                       B="i32", T="i32", NT="i32", nt_bits="i64", ns_bits="i64", ls_bits="i64")
+            for agg, seq in ((2, True), (4, False), (0, False)):
+                jobs[f"finalize-{dt}-{agg}-{seq}-sm{arch}"] = (K._policy_loss_finalize, sig, dict(
+                    AGG=agg, SEQ=seq, DT=DT, RB=64, KB=16), arch)
+            sig = dict(grad_ptr=ptr, mask_ptr="*u8", add_ptr=ptr, T="i32", NT="i32", TPS="i32")
+            jobs[f"gspo_add-{dt}-sm{arch}"] = (K._gspo_add, sig, dict(BLOCK=256), arch)
+            for out in (("bf16", "fp32") if dt == "fp32" else ("fp64",)):
+                sig = dict(grad_ptr=ptr, rs_ptr=ptr, gl_ptr=ptr, out_ptr=f"*{out}", n="i64",
+                           T="i32")
+                jobs[f"backward-{dt}-{out}-sm{arch}"] = (K._policy_loss_bwd, sig, dict(
+                    BLOCK=1024, OUT_BF16=out == "bf16"), arch)
         sig = dict(x_ptr="*fp32", stride_x="i64", ids_ptr="*i64", lse_ptr="*fp32",
                    logp_ptr="*fp32", V="i32", inv_temp="fp32")
         jobs[f"lse_logp-sm{arch}"] = (F._lse_logp_kernel, sig, dict(BLOCK_V=1024), arch)
@@ -100,6 +116,19 @@ def test_policy_loss_kernel_compiles(compiled, arch, cfg):
     assert r["target"] and r["cubin"]
     # options arrive as 64-bit kernel parameters (pointers and the float64 bit patterns)
     assert r["params64"] >= 8 + 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", ["finalize-fp32-2-True", "finalize-fp32-4-False",
+                                    "finalize-fp64-0-False", "gspo_add-fp32", "gspo_add-fp64",
+                                    "backward-fp32-bf16", "backward-fp32-fp32",
+                                    "backward-fp64-fp64"])
+def test_policy_loss_reduce_and_backward_kernels_compile(compiled, arch, kernel):
+    """The tile-partials reduction, GSPO's row term and the one-kernel backward (the
+    bf16 output rounded from the bits) lower for each GPU target."""
+    r = compiled[f"{kernel}-sm{arch}"]
+    assert r["ok"], r.get("error")
+    assert r["target"] and r["cubin"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
