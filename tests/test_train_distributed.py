@@ -8,8 +8,9 @@ and the tests assert on those numbers. Two launches in all (about 10 s each on a
 2-core CPU): "main" (gradients, AdamW step, FSDP2, unused parameters, metrics, the first
 half of the resume check) and "resume" (a fresh pair of processes going on from the
 checkpoint). ``test_torchrun_mars_train_resume_bit_exact`` runs the whole ``mars train``
-under torchrun; it is skipped until the loop integration (config key ``dist``) is in
-(about 30 s when it runs).
+under torchrun (about 15-30 s); ``test_mars_train_two_processes_equal_one`` runs
+``loop.train`` in one process and in two ("train": a rollout engine seeded per prompt, so
+both runs generate the same rollouts) and compares the logged steps and the weights.
 
 Tolerances. Where the split run and the one-process run put the same rows in the same
 micro-batches (micro_batch_size = rows per rank) every float operation is the same, the
@@ -182,6 +183,8 @@ def _worker(scenario: str, out_dir: str) -> None:
             _main(info, res, cpu, out_dir)
         elif scenario == "resume":
             _resume_second(info, res, cpu, out_dir)
+        elif scenario == "train":
+            _train_run(info, res, out_dir)
         else:
             raise ValueError(scenario)
     finally:
@@ -409,6 +412,50 @@ def _replica_grad_diff(model, info) -> float:
     flat = torch.cat([g.reshape(-1) for g in gs])
     allg = D.all_gather_objects(flat, info)
     return max(float((x - allg[0]).abs().max()) for x in allg)
+
+
+# ------------------------------------------------------------------------------- loop.train, 1 vs 2 processes
+TRAIN_ARGS = ["max_steps=2", "warmup.steps=3", "optim.prompts_per_step=4", "rollout.n=4", "optim.mini_batches=1",
+              "optim.micro_batch_size=64", "eval.every=0", "task.eval_per_category=2", "log.progress=false",
+              "log.plot_every=0", "model.device=cpu", "algorithm.dynamic_sampling=true",
+              "algorithm.max_gen_batches=3", "log.samples_every=0", "rollout.mono=none"]
+
+
+class _PerPromptSeeded:
+    """A rollout engine whose responses depend on the prompt alone: the torch RNG is
+    seeded from the sample id before each request, which is generated on its own. A
+    2-process run, whose ranks generate disjoint halves of the prompts from their own
+    streams, then generates exactly the rollouts of a 1-process run."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate_ids(self, requests):
+        import zlib
+
+        out = []
+        for r in requests:
+            torch.manual_seed(zlib.crc32(f"{r.sample.id}|{r.config.n}|{r.config.temperature}".encode()))
+            out += self.inner.generate_ids([r])
+        return out
+
+
+def _train_run(info, res, out_dir):
+    """``loop.train`` (the integrated trainer: shards, DDP, reduced metrics, rank 0's
+    files) with per-prompt seeded rollouts; records every rank's logged steps."""
+    from mars.train import loop
+    from mars.train.config import load_config
+
+    real = loop.build_rollout_engine
+    loop.build_rollout_engine = lambda name, policy, **kw: _PerPromptSeeded(real(name, policy, **kw))
+    d = os.path.join(out_dir, f"train_w{info.world_size}")
+    result = loop.train(load_config(None, [f"output_dir={d}", *TRAIN_ARGS]))
+    res["records"] = result.records
+    res["checkpoint"] = result.checkpoint
+    res["files"] = sorted(os.listdir(d)) if info.is_main else None
 
 
 # ------------------------------------------------------------------------------- resume
@@ -642,15 +689,6 @@ def test_resumed_two_process_run_equals_uninterrupted(main_run):
 
 
 # ------------------------------------------------------------------------------- mars train under torchrun
-def _integrated() -> bool:
-    """The loop integration is in (config key dist.*): the end-to-end test below runs."""
-    import dataclasses
-
-    from mars.train.config import TrainConfig
-
-    return "dist" in {f.name for f in dataclasses.fields(TrainConfig)}
-
-
 E2E_ARGS = ["max_steps=3", "save_every=1", "warmup.steps=3", "optim.prompts_per_step=4", "rollout.n=4",
             "optim.mini_batches=2", "optim.micro_batch_size=5", "eval.every=0", "task.eval_per_category=2",
             "log.progress=false", "log.plot_every=0"]
@@ -671,7 +709,6 @@ def _records(d):
         return [{k: v for k, v in json.loads(line).items() if not k.startswith(skip)} for line in f]
 
 
-@pytest.mark.skipif(not _integrated(), reason="mars train is not integrated with mars.train.distributed yet")
 def test_torchrun_mars_train_resume_bit_exact(tmp_path):
     """torchrun --nproc_per_node 2 -m mars train: rank 0 alone reports and writes, every
     checkpoint carries both ranks' RNG files, and a run resumed from step 2 writes the
@@ -699,6 +736,60 @@ def test_torchrun_mars_train_resume_bit_exact(tmp_path):
     wa = load_file(os.path.join(a, "checkpoints", "step_000003", "model.safetensors"))
     wb = load_file(os.path.join(b, "checkpoints", "step_000003", "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _gloo():
+    pytest.importorskip("transformers")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+
+
+def test_mars_train_two_processes_equal_one(tmp_path):
+    """loop.train in one process and under torchrun with 2 (the same rollouts: a per-prompt
+    seeded engine; DAPO dynamic sampling without anchors, which drops groups and draws 2-3
+    generation batches a step, so the ranks keep different numbers of groups and must agree
+    through union_sets; one mini-batch): every logged number of steps 0-2
+    is the one-process run's (the loss, grad_norm, clip fractions and counts of both
+    ranks' rows together), both ranks log the same reduced records, rank 0 alone writes
+    the run's files, and the weights after two AdamW steps agree to Adam's rounding."""
+    _gloo()
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, HERE, "train", str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    with open(tmp_path / "train_rank0.json") as f:
+        one = json.load(f)
+    two, _ = _torchrun("train", tmp_path)
+    assert one["world_size"] == 1 and [r["world_size"] for r in two] == [2, 2]
+    skip = ("time_", "elapsed", "tokens_per_s", "warmup_time")
+
+    def strip(recs, more=()):
+        return [{k: v for k, v in r.items() if not k.startswith(skip + more)} for r in recs]
+
+    assert strip(two[0]["records"], ("eval_",)) == strip(two[1]["records"])  # the reduced record on every rank
+    assert not any(k.startswith("eval_") for r in two[1]["records"] for k in r)  # rank 0 alone evaluates
+    a, b = strip(one["records"]), strip(two[0]["records"])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys(), set(ra) ^ set(rb)
+        for k, v in ra.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                # float32 sums in another order (one micro-batch of 16 rows vs 2 x 8); a wrong weight,
+                # a missing world-size factor or local counts are off by 1e-2 or more
+                assert rb[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (ra["step"], k, v, rb[k])
+            else:
+                assert rb[k] == v, (ra["step"], k)
+    assert a[1]["rollouts"] == 16 and a[1]["optimizer_steps"] == 1 and a[1]["grad_norm"] > 0
+    assert set(two[0]["files"]) >= {"metrics.jsonl", "config.yaml", "summary.json", "checkpoints"}
+    assert two[1]["files"] is None and two[0]["checkpoint"] == two[1]["checkpoint"]
+    w1 = load_file(os.path.join(one["checkpoint"], "model.safetensors"))
+    w2 = load_file(os.path.join(two[0]["checkpoint"], "model.safetensors"))
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert diff <= 2 * 1e-4 * 1.01  # two Adam steps of lr 1e-4: a gradient entry near 0 may flip sign
 
 
 # ------------------------------------------------------------------------------- one process

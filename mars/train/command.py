@@ -7,6 +7,10 @@
 
 Exit status: 0 done, 2 usage / config / checkpoint error, 128 + N stopped by signal N
 (SIGINT 130, SIGTERM 143) after writing a checkpoint.
+
+Under ``torchrun --nproc_per_node N -m mars train ...`` every rank runs this; rank 0 alone
+prints the report, and every rank leaves the process group at the end, errors included
+(docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ def cli_main(argv) -> int:
         print(f"mars train: error: {exc}", file=sys.stderr)
         return 2
     if "--compare" in flags:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            print("mars train: error: --compare runs one process (not under torchrun)", file=sys.stderr)
+            return 2
         from .compare import run_compare
         from .faults import Interrupted
 
@@ -106,18 +113,31 @@ def cli_main(argv) -> int:
         print(res.table)
         print(f"\nplot:    {res.plot_path}\nsummary: {res.summary_path}")
         return 0
+    from . import distributed
     from .checkpoint import CheckpointError
     from .faults import Interrupted
     from .loop import train
 
     try:
-        res = train(cfg, resume=resume is not None)
-    except Interrupted as exc:
-        print(f"\nmars train: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except (CheckpointError, ConfigError) as exc:
-        print(f"mars train: error: {exc}", file=sys.stderr)
-        return 2
+        try:
+            res = train(cfg, resume=resume is not None)
+        except Interrupted as exc:
+            if distributed.current().is_main:
+                print(f"\nmars train: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except (CheckpointError, ConfigError) as exc:
+            info = distributed.current()
+            if info.is_main:  # every rank raises the same error
+                print(f"mars train: error: {exc}", file=sys.stderr)
+            return 2
+        if distributed.current().is_main:
+            _report(cfg, res)
+        return 0
+    finally:
+        distributed.shutdown()
+
+
+def _report(cfg, res) -> None:
     steps = [r for r in res.records if r.get("step", 0) >= 1]
     print(f"\nmars train: done in {_minutes(res.wall_time)} ({len(steps)} RL steps)")
     if steps:
@@ -143,4 +163,3 @@ def cli_main(argv) -> int:
     if os.path.isfile(heldout):
         print(f"  evaluate:   mars eval --model {res.checkpoint} --data {heldout} --mono "
               f"--max-new-tokens {cfg.rollout.max_new_tokens}")
-    return 0

@@ -34,7 +34,7 @@ __all__ = ["DistInfo", "init_distributed", "current", "shutdown", "device_kind",
            "no_sync", "accumulate_gradients", "loss_multiplier", "REDUCTIONS", "local_weights", "reduce_metrics",
            "broadcast_object", "all_gather_objects", "rank_seed", "rng_file", "save_rng_state", "load_rng_state",
            "replica_max_diff", "full_state_dict", "sync_generation_copy", "gather_rng_files", "union_sets",
-           "any_rank", "agree_signal", "write_rank_errors", "NullLogger", "STRATEGIES"]
+           "any_rank", "agree_signal", "write_rank_errors", "NullLogger", "padding_row", "STRATEGIES"]
 
 STRATEGIES = ("ddp", "fsdp2")
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -213,6 +213,33 @@ def union_sets(items: set, info: DistInfo | None = None) -> set:
     for part in all_gather_objects(set(items), info):
         out |= part
     return out
+
+
+def padding_row(rows: Sequence, info: DistInfo | None = None):
+    """The ``dummy`` of :func:`accumulate_gradients` (a row a padding micro-batch puts
+    through the model with advantage 0 and loss times 0): this rank's first trained row,
+    else (a rank whose groups dynamic sampling dropped, or whose prompts were all too
+    long) the first trained row of the lowest rank that has one, broadcast as a Rollout
+    of its prompt and completion only; None when no rank has a row (then no rank trains).
+    ``rows``: this rank's trained rollouts. Collective (an all-gather of one flag, plus a
+    broadcast when some rank has none); for one process: ``rows[0]`` or None."""
+    info = info or current()
+    mine = next(iter(rows), None)
+    if not info.distributed:
+        return mine
+    have = all_gather_objects(mine is not None, info)
+    if all(have):
+        return mine
+    if not any(have):
+        return None
+    src = have.index(True)
+    box = None
+    if info.rank == src:
+        from .loop import Rollout
+
+        box = Rollout(mine.group, mine.uid, None, mine.prompt, mine.completion)
+    got = broadcast_object(box, info, src=src)
+    return mine if mine is not None else got
 
 
 def any_rank(flag: bool, info: DistInfo | None = None) -> bool:

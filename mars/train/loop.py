@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -42,7 +43,7 @@ from mars.rollout.encode import EncodedPrompt
 from . import task as embedded
 from .batch import collate_rows, logits_logprobs, response_inputs, row_logprobs
 from . import checkpoint as ckpt
-from . import faults
+from . import distributed, faults
 from .config import EMBEDDED, TINY, ConfigError, TrainConfig, save_config, to_dict
 from .logger import MetricsLogger, truncate_jsonl
 
@@ -90,26 +91,50 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     reward_errors.jsonl and samples.jsonl are cut back to its step and appended to, so the
     run writes what it would have written had it never stopped. Without a checkpoint the
     run starts over.
+    Under torchrun (``WORLD_SIZE`` set) this is one rank of a data-parallel run
+    (docs/distributed.md, ``cfg.dist``): each rank trains on its shard of every step's
+    prompts, the model is wrapped (DDP / FSDP2), metrics are reduced over the ranks and
+    rank 0 alone writes files. Without torchrun's environment it is one process, and every
+    data-parallel call below is the identity.
     Raises ``faults.Interrupted`` after SIGINT / SIGTERM (the step finished and
     checkpointed), ``checkpoint.CheckpointError`` naming a corrupt or missing checkpoint
-    file, and ``torch.OutOfMemoryError`` with a note naming the config keys to lower."""
+    file, ``ConfigError`` for a config the process count does not fit, and
+    ``torch.OutOfMemoryError`` with a note naming the config keys to lower."""
     t_start = time.perf_counter()
+    info = distributed.init_distributed(device_kind=distributed.device_kind(cfg.model.device),
+                                        timeout_s=cfg.dist.timeout_s)
+    main = info.is_main
+    if cfg.optim.prompts_per_step % info.world_size:
+        raise ConfigError(f"optim.prompts_per_step: {cfg.optim.prompts_per_step} prompts cannot be split evenly "
+                          f"over {info.world_size} processes; use a multiple of {info.world_size}")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    resume_from = ckpt.find_resumable(cfg.output_dir) if resume else None
-    if resume and resume_from is None:
-        print(f"mars train: no complete checkpoint in {cfg.output_dir}: starting the run over", file=sys.stderr)
-    if resume_from is None and (n := ckpt.clear_checkpoints(cfg.output_dir)):
-        print(f"mars train: removed {n} checkpoint(s) of an earlier run in {cfg.output_dir}", file=sys.stderr)
-    if resume_from is not None:
-        _check_resume_config(cfg, ckpt.read_trainer_state(resume_from), resume_from)
-    save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    resume_from, problem = None, None
+    if main:  # rank 0 decides where the run starts; the others learn it (and any error) from it
+        try:
+            resume_from = ckpt.find_resumable(cfg.output_dir) if resume else None
+            if resume and resume_from is None:
+                print(f"mars train: no complete checkpoint in {cfg.output_dir}: starting the run over",
+                      file=sys.stderr)
+            if resume_from is None and (n := ckpt.clear_checkpoints(cfg.output_dir)):
+                print(f"mars train: removed {n} checkpoint(s) of an earlier run in {cfg.output_dir}",
+                      file=sys.stderr)
+            if resume_from is not None:
+                _check_resume_config(cfg, ckpt.read_trainer_state(resume_from), resume_from)
+                _check_resume_world(resume_from, info.world_size)
+            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        except (ConfigError, ckpt.CheckpointError) as exc:
+            problem = exc
+    if info.distributed:
+        resume_from, problem = distributed.broadcast_object((resume_from, problem), info)
+    if problem is not None:
+        raise problem
     _seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.model.device)
+    device = info.device if info.distributed else _device(cfg.model.device)
     errors_path = os.path.join(cfg.output_dir, "reward_errors.jsonl")
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
-    if resume_from is None:
+    if resume_from is None and main:
         for p in (errors_path, samples_path):
             open(p, "w").close()
 
@@ -119,13 +144,17 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     prompts = PromptSource(cfg, task)
     heldout = _heldout(cfg, task)
     policy = build_policy(cfg, device)
-    engine = build_rollout_engine(cfg.rollout.engine, policy, **engine_options(cfg))
+    options = engine_options(cfg)
+    if "seed" in options:  # vLLM's sampling seed: each rank its own stream (rank 0: cfg.seed)
+        options["seed"] = distributed.rank_seed(cfg.seed, info)
+    engine = build_rollout_engine(cfg.rollout.engine, policy, **options)
     encoder = engine.encoder
-    if cfg.data.eval == EMBEDDED and heldout:  # the held-out set as a `mars eval` file
+    if cfg.data.eval == EMBEDDED and heldout and main:  # the held-out set as a `mars eval` file
         embedded.write_eval_file(heldout, os.path.join(cfg.output_dir, "heldout"))
 
-    with faults.StopSignals(cfg.output_dir) as stop:  # SIGINT / SIGTERM: finish the step, checkpoint, stop
-        # ---- supervised warm start (teaches the answer format; a resumed run has its result)
+    with faults.StopSignals(cfg.output_dir, quiet=not main) as stop:  # SIGINT / SIGTERM: finish, checkpoint, stop
+        # ---- supervised warm start (teaches the answer format; a resumed run has its result). Under
+        # torchrun every rank runs the same one (same seed): the replicas start equal.
         t = time.perf_counter()
         key = json.dumps([cfg.seed, cfg.data.train, to_dict(cfg.model), to_dict(cfg.task), to_dict(cfg.warmup)])
         if resume_from is None and cfg.warmup.steps:
@@ -137,11 +166,15 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                     warm_start_cache[key] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
         engine.update_weights(policy.model)  # an engine with its own copy of the weights (vLLM) gets these
         warmup_time = time.perf_counter() - t
-        _seed_everything(cfg.seed + 1)  # RL draws the same numbers whether or not the warm start ran here
+        # RL draws the same numbers whether or not the warm start ran here; rank r its own sampling stream
+        _seed_everything(distributed.rank_seed(cfg.seed + 1, info))
 
-        # ---- RL
+        # ---- RL. policy.model generates, computes old log-probs, evaluates and is saved; train_model is
+        # what the update runs: policy.model itself (one process), DDP around it (the same parameters),
+        # or FSDP2 around a copy whose gathered weights go back into policy.model after every update
         reference = _frozen_copy(policy.model) if cfg.loss.kl_coef > 0 else None
-        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        train_model = _wrap(policy.model, info, cfg)
+        optimizer = torch.optim.AdamW(train_model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       weight_decay=cfg.optim.weight_decay)
         warm = cfg.optim.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
@@ -150,28 +183,45 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
         if resume_from is not None:  # everything a step depends on, as it was after the checkpoint's step
             state = ckpt.restore_checkpoint(resume_from, model=policy.model, optimizer=optimizer, scheduler=scheduler,
                                             generators={"shuffle": shuffle_gen}, reference=reference)
+            if info.distributed:  # this rank's own streams (rng_state.pt is rank 0's)
+                try:
+                    distributed.load_rng_state(resume_from, info, {"shuffle": shuffle_gen})
+                except ValueError as exc:
+                    raise ckpt.CheckpointError(str(exc)) from None
             engine.update_weights(policy.model)
             prompts.cursor, start, t_start = state["data_cursor"], state["step"] + 1, t_start - state["elapsed"]
             saved[state["step"]] = resume_from
-            for p in (errors_path, samples_path):
-                truncate_jsonl(p, state["step"])
-        elif reference is not None:  # saved once: every checkpoint's reference model
+            if main:
+                for p in (errors_path, samples_path):
+                    truncate_jsonl(p, state["step"])
+        elif reference is not None and main:  # saved once: every checkpoint's reference model
             ckpt.save_reference(cfg.output_dir, reference)
         source_names = list(embedded.SOURCES) if cfg.data.train == EMBEDDED else None
-        logger = MetricsLogger(cfg.output_dir, title=_title(cfg), source_names=source_names,
-                               resume_step=start - 1 if resume_from else None, tensorboard=cfg.log.tensorboard)
+        if main:
+            logger = MetricsLogger(cfg.output_dir, title=_title(cfg), source_names=source_names,
+                                   resume_step=start - 1 if resume_from else None, tensorboard=cfg.log.tensorboard)
+        else:
+            logger = distributed.NullLogger(cfg.output_dir)
 
         save_times: list[float] = []
+        sharded = info.distributed and cfg.dist.strategy == "fsdp2"
 
-        def save(step: int) -> str:  # a resumable checkpoint of the state after `step`
+        def save(step: int) -> str:  # a resumable checkpoint of the state after `step` (collective)
             if step not in saved:
                 t = time.perf_counter()
                 logger.sync()
-                saved[step] = ckpt.save_checkpoint(
-                    cfg.output_dir, step, model=policy.model, tokenizer=policy.tokenizer, processor=policy.processor,
-                    image_processor=policy.image_processor, optimizer=optimizer, scheduler=scheduler,
-                    generators={"shuffle": shuffle_gen}, config=to_dict(cfg), data_cursor=prompts.cursor,
-                    seed=cfg.seed, elapsed=time.perf_counter() - t_start, keep_last=cfg.checkpoint.keep_last)
+                rank_files = distributed.gather_rng_files(info, {"shuffle": shuffle_gen}) \
+                    if info.distributed else None
+                path = None
+                if main:  # FSDP2: the optimizer state is sharded, so model + RNG only (not resumable)
+                    path = ckpt.save_checkpoint(
+                        cfg.output_dir, step, model=policy.model, tokenizer=policy.tokenizer,
+                        processor=policy.processor, image_processor=policy.image_processor,
+                        optimizer=None if sharded else optimizer, scheduler=None if sharded else scheduler,
+                        generators={"shuffle": shuffle_gen}, config=to_dict(cfg), data_cursor=prompts.cursor,
+                        seed=cfg.seed, elapsed=time.perf_counter() - t_start, keep_last=cfg.checkpoint.keep_last,
+                        extra_files=rank_files)
+                saved[step] = distributed.broadcast_object(path, info) if info.distributed else path
                 save_times.append(time.perf_counter() - t)
             return saved[step]
 
@@ -180,23 +230,24 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
         try:
             if resume_from is None:  # step 0: the policy after the warm start
                 t = time.perf_counter()
-                evaluation = {**evaluate(engine, heldout, cfg), "time_eval": time.perf_counter() - t} if heldout else {}
+                evaluation = {**evaluate(engine, heldout, cfg), "time_eval": time.perf_counter() - t} \
+                    if heldout and main else {}
                 logger.log({"step": 0, "warmup_time_s": warmup_time, "elapsed": time.perf_counter() - t_start,
                             **evaluation})
             for step in range(start, cfg.max_steps + 1):
                 t_step = time.perf_counter()
                 times: dict[str, float] = {}
 
-                # 1-3. rollouts, rewards, advantages (+ dynamic sampling)
+                # 1-3. rollouts, rewards, advantages (+ dynamic sampling); this rank's shard of the prompts
                 with faults.oom_hint("generation", cfg):
                     batch, adv, stats, gen_info = collect_batch(engine, encoder, prompts, cfg, times, errors_path,
-                                                                step)
+                                                                step, info=info)
                 faults.kill_point("rollout", step)  # tests: killed mid-step
                 if hasattr(engine, "sleep"):
                     engine.sleep()  # vLLM frees its GPU memory for steps 4-5; update_weights wakes it
                 trained = [r for r in batch if not r.anchor]
 
-                # 4. old (and reference) log-probs, no gradient
+                # 4. old (and reference) log-probs, no gradient (local: the plain HF model, no collective)
                 t = time.perf_counter()
                 with faults.oom_hint("old_logp", cfg):
                     old_logp = response_logprobs(policy.model, trained, encoder, cfg, device)
@@ -204,36 +255,47 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                         if reference is not None and trained else None
                 times["time_old_logp"] = time.perf_counter() - t
 
-                # 5. policy update
+                # 5. policy update (every rank takes part while any rank has rows)
                 t = time.perf_counter()
                 with faults.oom_hint("update", cfg):
-                    upd = policy_update(policy.model, optimizer, scheduler, trained, adv, old_logp, ref_logp, cfg,
-                                        encoder.pad_token_id, device, shuffle_gen) if trained else {}
+                    upd = {}
+                    if distributed.any_rank(bool(trained), info):
+                        dummy = distributed.padding_row(trained, info)
+                        upd = policy_update(train_model, optimizer, scheduler, trained, adv, old_logp, ref_logp,
+                                            cfg, encoder.pad_token_id, device, shuffle_gen, dummy=dummy)
+                    distributed.sync_generation_copy(train_model, policy.model, info)  # FSDP2 only
                 engine.update_weights(policy.model)
                 times["time_update"] = time.perf_counter() - t
                 times["time_step"] = time.perf_counter() - t_step
 
-                # log, evaluate, plot, checkpoint
+                # log, evaluate (rank 0), plot, checkpoint
                 rec = {"step": step, **step_metrics(batch, trained, adv, stats, old_logp, cfg), **upd, **gen_info,
                        **times, "elapsed": time.perf_counter() - t_start}
                 rec["tokens_per_s"] = rec["gen_tokens"] / max(times["time_step"], 1e-9)
+                if info.distributed:
+                    rec = distributed.reduce_metrics(rec, info,
+                                                     distributed.local_weights(batch, trained, stats, old_logp))
                 t = time.perf_counter()
-                if heldout and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.max_steps:
+                if main and heldout and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.max_steps:
                     rec.update(evaluate(engine, heldout, cfg), time_eval=time.perf_counter() - t)
-                if step == cfg.max_steps and heldout:
+                if main and step == cfg.max_steps and heldout:
                     final_eval = evaluate(engine, heldout, cfg)
                     rec.update(final_eval, time_eval=time.perf_counter() - t)
                 rec = logger.log(rec)
-                if rec["reward_errors"]:
+                if main and rec["reward_errors"]:
                     pbar.write(f"step {step}: {rec['reward_errors']} reward call(s) failed and scored 0 "
                                f"(sample ids in {errors_path})")
-                if cfg.log.samples_every and (step % cfg.log.samples_every == 0 or step == 1):
+                if main and cfg.log.samples_every and (step % cfg.log.samples_every == 0 or step == 1):
                     _write_samples(samples_path, step, batch)
                 if cfg.log.plot_every and step % cfg.log.plot_every == 0:
                     logger.plot()
                 if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
                     save(step)
                 if step != cfg.max_steps:
+                    if info.distributed:  # every rank stops after the same step
+                        sig = distributed.agree_signal(stop.requested, info)
+                        if sig is not None and stop.requested is None:
+                            stop.requested = sig
                     stop.check(step, lambda: save(step))  # a signal came: checkpoint, raise faults.Interrupted
                 pbar.update(1)
                 pbar.set_postfix(reward=f"{rec['reward_multi']:.2f}", mono=_fmt(rec.get("reward_mono")),
@@ -248,43 +310,78 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     wall = time.perf_counter() - t_start
     result = TrainResult(cfg.output_dir, logger.path, plot, checkpoint, logger.records, final_eval, wall,
                          save_times)
-    _write_summary(cfg, result)
+    if main:
+        _write_summary(cfg, result)
     return result
 
 
+def _wrap(model, info, cfg: TrainConfig):
+    """What the update trains (``distributed.wrap_model``): ``model`` for one process; DDP
+    around it (sharing its parameters); FSDP2 around a copy (``model`` stays the full
+    weights that generate and are saved)."""
+    if not info.distributed:
+        return model
+    src = copy.deepcopy(model) if cfg.dist.strategy == "fsdp2" else model
+    return distributed.wrap_model(src, info, cfg.dist.strategy, find_unused_parameters=cfg.dist.find_unused_parameters)
+
+
+def _check_resume_world(path: str, world_size: int) -> None:
+    """A checkpoint resumes with the number of processes that wrote it (its
+    ``rng_state_rank{r}.pt`` files; none for one process): ConfigError naming it."""
+    n = len([f for f in os.listdir(path) if re.fullmatch(r"rng_state_rank\d+\.pt", f)])
+    wrote = n if n else 1
+    if wrote != world_size:
+        how = "python -m mars train --resume" if wrote == 1 else f"torchrun --nproc_per_node {wrote} -m mars train --resume"
+        raise ConfigError(f"{path} was written by a {wrote}-process run and this run has {world_size}: resume "
+                          f"with {how} (the per-rank sampling streams cannot be re-split)")
+
+
+
 # =============================================================================== 1-3. a batch
-def collect_batch(engine, encoder, prompts, cfg: TrainConfig, times: dict, errors_path: str, step: int):
+def collect_batch(engine, encoder, prompts, cfg: TrainConfig, times: dict, errors_path: str, step: int,
+                  info=None):
     """Rollouts and anchors of one step, scored, with their advantages. Under dynamic
     sampling, generation batches are drawn until ``optim.prompts_per_step`` groups carry a
     signal (pooled std > 0) or ``algorithm.max_gen_batches`` batches were drawn; the kept
     groups keep their anchors. Returns (rollouts + anchors, advantages [trained rows],
-    AdvantageOutput of the trained rows, info)."""
+    AdvantageOutput of the trained rows, info).
+    Data parallel (``info``: a ``distributed.DistInfo``; default the current process
+    group): every rank draws the same prompts and generates, scores and keeps only its
+    shard (``distributed.shard_prompts``); rank 0 writes every rank's reward errors; the
+    informative groups are unioned so that every rank walks the same global draw order
+    and stops after the same generation batch. The counts of the returned info
+    (groups_kept, groups_drawn, prompts_skipped) are this rank's (they sum over ranks)."""
+    info = info or distributed.current()
     want = cfg.optim.prompts_per_step
     kept: list[Rollout] = []
-    n_kept = n_drawn = n_batches = 0
-    skipped = 0
+    n_kept = n_drawn = n_batches = 0  # n_kept: over all ranks (the stop rule); kept_here: this rank's
+    kept_here = skipped = 0
     for n_batches in range(1, (cfg.algorithm.max_gen_batches if cfg.algorithm.dynamic_sampling else 1) + 1):
         t = time.perf_counter()  # encoding the prompts (image processing) counts as generation
-        drawn, sk = encode_prompts(encoder, prompts.next(want), cfg)
+        draw = prompts.next(want)
+        drawn, sk = encode_prompts(encoder, distributed.shard_prompts(draw, info), cfg)
         times["time_generate"] = times.get("time_generate", 0.0) + time.perf_counter() - t
         skipped += sk
         n_drawn += len(drawn)
         rows = generate_rollouts(engine, drawn, cfg, times)
         t = time.perf_counter()
-        score_rollouts(rows, cfg, errors_path, step)
+        score_rollouts(rows, cfg, errors_path if info.is_main else None, step)
+        distributed.write_rank_errors(rows, cfg, step, errors_path, info)
         times["time_reward"] = times.get("time_reward", 0.0) + time.perf_counter() - t
         if not cfg.algorithm.dynamic_sampling:
             kept = rows
-            n_kept = len(drawn)
+            n_kept = kept_here = len(drawn)
             break
         t = time.perf_counter()
-        out, labels = compute_advantages(rows, cfg)
-        good = informative_groups(out, labels)
+        good = informative_groups(*compute_advantages(rows, cfg)) if rows else set()
+        good = distributed.union_sets(good, info)
         times["time_advantage"] = times.get("time_advantage", 0.0) + time.perf_counter() - t
-        for g in [p[0] for p in drawn]:  # in draw order, until the step is full
+        mine = {p[0] for p in drawn}
+        for g in [p[0] for p in draw]:  # in the global draw order, until the step is full
             if g in good and n_kept < want:
                 kept += [r for r in rows if r.group == g]
                 n_kept += 1
+                kept_here += g in mine
         if n_kept >= want:
             break
     t = time.perf_counter()
@@ -296,8 +393,8 @@ def collect_batch(engine, encoder, prompts, cfg: TrainConfig, times: dict, error
     else:
         adv = torch.zeros(0)
     times["time_advantage"] = times.get("time_advantage", 0.0) + time.perf_counter() - t
-    info = {"groups_kept": n_kept, "groups_drawn": n_drawn, "gen_batches": n_batches, "prompts_skipped": skipped}
-    return kept, adv, out, info
+    counts = {"groups_kept": kept_here, "groups_drawn": n_drawn, "gen_batches": n_batches, "prompts_skipped": skipped}
+    return kept, adv, out, counts
 
 
 def encode_prompts(encoder, drawn, cfg: TrainConfig):
@@ -425,20 +522,27 @@ def loss_options(cfg: TrainConfig) -> dict:
 
 
 def policy_update(model, optimizer, scheduler, rows: list[Rollout], adv, old_logp, ref_logp, cfg: TrainConfig,
-                  pad_token_id: int, device, gen: torch.Generator) -> dict:
+                  pad_token_id: int, device, gen: torch.Generator, dummy=None) -> dict:
     """optim.epochs x optim.mini_batches optimizer steps over ``rows`` (shuffled), each on
-    the gradient :func:`accumulate_gradients` gives for its mini-batch."""
+    the gradient :func:`accumulate_gradients` gives for its mini-batch.
+    A data-parallel ``model`` (``distributed.wrap_model``): ``rows`` are this rank's,
+    every rank makes the same optimizer steps (exactly optim.mini_batches mini-batches,
+    some maybe empty, each padded with ``dummy``: ``distributed.padding_row``), and the
+    gradients and metrics are the whole data-parallel batch's
+    (``distributed.accumulate_gradients``, the identity of :func:`accumulate_gradients`
+    for a plain model)."""
     o = cfg.optim
+    exact = distributed.is_wrapped(model)
     model.train()
     sums: dict[str, float] = {}
     losses, grad_norms = [], []
     for _ in range(o.epochs):
         order = torch.randperm(len(rows), generator=gen).tolist()
-        for mini in _split(order, o.mini_batches):
+        for mini in _split(order, o.mini_batches, exact=exact):
             optimizer.zero_grad(set_to_none=True)
-            res = accumulate_gradients(model, [rows[i] for i in mini], adv[mini], [old_logp[i] for i in mini],
-                                       None if ref_logp is None else [ref_logp[i] for i in mini], cfg,
-                                       pad_token_id, device)
+            res = distributed.accumulate_gradients(
+                model, [rows[i] for i in mini], adv[mini], [old_logp[i] for i in mini],
+                None if ref_logp is None else [ref_logp[i] for i in mini], cfg, pad_token_id, device, dummy)
             if res is None:
                 continue
             loss, metrics = res
@@ -495,7 +599,7 @@ def micro_batch_loss(model, rows, adv, old_logp, ref_logp, opts, num_tokens, num
     old = _pad_rows(old_logp, T, device)
     ref = None if ref_logp is None else _pad_rows(ref_logp, T, device)
     adv = adv.to(device)
-    x = response_inputs(model, inputs, T)
+    x = distributed.response_forward(model, inputs, T)  # through DDP / FSDP2 when wrapped
     temperature = cfg.rollout.temperature
     if cfg.loss.fused:
         return mars.loss.fused_linear_policy_loss(x.hidden, x.weight, ids, old, adv, mask, bias=x.bias,
@@ -760,8 +864,11 @@ def _heldout(cfg: TrainConfig, task):
     return s[:cfg.data.eval_limit] if cfg.data.eval_limit is not None else s
 
 
-def _split(xs: list, k: int) -> list[list]:
-    k = max(1, min(k, len(xs)))
+def _split(xs: list, k: int, exact: bool = False) -> list[list]:
+    """``xs`` in min(k, len(xs)) (at least 1) near-equal contiguous parts; exact: always k
+    parts, the last ones empty when len(xs) < k (data parallel: every rank makes the same
+    number of optimizer steps whatever its number of rows)."""
+    k = max(1, k if exact else min(k, len(xs)))
     q, r = divmod(len(xs), k)
     out, start = [], 0
     for i in range(k):
@@ -784,9 +891,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _tqdm(cfg, **kw):
+    """A progress bar (log.progress), on rank 0 only under torchrun."""
     from tqdm.auto import tqdm
 
-    return tqdm(disable=not cfg.log.progress, dynamic_ncols=True, **kw)
+    return tqdm(disable=not (cfg.log.progress and distributed.current().is_main), dynamic_ncols=True, **kw)
 
 
 def _fmt(v):
@@ -806,7 +914,9 @@ def _check_resume_config(cfg: TrainConfig, state: dict, path: str) -> None:
 
     if state["step"] > cfg.max_steps:
         raise ConfigError(f"max_steps: {cfg.max_steps} is below the step of the checkpoint to resume ({path})")
-    diff = ckpt.config_differences(state.get("config", {}), to_dict(cfg), (*RESUME_KEYS, "output_dir"))
+    saved = dict(state.get("config", {}))
+    saved.setdefault("dist", to_dict(cfg)["dist"])  # written before the dist section existed
+    diff = ckpt.config_differences(saved, to_dict(cfg), (*RESUME_KEYS, "output_dir"))
     if diff:
         raise ConfigError(f"{cfg.output_dir}/config.yaml differs from the config checkpoint {path} was written "
                           f"with at {', '.join(diff)}; a resumed run keeps its config (--resume may change only "
