@@ -2,19 +2,21 @@
 
 Matches `mars.reference.policy_loss`. Each row's T tokens are cut into tiles of BLOCK
 (BLOCK depends on T only); a program (i, j) of the grid (B, splits) handles a run of
-consecutive tiles of row i, so a small batch still fills the GPU (B = 8 with 132 SMs: up
-to 132 programs). In one pass it reads logp, old_logp, (ref_logp), (is_weights), mask and
-the advantage once, writes d(row loss sum)/d(logp) per token and, per tile, the partial
-sums: loss, valid tokens, clip-high / clip-low / dual-clip counts, approx-KL and ref-KL
-(and, for GSPO, the row ratio's gradient share). A second one-program kernel reduces the
-tiles in a fixed order (float64) to the loss, the metrics and the per-row scale (the
-aggregation weight): no atomics, deterministic, and the same bits whatever `splits` is
-(each tile's sums do not depend on which program made them). GSPO (SEQ): every program
-first reduces its row's mean log-ratio (the same loop, so the same bits), and a third
-kernel adds the row term to the gradient. Backward is one kernel (`policy_loss_backward`):
-grad * (row_scale[i] * grad_loss), grad_loss read by pointer (no host sync), written in
-logp's dtype. Options are kernel arguments (float64 bit patterns): no per-call tensor of
-them, no host-to-device copy.
+consecutive tiles of row i, so a small batch still fills the GPU (B = 8 on 132 SMs: up to
+132 programs, not 8; `tiling`). In one pass it reads logp, old_logp, (ref_logp),
+(is_weights), mask and the advantage once and writes d(row loss sum)/d(logp) per token and
+the partial sums of each tile: loss, valid tokens, clip-high / clip-low / dual-clip counts,
+approx-KL and ref-KL (and, for GSPO, the row ratio's gradient share), as float64. With
+splits = 1 a program adds its row's tile sums itself; with splits > 1 they go to a
+[cols, B, tiles] buffer and the finalize adds them: the same float64 additions in the same
+order, so the results do not depend on `splits`, bit for bit. The finalize (one program)
+then reduces the rows in a fixed order to the loss, the metrics and the per-row scale (the
+aggregation weight): no atomics, deterministic. GSPO (SEQ): every program first reduces its
+row's mean log-ratio (the same loop, so the same bits), and a third kernel adds the row
+term to the gradient. Backward is one kernel (`policy_loss_backward`): grad * (row_scale[i]
+* grad_loss), grad_loss read by pointer (no host sync), written in logp's dtype. Options
+and normalisers are kernel arguments (float64 bit patterns): no per-call tensor of them,
+no host-to-device copy.
 
 Masked tokens are replaced by 0 on load, so -inf / NaN under the mask never reaches exp or
 a gradient. A == 0 (or an importance-sampling weight of 0) gives loss 0 and gradient 0 even
@@ -62,14 +64,22 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
                      IS_2D: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
                      HAS_KL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_CLAMP: tl.constexpr,
                      SEQ: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
-                     K3_TOP: tl.constexpr, K3_BELOW: tl.constexpr):
+                     K3_TOP: tl.constexpr, K3_BELOW: tl.constexpr, ROW_SUM: tl.constexpr):
     """Program (i, j): tiles j*TPS .. min((j+1)*TPS, NT) - 1 of row i. grad [B, T] (DT);
-    part [NCOL (+1 for SEQ), B, NT] (DT): one column of sums per tile."""
+    part [NCOL (+1 for SEQ), B, NP] float64: the sums of each tile (NP = NT), or with
+    ROW_SUM (one program per row) their sum over the row's tiles in order (NP = 1): the same
+    float64 additions in the same order as the finalize does on the tiles."""
     i = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     base = i * T
-    cs = B.to(tl.int64) * NT  # stride between partial columns
-    pr = part_ptr + i * NT
+    if ROW_SUM:
+        cs = B.to(tl.int64)  # stride between partial columns
+        pr = part_ptr + i
+    else:
+        cs = B.to(tl.int64) * NT
+        pr = part_ptr + i * NT
+    p0 = (i * 0).to(tl.float64)  # ROW_SUM: the row sums of the tile partials, in order
+    p1, p2, p3, p4, p5, p6, p7 = p0, p0, p0, p0, p0, p0, p0
     offs = tl.arange(0, BLOCK)
     # options: float64 values rounded to the compute dtype, as torch rounds a Python scalar
     lo = _f64(lo_bits).to(DT)
@@ -195,60 +205,86 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
                     else:
                         gt = gt + tl.where(inside == 0.0, zero, kl_coef * kl)
         tl.store(grad_ptr + base + idx, tl.where(m, gt, zero), mask=inb)
-        tl.store(pr + k, tl.sum(tl.where(m, loss, zero), axis=0))
-        tl.store(pr + cs + k, tl.sum(m.to(tl.int32), axis=0).to(DT))
-        tl.store(pr + 2 * cs + k, tl.sum(nh, axis=0).to(DT))
-        tl.store(pr + 3 * cs + k, tl.sum(nl, axis=0).to(DT))
-        tl.store(pr + 4 * cs + k, tl.sum(nd, axis=0).to(DT))
-        tl.store(pr + 5 * cs + k, tl.sum(tl.where(m, -lr, zero), axis=0))
-        tl.store(pr + 6 * cs + k, tl.sum(rkl, axis=0))
+        v0 = tl.sum(tl.where(m, loss, zero), axis=0).to(tl.float64)
+        v1 = tl.sum(m.to(tl.int32), axis=0).to(tl.float64)
+        v2 = tl.sum(nh, axis=0).to(tl.float64)
+        v3 = tl.sum(nl, axis=0).to(tl.float64)
+        v4 = tl.sum(nd, axis=0).to(tl.float64)
+        v5 = tl.sum(tl.where(m, -lr, zero), axis=0).to(tl.float64)
+        v6 = tl.sum(rkl, axis=0).to(tl.float64)
         if SEQ:  # dlw is 0 or 1: the product is exact
-            tl.store(pr + 7 * cs + k, tl.sum(G, axis=0) * dlw)
+            v7 = (tl.sum(G, axis=0) * dlw).to(tl.float64)
+        if ROW_SUM:
+            p0 += v0
+            p1 += v1
+            p2 += v2
+            p3 += v3
+            p4 += v4
+            p5 += v5
+            p6 += v6
+            if SEQ:
+                p7 += v7
+        else:
+            tl.store(pr + k, v0)
+            tl.store(pr + cs + k, v1)
+            tl.store(pr + 2 * cs + k, v2)
+            tl.store(pr + 3 * cs + k, v3)
+            tl.store(pr + 4 * cs + k, v4)
+            tl.store(pr + 5 * cs + k, v5)
+            tl.store(pr + 6 * cs + k, v6)
+            if SEQ:
+                tl.store(pr + 7 * cs + k, v7)
+    if ROW_SUM:
+        tl.store(pr, p0)
+        tl.store(pr + cs, p1)
+        tl.store(pr + 2 * cs, p2)
+        tl.store(pr + 3 * cs, p3)
+        tl.store(pr + 4 * cs, p4)
+        tl.store(pr + 5 * cs, p5)
+        tl.store(pr + 6 * cs, p6)
+        if SEQ:
+            tl.store(pr + 7 * cs, p7)
 
 
 @triton.jit
-def _tile_sums(part_ptr, r, rm, NT, KB: tl.constexpr):
-    """[RB] float64: the sums over tiles of one partial column, rows r (fixed order: blocks
-    of KB tiles in sequence, a tree within a block; independent of the grid's splits)."""
-    tiles = tl.arange(0, KB)
+def _row_sums(part_ptr, r, rm, NP):
+    """[RB] float64: the sums of one partial column over each row's NP partials, added in
+    order (one float64 addition after another, as ROW_SUM programs add their tiles)."""
     acc = tl.zeros(r.shape, dtype=tl.float64)
-    for k0 in range(0, NT, KB):
-        k = k0 + tiles
-        v = tl.load(part_ptr + r[:, None] * NT + k[None, :],
-                    mask=rm[:, None] & (k < NT)[None, :], other=0.0)
-        acc += tl.sum(v.to(tl.float64), axis=1)
+    for k in range(0, NP):
+        acc += tl.load(part_ptr + r * NP + k, mask=rm, other=0.0)
     return acc
 
 
 @triton.jit(do_not_specialize=["nt_bits", "ns_bits", "ls_bits"])
-def _policy_loss_finalize(part_ptr, loss_ptr, metrics_ptr, rs_ptr, add_ptr, B, T, NT,
+def _policy_loss_finalize(part_ptr, loss_ptr, metrics_ptr, rs_ptr, add_ptr, B, T, NP,
                           nt_bits, ns_bits, ls_bits, AGG: tl.constexpr, SEQ: tl.constexpr,
-                          DT: tl.constexpr, RB: tl.constexpr, KB: tl.constexpr):
-    """One program. part [NCOL (+1), B, NT] -> loss [] = sum_i w_i S_i / denom, metrics [6],
+                          DT: tl.constexpr, RB: tl.constexpr):
+    """One program. part [NCOL (+1), B, NP] -> loss [] = sum_i w_i S_i / denom, metrics [6],
     row_scale [B] = w_i / denom, and for SEQ add [B] = G_i / max(L_i, 1) (the row term of
     GSPO's gradient). float64 math, rows in blocks of RB in order (like the C++ op)."""
-    cs = B.to(tl.int64) * NT
+    cs = B.to(tl.int64) * NP
     rows = tl.arange(0, RB).to(tl.int64)
     z = tl.zeros([RB], dtype=tl.float64)
     n_acc, rows_acc, sw_acc, h_acc, l_acc, d_acc, a_acc, k_acc = z, z, z, z, z, z, z, z
     for r0 in range(0, B, RB):
         r = r0 + rows
         rm = r < B
-        S = _tile_sums(part_ptr, r, rm, NT, KB)
-        L = _tile_sums(part_ptr + cs, r, rm, NT, KB)
+        S = _row_sums(part_ptr, r, rm, NP)
+        L = _row_sums(part_ptr + cs, r, rm, NP)
         n_acc += L
         rows_acc += tl.where(L > 0.0, 1.0, 0.0)
         if AGG == 2:  # seq-mean-token-mean: each row's mean
             sw_acc += S / tl.maximum(L, 1.0)
         else:
             sw_acc += S
-        h_acc += _tile_sums(part_ptr + 2 * cs, r, rm, NT, KB)
-        l_acc += _tile_sums(part_ptr + 3 * cs, r, rm, NT, KB)
-        d_acc += _tile_sums(part_ptr + 4 * cs, r, rm, NT, KB)
-        a_acc += _tile_sums(part_ptr + 5 * cs, r, rm, NT, KB)
-        k_acc += _tile_sums(part_ptr + 6 * cs, r, rm, NT, KB)
+        h_acc += _row_sums(part_ptr + 2 * cs, r, rm, NP)
+        l_acc += _row_sums(part_ptr + 3 * cs, r, rm, NP)
+        d_acc += _row_sums(part_ptr + 4 * cs, r, rm, NP)
+        a_acc += _row_sums(part_ptr + 5 * cs, r, rm, NP)
+        k_acc += _row_sums(part_ptr + 6 * cs, r, rm, NP)
         if SEQ:
-            G = _tile_sums(part_ptr + 7 * cs, r, rm, NT, KB)
+            G = _row_sums(part_ptr + 7 * cs, r, rm, NP)
             tl.store(add_ptr + r, (G / tl.maximum(L, 1.0)).to(DT), mask=rm)
     N = tl.sum(n_acc, axis=0)
     n1 = tl.maximum(N, 1.0)
@@ -274,7 +310,7 @@ def _policy_loss_finalize(part_ptr, loss_ptr, metrics_ptr, rs_ptr, add_ptr, B, T
         r = r0 + rows
         rm = r < B
         if AGG == 2:
-            w = 1.0 / tl.maximum(_tile_sums(part_ptr + cs, r, rm, NT, KB), 1.0)
+            w = 1.0 / tl.maximum(_row_sums(part_ptr + cs, r, rm, NP), 1.0)
         else:
             w = z + 1.0
         tl.store(rs_ptr + r, (w / denom).to(DT), mask=rm)
@@ -386,7 +422,8 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low
     block, nt, tps, n_split = tiling(B, T, x.device, splits)
     dev = x.device
     grad = torch.empty((B, T), dtype=acc, device=dev)
-    part = torch.empty((NCOL + seq, B, nt), dtype=acc, device=dev)
+    row_sum = n_split == 1  # one program per row adds its tiles itself
+    part = torch.empty((NCOL + seq, B, 1 if row_sum else nt), dtype=torch.float64, device=dev)
     row_scale = torch.empty((B,), dtype=acc, device=dev)
     add = torch.empty((B,), dtype=acc, device=dev) if seq else row_scale
     loss = torch.empty((), dtype=acc, device=dev)
@@ -400,12 +437,11 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low
             HAS_REF=has_ref, KL_TYPE=int(kl_type), HAS_KL=bool(kl_coef > 0 and has_ref),
             HAS_DUAL=bool(dual_clip > 0), HAS_CLAMP=bool(log_ratio_clamp > 0), SEQ=seq,
             DT=dt, BLOCK=block, K3_TOP=K3_TOP_FACTORIAL, K3_BELOW=K3_SERIES_BELOW,
-            num_warps=warps)
-    kb = min(64, max(2, triton.next_power_of_2(nt)))
-    rb = max(2, min(triton.next_power_of_2(max(B, 1)), 2048 // kb))
-    _policy_loss_finalize[(1,)](part, loss, metrics, row_scale, add, B, T, nt,
+            ROW_SUM=row_sum, num_warps=warps)
+    rb = max(16, min(triton.next_power_of_2(max(B, 1)), 1024))
+    _policy_loss_finalize[(1,)](part, loss, metrics, row_scale, add, B, T, part.shape[2],
                                 *_bits(num_tokens, num_seqs, loss_scale), AGG=int(agg),
-                                SEQ=seq, DT=dt, RB=rb, KB=kb)
+                                SEQ=seq, DT=dt, RB=rb, num_warps=4)
     if seq and B > 0 and T > 0:
         _gspo_add[(B, n_split)](grad, m, add, T, nt, tps, BLOCK=block, num_warps=warps)
     return loss, metrics, grad, row_scale

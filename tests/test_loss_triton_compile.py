@@ -45,24 +45,25 @@ def _compile_all():
             dt, kl_type, seq, has_is, is_2d, adv_2d, has_dual, has_clamp = cfg
             ptr = f"*{dt}"
             sig = dict(lp_ptr="*bf16", old_ptr="*bf16", adv_ptr="*bf16", mask_ptr="*u8",
-                       ref_ptr="*bf16", is_ptr="*bf16", grad_ptr=ptr, part_ptr=ptr, B="i32",
+                       ref_ptr="*bf16", is_ptr="*bf16", grad_ptr=ptr, part_ptr="*fp64", B="i32",
                        T="i32", NT="i32", TPS="i32", lo_bits="i64", hi_bits="i64",
                        dual_bits="i64", kl_bits="i64",
                        clamp_bits="i32")  # a bit pattern that fits in 32 bits is typed i32
             cx = dict(ADV_2D=adv_2d, HAS_IS=has_is, IS_2D=is_2d, HAS_REF=True,
                       KL_TYPE=kl_type, HAS_KL=True, HAS_DUAL=has_dual, HAS_CLAMP=has_clamp,
                       SEQ=seq, DT=tl.float32 if dt == "fp32" else tl.float64, BLOCK=256,
-                      K3_TOP=K.K3_TOP_FACTORIAL, K3_BELOW=K.K3_SERIES_BELOW)
+                      K3_TOP=K.K3_TOP_FACTORIAL, K3_BELOW=K.K3_SERIES_BELOW,
+                      ROW_SUM=has_dual)  # both the per-tile and the per-row partials
             jobs[f"policy_loss-{'-'.join(map(str, cfg))}-sm{arch}"] = (K._policy_loss_fwd, sig,
                                                                         cx, arch)
         for dt in ("fp32", "fp64"):
             ptr = f"*{dt}"
             DT = tl.float32 if dt == "fp32" else tl.float64
-            sig = dict(part_ptr=ptr, loss_ptr=ptr, metrics_ptr=ptr, rs_ptr=ptr, add_ptr=ptr,
-                       B="i32", T="i32", NT="i32", nt_bits="i64", ns_bits="i64", ls_bits="i64")
+            sig = dict(part_ptr="*fp64", loss_ptr=ptr, metrics_ptr=ptr, rs_ptr=ptr, add_ptr=ptr,
+                       B="i32", T="i32", NP="i32", nt_bits="i64", ns_bits="i64", ls_bits="i64")
             for agg, seq in ((2, True), (4, False), (0, False)):
                 jobs[f"finalize-{dt}-{agg}-{seq}-sm{arch}"] = (K._policy_loss_finalize, sig, dict(
-                    AGG=agg, SEQ=seq, DT=DT, RB=64, KB=16), arch)
+                    AGG=agg, SEQ=seq, DT=DT, RB=64), arch)
             sig = dict(grad_ptr=ptr, mask_ptr="*u8", add_ptr=ptr, T="i32", NT="i32", TPS="i32")
             jobs[f"gspo_add-{dt}-sm{arch}"] = (K._gspo_add, sig, dict(BLOCK=256), arch)
             for out in (("bf16", "fp32") if dt == "fp32" else ("fp64",)):

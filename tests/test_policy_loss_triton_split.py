@@ -109,6 +109,19 @@ def test_shapes_and_options(case, opt, poison):
     check_vs_reference(make(B, T, seed=B * T, **case), dict(opt), scale=3.5)
 
 
+@pytest.mark.parametrize("opt", [
+    dict(agg="seq-mean-token-mean", kl_coef=0.1, kl_type="k3_ratio", dual_clip=3.0),
+    dict(agg="token-mean", ratio_level="sequence", kl_coef=0.1),
+    dict(agg="seq-mean-token-sum-norm", ratio_level="sequence", kl_type="k3_ratio",
+         kl_coef=0.2)], ids=str)
+def test_one_program_per_row_matches_reference(opt, monkeypatch, poison):
+    """B >= the target (4 here): splits = 1, each program adds its row's tiles itself."""
+    monkeypatch.setattr(K, "TARGET_PROGRAMS", 4)
+    if DEV == "cpu":
+        assert K.tiling(9, 70, torch.device(DEV))[3] == 1
+    check_vs_reference(make(9, 70, seed=3, is_w="2d", dtype=torch.float32), opt, scale=0.7)
+
+
 def test_empty_rows_and_all_masked(poison):
     """A batch whose rows are all empty gives loss 0, metrics 0, gradient 0 (no 0 / 0)."""
     logp, old, adv, _, ref, _ = make(4, 40)
