@@ -244,19 +244,46 @@ class _Head:
             chunk_size -= chunk_size % 64
         self.chunk = max(1, min(chunk_size, self.n))
         self.buf = torch.empty(self.chunk, V, dtype=self.acc, device=self.device) if self.n else None
-        # dlogits in the matmul dtype for the two gradient matmuls (GPU bf16/fp16)
+        # dlogits in the matmul dtype for the two gradient matmuls (GPU bf16/fp16): the
+        # Triton epilogue writes them in place, in the first half of each fp32 row of buf
+        # (mars_kernels.fused_linear); the torch epilogue into a second buffer
+        self.narrow = hidden.dtype if self.half and not self.upcast else None
         self.dbuf = (torch.empty(self.chunk, V, dtype=hidden.dtype, device=self.device)
-                     if self.half and not self.upcast and (need_h or need_w) and self.n else None)
+                     if self.narrow is not None and not triton and (need_h or need_w) and self.n
+                     else None)
         self.grad_h = None
         if need_h:  # padding rows stay 0; with every token valid each row is written
             self.grad_h = (torch.empty_like if self.dense and self.n else torch.zeros_like)(self.h)
-        self.grad_w = None
+        self.grad_w = None  # fp32 accumulator: a list of row blocks [v0:v1, H]
         if need_w:  # written by the first chunk's matmul; zeros when no token is valid
-            self.grad_w = (torch.empty if self.n else torch.zeros)(V, H, dtype=self.acc,
-                                                                   device=self.device)
+            self.w_rows = self._w_block_rows(V, H, weight.dtype)
+            self.grad_w = [(torch.empty if self.n else torch.zeros)(
+                min(v0 + self.w_rows, V) - v0, H, dtype=self.acc, device=self.device)
+                for v0 in range(0, V, self.w_rows)]
         self.grad_w_empty = bool(self.n)
         self.grad_b = torch.zeros(V, dtype=self.acc, device=self.device) if need_b else None
         self.need_grad = need_h or need_w or need_b
+
+    # The weight gradient's fp32 accumulator is cut into row blocks of at most this many
+    # bytes when it is cast back to a narrower weight dtype: each block is cast and freed in
+    # turn, so the cast holds 4 V H + 2 V H / blocks bytes at once instead of 6 V H (then
+    # torch.cat of the bf16 blocks: 4 V H). Each chunk then runs one grad_W addmm per block.
+    grad_w_block_bytes = 128 << 20
+
+    def _w_block_rows(self, V, H, wdtype) -> int:
+        """Rows per weight-gradient block: all V (one block) unless the gradient is cast
+        back to a narrower dtype and the accumulator exceeds grad_w_block_bytes."""
+        if wdtype == self.acc:
+            return V
+        itemsize = torch.finfo(self.acc).bits // 8
+        blocks = max(1, min(V, -(-(V * H * itemsize) // max(1, self.grad_w_block_bytes))))
+        return -(-V // blocks)
+
+    def grad_weight(self, dtype):
+        """The weight gradient [V, H] in `dtype`, consuming the fp32 blocks (each freed as
+        soon as it is cast: see grad_w_block_bytes)."""
+        blocks, self.grad_w = self.grad_w, None
+        return cast_blocks(blocks, dtype)
 
     def chunks(self):
         return [(c0, min(c0 + self.chunk, self.n)) for c0 in range(0, self.n, self.chunk)]
@@ -294,10 +321,10 @@ class _Head:
     def _dlogits(self, buf, ids_c, lse, g, in_log_space):
         """dlogits = g / T * (onehot - softmax), from the log-softmax left by `_lse_logp`
         or from raw logits (pass 2)."""
-        out = buf if self.dbuf is None else self.dbuf[: buf.shape[0]]
-        if self.triton:
+        if self.triton:  # in place (bf16 / fp16: in the first half of each fp32 row)
             from mars_kernels import fused_linear as K
-            return K.dlogits(buf, ids_c, lse, g, self.inv_t, out=out)
+            return K.dlogits(buf, ids_c, lse, g, self.inv_t, out_dtype=self.narrow)
+        out = buf if self.dbuf is None else self.dbuf[: buf.shape[0]]
         gs = (g * self.inv_t).to(buf.dtype)
         if not in_log_space:
             self._log_softmax_(buf)
@@ -316,22 +343,33 @@ class _Head:
                 self.grad_h.index_copy_(0, rows, torch.mm(dl, W).to(self.grad_h.dtype))
         if self.grad_w is not None:
             hc = hc if hc.dtype == dl.dtype else hc.to(dl.dtype)
-            if self.grad_w_empty:  # first chunk writes, the others accumulate
-                _mm_into(dl.t(), hc, self.grad_w)
-                self.grad_w_empty = False
-            else:
-                _addmm_into(self.grad_w, dl.t(), hc)
+            for k, blk in enumerate(self.grad_w):  # first chunk writes, the others accumulate
+                v0 = k * self.w_rows
+                dlt = dl[:, v0:v0 + blk.shape[0]].t()
+                (_mm_into(dlt, hc, blk) if self.grad_w_empty else _addmm_into(blk, dlt, hc))
+            self.grad_w_empty = False
         if self.grad_b is not None:
             self.grad_b.add_(dl.sum(0, dtype=self.acc))
 
-    def logprobs(self, g_of_chunk=None):
+    def logprobs(self, g_of_chunk=None, epilogue=None):
         """Pass 1 over the valid tokens: (logp [n], lse [n]) in the accumulation dtype.
-        With g_of_chunk(c0, c1, logp_c) -> g_c, also the gradients (single pass)."""
+        With g_of_chunk(c0, c1, logp_c) -> g_c, also the gradients (single pass). With
+        epilogue (Triton, token-level ratio: the per-token inputs [n] and the options of
+        `mars_kernels.fused_linear.policy_epilogue`), the same in one kernel per chunk."""
         logp = torch.empty(self.n, dtype=self.acc, device=self.device)
         lse = torch.empty(self.n, dtype=self.acc, device=self.device)
         for c0, c1 in self.chunks():
             ids_c = self.ids[c0:c1]
             rows, hc, buf = self._logits(c0, c1)
+            if epilogue is not None and self.need_grad:
+                from mars_kernels import fused_linear as K
+                vec, options = epilogue
+                vec_c = {k: None if v is None else v[c0:c1] for k, v in vec.items()}
+                dl = K.policy_epilogue(buf, ids_c, **vec_c, inv_temp=self.inv_t,
+                                       out_dtype=self.narrow, lse=lse[c0:c1],
+                                       logp=logp[c0:c1], **options)[0]
+                self._grads(rows, hc, dl)
+                continue
             lse_c, logp_c, state = self._lse_logp(buf, ids_c)
             logp[c0:c1] = logp_c
             lse[c0:c1] = lse_c
@@ -349,6 +387,18 @@ class _Head:
 
     def release(self):
         self.buf = self.dbuf = None
+
+
+def cast_blocks(blocks: list, dtype) -> torch.Tensor:
+    """torch.cat(blocks).to(dtype), emptying the list as it goes: each block is cast, then
+    dropped (freed when nothing else holds it), so at most one cast block exists beyond
+    what is left of the inputs. One block: that block cast (itself if dtype matches)."""
+    if len(blocks) == 1:
+        return blocks.pop().to(dtype)
+    parts = []
+    while blocks:
+        parts.append(blocks.pop(0).to(dtype))
+    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -412,7 +462,14 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
                 (g,) = torch.autograd.grad(out.loss, x)
             return g[0].to(acc) * w[c0:c1]
 
-    logp_v, lse_v = head.logprobs(g_of_chunk)
+    epilogue = None
+    if g_of_chunk is not None and triton:  # the whole epilogue in one kernel per chunk
+        epilogue = (dict(advantages=adv_v, agg_weights=w, old_logp=old_v, ref_logp=ref_v,
+                         is_weights=isw_v),
+                    {k: opts[k] for k in ("clip_low", "clip_high", "dual_clip", "kl_coef",
+                                          "kl_type", "log_ratio_clamp")})
+        g_of_chunk = None
+    logp_v, lse_v = head.logprobs(g_of_chunk, epilogue)
     logp = torch.zeros(B * T, dtype=acc, device=hidden.device)
     logp.index_copy_(0, idx, logp_v)
     logp = logp.reshape(B, T)
@@ -432,7 +489,7 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
     loss = out.loss.detach()
     metrics = torch.stack([out.metrics[k].detach().to(loss.dtype) for k in LOSS_METRICS])
     gh = None if head.grad_h is None else head.grad_h.reshape(hidden.shape)
-    gw = None if head.grad_w is None else head.grad_w.to(weight.dtype)  # cast once
+    gw = None if head.grad_w is None else head.grad_weight(weight.dtype)  # cast once, in blocks
     gb = None if head.grad_b is None else head.grad_b.to(bias.dtype)
     return loss, metrics, gh, gw, gb
 

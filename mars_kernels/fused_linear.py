@@ -1,15 +1,41 @@
 """Triton epilogue of the fused lm-head loss (docs/loss.md, "Fused path").
 
 Matches `mars.reference.token_logprobs` / `mars.reference.fused_linear_policy_loss` on one
-chunk of tokens whose logits x = hidden_chunk @ W^T (+ b) were written by a cuBLAS matmul
-into a [n, V] buffer (fp32). Two kernels, one program per row:
+chunk of n valid tokens whose logits x = hidden_chunk @ W^T (+ b) were written by a cuBLAS
+matmul into a [n, V] fp32 buffer. One program per row (token), three kernels:
 
-- `lse_logp`: online log-sum-exp over vocab blocks of x / temperature (running max and
-  rescaled sum in fp32 registers), and the chosen id's log-prob
-  logp = x[id] / temperature - lse. Reads the row once; the buffer is not modified.
-- `dlogits`: d(loss)/d(x) = g / temperature * (onehot(id) - exp(x / temperature - lse)),
-  g = d(loss)/d(logp) of the row, written in place or into a buffer of another dtype
-  (bf16 for the gradient matmuls). Rows with g == 0 still write zeros.
+- `policy_epilogue` (token-level ratio, the default; one launch per chunk): in one
+  program per row, pass 1 is an online log-sum-exp over vocab blocks of x / T (running
+  max and rescaled sum in fp32 registers), logp = x[id] / T - lse; then the clipped-ratio
+  loss of that token and its gradient (`mars.reference.per_token_policy_loss`: clamp,
+  clip, dual clip, A == 0, importance-sampling weight, KL k1 / k2 / k3 / k3_ratio) times
+  the token's aggregation weight (d aggregated loss / d token loss) gives
+  g = d(loss)/d(logp); pass 2 writes dlogits = g / T * (onehot(id) - exp(x / T - lse))
+  in place over the logits. Outputs lse, logp, g, the token's loss [n] fp32.
+- `lse_logp` + `dlogits`: the same two passes as separate launches, for what needs the
+  log-probs of whole rows before any gradient (GSPO's sequence-level ratio: g is known
+  only after every chunk) and for log-probs without gradient (`token_logprobs`).
+
+dlogits for bf16 / fp16 matmuls (GPU mixed-precision path): written as bf16 / fp16 *into
+the first half of each fp32 row of the logits buffer* (a [n, V] view with row stride 2V
+elements), so no second [chunk, V] buffer exists (4 bytes per logit at the peak instead
+of 6) and cuBLAS reads the strided view directly (lda = 2V: no copy). Chosen over
+matmuls from the fp32 dlogits, which would need an fp32 copy of the [V, H] weight (no
+fp32 x bf16 GEMM) and fp32 matmul speed. Safe in place: row r's narrow values occupy
+only row r's bytes (no race between programs), and the store of vocab block k covers
+fp32 elements [v0 / 2, (v0 + BLOCK) / 2) of the row, all read by blocks <= k; a
+`debug_barrier` between each block's load and store orders the warps of the program
+(a no-op in the interpreter, which loads a whole block before storing). bf16 is rounded
+to nearest even from the bits (`_rne_bf16`: a GPU's cvt.rn; the interpreter's own cast
+truncates), so the interpreter gives the GPU's bits.
+
+Launches per chunk on the GPU token-level path (bf16, sparse mask, with bias; counted on
+CPU under TRITON_INTERPRET=1 by a TorchDispatchMode + a count of Triton launches, as
+chunks-difference of two calls: bench/results/fused_linear_launches.md): before, 19 (3
+Triton kernels of the chunk's `policy_loss` + backward through autograd, 2 epilogue
+kernels, 14 aten ops); now 7 (gather of the hidden rows, logits matmul, bias add,
+`policy_epilogue`, grad_h matmul and its scatter, grad_W addmm, grad_b sum + add - the
+last two counted as one fused reduction-and-add when the blocks of grad_W are 1).
 
 Any V works: the last vocab block is masked (no divisibility rule, unlike verl's kernel).
 Deterministic: no atomics. Runs under TRITON_INTERPRET=1 on CPU tensors.
@@ -20,23 +46,41 @@ grad_W) are >95% of the FLOPs and cuBLAS runs them at tensor-core peak for any s
 while a hand-written Triton matmul must be tuned per GPU and shape and its backward needs
 atomics (non-deterministic) or a second kernel per operand. The price is one [chunk, V]
 fp32 block in global memory, bounded by chunk_size (512 MiB by default on a GPU): about
-14 bytes of traffic per logit (matmul writes 4, `lse_logp` reads 4, `dlogits` reads 4 and
-writes 2) against 6 H FLOPs. Estimated on an H100 (~3 TB/s, ~700 TFLOP/s bf16 in
-practice) that is ~27% on top of the matmul time at H = 2048 and ~14% at H = 4096: the
-part CCE saves, traded for cuBLAS speed and determinism. Estimates only: no GPU was lent
-to time it; the CPU path is the same algorithm with torch's in-place log_softmax as the
-epilogue.
+12 bytes of traffic per logit with `policy_epilogue` (matmul writes 4, pass 1 reads 4,
+pass 2 reads 4 and writes 2 or 4; the per-token loss adds nothing per logit) against 6 H
+FLOPs. Estimated on an H100 (~3 TB/s, ~700 TFLOP/s bf16 in practice) that is ~25% on top
+of the matmul time at H = 2048 and ~12% at H = 4096. Estimates only: no GPU was lent to
+time it; the CPU path is the same algorithm with torch's in-place log_softmax as the
+epilogue and the policy loss of the chunk through autograd.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from mars.reference import K3_COEFS, K3_SERIES_BELOW
+
+if len(K3_COEFS) != 14 or K3_COEFS[0] != 1.0 / math.factorial(15):
+    raise RuntimeError("mars_kernels.fused_linear: the k3 series changed in mars.reference; "
+                       "update the kernel's coefficients")
+K3_TOP_FACTORIAL = float(math.factorial(15))
+KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "k3_ratio": 3}
+
 
 @triton.jit
-def _lse_logp_kernel(x_ptr, stride_x, ids_ptr, lse_ptr, logp_ptr, V, inv_temp,
-                     BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = x_ptr + row * stride_x
+def _rne_bf16(v):
+    """float32 -> bfloat16 rounded to nearest even from the bits (a GPU's cvt.rn), NaN kept
+    NaN (as mars_kernels.policy_loss)."""
+    b = v.to(tl.uint32, bitcast=True)
+    r = b + 0x7FFF + ((b >> 16) & 1)
+    r = tl.where(v != v, b | 0x400000, r)
+    return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _row_lse(base, V, inv_temp, BLOCK_V: tl.constexpr):
+    """log-sum-exp of one fp32 row / T: online over vocab blocks (fp32 registers)."""
     offs = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -49,36 +93,164 @@ def _lse_logp_kernel(x_ptr, stride_x, ids_ptr, lse_ptr, logp_ptr, V, inv_temp,
         s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
         m = m_new
     m_row = tl.max(m, axis=0)
-    s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
-    lse = m_row + tl.log(s_row)
-    tok = tl.load(ids_ptr + row)
-    chosen = tl.load(base + tok).to(tl.float32) * inv_temp
+    return m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+
+
+@triton.jit
+def _row_dlogits(base, obase, tok, lse, gs, V, inv_temp, BLOCK_V: tl.constexpr,
+                 NARROW: tl.constexpr, OUT_BF16: tl.constexpr):
+    """obase[v] = gs * (onehot(tok) - exp(x[v] / T - lse)), gs = g / T. NARROW: the output
+    overlaps the row being read (the narrow dtype in its first half): a barrier between
+    each block's load and its store (see the module docstring)."""
+    offs = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        msk = v0 + offs < V
+        x = tl.load(base + v0 + offs, mask=msk, other=0.0).to(tl.float32) * inv_temp
+        d = gs * (tl.where(v0 + offs == tok, 1.0, 0.0) - tl.exp(x - lse))
+        if OUT_BF16:
+            d = _rne_bf16(d)
+        else:
+            d = d.to(obase.dtype.element_ty)
+        if NARROW:
+            tl.debug_barrier()
+        tl.store(obase + v0 + offs, d, mask=msk)
+
+
+@triton.jit
+def _lse_logp_kernel(x_ptr, stride_x, ids_ptr, lse_ptr, logp_ptr, V, inv_temp,
+                     BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride_x
+    lse = _row_lse(base, V, inv_temp, BLOCK_V)
+    chosen = tl.load(base + tl.load(ids_ptr + row)).to(tl.float32) * inv_temp
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, chosen - lse)
 
 
 @triton.jit
 def _dlogits_kernel(x_ptr, stride_x, out_ptr, stride_out, ids_ptr, lse_ptr, g_ptr, V, inv_temp,
-                    BLOCK_V: tl.constexpr):
+                    BLOCK_V: tl.constexpr, NARROW: tl.constexpr, OUT_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    base = x_ptr + row * stride_x
-    obase = out_ptr + row * stride_out
-    offs = tl.arange(0, BLOCK_V)
     lse = tl.load(lse_ptr + row).to(tl.float32)
     gs = tl.load(g_ptr + row).to(tl.float32) * inv_temp
+    _row_dlogits(x_ptr + row * stride_x, out_ptr + row * stride_out, tl.load(ids_ptr + row),
+                 lse, gs, V, inv_temp, BLOCK_V, NARROW, OUT_BF16)
+
+
+@triton.jit
+def _token_loss(x, o, A, w, ref, lo, hi, dual_c, kl_coef, c, HAS_IS: tl.constexpr,
+                HAS_KL: tl.constexpr, KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr,
+                HAS_CLAMP: tl.constexpr, K3_TOP: tl.constexpr, K3_BELOW: tl.constexpr):
+    """(loss, d loss / d logp) of one valid token, fp32: mars.reference.per_token_policy_loss
+    at token level, in the order of operations of mars_kernels.policy_loss."""
+    lr = x - o
+    inside = 1.0
+    if HAS_CLAMP:
+        inside = tl.where((lr >= -c) & (lr <= c), 1.0, 0.0)
+        lr = tl.minimum(tl.maximum(lr, -c), c)
+    r = tl.exp(lr)
+    l1 = -A * r
+    l2 = -A * tl.minimum(tl.maximum(r, lo), hi)
+    clipped = l2 > l1
+    loss = tl.where(clipped, l2, l1)
+    dl = tl.where(clipped, 0.0, l1)  # d l / d log-ratio
+    if HAS_DUAL:
+        l3 = -A * dual_c
+        dm = (A < 0.0) & (loss > l3)
+        loss = tl.where(dm, l3, loss)
+        dl = tl.where(dm, 0.0, dl)
+    a0 = A == 0.0  # loss 0 and no gradient, even for r = inf (never 0 * inf)
+    loss = tl.where(a0, 0.0, loss)
+    dl = tl.where(a0, 0.0, dl)
+    if HAS_IS:  # w == 0 decides like A == 0
+        loss = tl.where(w == 0.0, 0.0, loss * w)
+        dl = tl.where(w == 0.0, 0.0, dl * w)
+    gt = dl * inside
+    if HAS_KL:
+        d = ref - x
+        if KL_TYPE == 0:
+            kl = -d
+            dkl = 1.0
+        elif KL_TYPE == 1:
+            kl = 0.5 * d * d
+            dkl = -d
+        else:
+            d_in = (d >= -20.0) & (d <= 20.0)
+            dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
+            # k3 = e^d - 1 - d: the reference's series (1/n!, n = 15 .. 2) below |d| < 0.5
+            fact = tl.full([], K3_TOP, tl.float64)
+            q = (1.0 / fact).to(tl.float32)
+            for n in tl.static_range(14, 1, -1):
+                fact = fact / (n + 1)  # n!
+                q = q * dc + (1.0 / fact).to(tl.float32)
+            ks = q * dc * dc
+            small = (dc < K3_BELOW) & (dc > -K3_BELOW)
+            eb = tl.exp(dc) - 1.0
+            em1 = tl.where(small, dc + ks, eb)
+            k3 = tl.where(small, ks, eb - dc)
+            k_in = (k3 >= -10.0) & (k3 <= 10.0)
+            kl = tl.minimum(tl.maximum(k3, -10.0), 10.0)
+            dkl = tl.where(d_in & k_in, -em1, 0.0)
+        if KL_TYPE == 3:  # k3_ratio: k3 r, 0 where k3 (or dk3) is 0 (never 0 * inf)
+            k0 = kl == 0.0
+            dkl = tl.where(k0 | (dkl == 0.0), 0.0, dkl * r)
+            kl = tl.where(k0, 0.0, kl * r)
+        loss = loss + kl_coef * kl
+        gt = gt + kl_coef * dkl
+        if KL_TYPE == 3:  # the ratio's share, through the clamped log-ratio
+            gt = gt + tl.where(inside == 0.0, 0.0, kl_coef * kl)
+    return loss, gt
+
+
+@triton.jit
+def _policy_epilogue_kernel(x_ptr, stride_x, out_ptr, stride_out, ids_ptr, lse_ptr, logp_ptr,
+                            g_ptr, loss_ptr, old_ptr, adv_ptr, wagg_ptr, is_ptr, ref_ptr, V,
+                            inv_temp, lo, hi, dual_c, kl_coef, c,
+                            HAS_OLD: tl.constexpr, HAS_IS: tl.constexpr, HAS_KL: tl.constexpr,
+                            KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr,
+                            HAS_CLAMP: tl.constexpr, K3_TOP: tl.constexpr,
+                            K3_BELOW: tl.constexpr, BLOCK_V: tl.constexpr,
+                            NARROW: tl.constexpr, OUT_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride_x
     tok = tl.load(ids_ptr + row)
-    for v0 in range(0, V, BLOCK_V):
-        msk = v0 + offs < V
-        x = tl.load(base + v0 + offs, mask=msk, other=0.0).to(tl.float32) * inv_temp
-        p = tl.exp(x - lse)
-        d = gs * (tl.where(v0 + offs == tok, 1.0, 0.0) - p)
-        tl.store(obase + v0 + offs, d.to(out_ptr.dtype.element_ty), mask=msk)
+    lse = _row_lse(base, V, inv_temp, BLOCK_V)
+    x = tl.load(base + tok).to(tl.float32) * inv_temp - lse
+    o = x  # on-policy (old_logp None): ratio 1, its gradient still flows
+    if HAS_OLD:
+        o = tl.load(old_ptr + row).to(tl.float32)
+    A = tl.load(adv_ptr + row).to(tl.float32)
+    w = 1.0
+    if HAS_IS:
+        w = tl.load(is_ptr + row).to(tl.float32)
+    ref = x
+    if HAS_KL:
+        ref = tl.load(ref_ptr + row).to(tl.float32)
+    loss, gt = _token_loss(x, o, A, w, ref, lo, hi, dual_c, kl_coef, c, HAS_IS, HAS_KL,
+                           KL_TYPE, HAS_DUAL, HAS_CLAMP, K3_TOP, K3_BELOW)
+    g = gt * tl.load(wagg_ptr + row).to(tl.float32)
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, x)
+    tl.store(g_ptr + row, g)
+    tl.store(loss_ptr + row, loss)
+    _row_dlogits(base, out_ptr + row * stride_out, tok, lse, g * inv_temp, V, inv_temp,
+                 BLOCK_V, NARROW, OUT_BF16)
 
 
 def _block(V: int, block_v) -> int:
     if block_v is not None:
         return int(block_v)
     return min(4096, triton.next_power_of_2(V))
+
+
+def _out_view(logits: torch.Tensor, out_dtype):
+    """(out [n, V], narrow): logits itself (fp32, in place), or a view of out_dtype over the
+    first half of each fp32 row (row stride 2 * logits.stride(0) elements)."""
+    if out_dtype is None or out_dtype == logits.dtype:
+        return logits, False
+    assert logits.dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)
+    n, V = logits.shape
+    return torch.as_strided(logits.view(out_dtype), (n, V), (2 * logits.stride(0), 1)), True
 
 
 def lse_logp(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float, block_v=None):
@@ -95,14 +267,63 @@ def lse_logp(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float, block_v=N
 
 
 def dlogits(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-            inv_temp: float, out: torch.Tensor | None = None, block_v=None) -> torch.Tensor:
+            inv_temp: float, out: torch.Tensor | None = None, block_v=None,
+            out_dtype=None) -> torch.Tensor:
     """g / T * (onehot(ids) - softmax(logits / T)) written into `out` ([n, V], any float
-    dtype; default: in place into `logits`). lse [n] from `lse_logp`, g [n]."""
+    dtype, not overlapping logits), or with out None in place: into `logits` (fp32), or for
+    out_dtype bf16 / fp16 into the first half of each fp32 row of `logits` (returned as
+    that [n, V] view). lse [n] from `lse_logp`, g [n]."""
     n, V = logits.shape
-    out = logits if out is None else out
+    narrow = False
+    if out is None:
+        out, narrow = _out_view(logits, out_dtype)
     assert out.shape == logits.shape and out.stride(1) == 1 and logits.stride(1) == 1
     if n:
         _dlogits_kernel[(n,)](logits, logits.stride(0), out, out.stride(0), ids,
                               lse.contiguous(), g.contiguous(), V, float(inv_temp),
-                              BLOCK_V=_block(V, block_v))
+                              BLOCK_V=_block(V, block_v), NARROW=narrow,
+                              OUT_BF16=out.dtype == torch.bfloat16)
     return out
+
+
+def policy_epilogue(logits, ids, advantages, agg_weights, *, old_logp=None, ref_logp=None,
+                    is_weights=None, inv_temp=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                    kl_coef=0.0, kl_type="k3", log_ratio_clamp=20.0, out_dtype=None,
+                    lse=None, logp=None, block_v=None):
+    """The whole epilogue of one chunk of valid tokens, one launch (token-level ratio).
+
+    logits [n, V] fp32, row stride >= V (overwritten by dlogits); ids [n] int64 in [0, V);
+    advantages, agg_weights (d aggregated loss / d token loss), old_logp (None: on-policy),
+    ref_logp (read when kl_coef > 0), is_weights: [n] float, per token (row values already
+    broadcast). Options validated as by mars.reference.check_policy_loss_args.
+    out_dtype None / fp32: dlogits in place over logits; bf16 / fp16: in the first half of
+    each row (module docstring). lse, logp: optional [n] fp32 outputs to write into.
+    Returns (dlogits [n, V], lse [n], logp [n], g [n], loss [n]) with g = agg_weights *
+    d loss / d logp and loss the token's loss (policy term, is-weight, + kl_coef * KL)."""
+    n, V = logits.shape
+    assert logits.dtype == torch.float32 and logits.stride(1) == 1 and ids.is_contiguous()
+    if kl_type not in KL_CODES:
+        raise ValueError(f"kl_type must be one of {tuple(KL_CODES)}, got {kl_type!r}")
+    dev = logits.device
+    out, narrow = _out_view(logits, out_dtype)
+    lse = torch.empty(n, device=dev, dtype=torch.float32) if lse is None else lse
+    logp = torch.empty(n, device=dev, dtype=torch.float32) if logp is None else logp
+    g = torch.empty(n, device=dev, dtype=torch.float32)
+    loss = torch.empty(n, device=dev, dtype=torch.float32)
+    has_kl = bool(kl_coef > 0 and ref_logp is not None)
+    vecs = [t if t is None else t.contiguous()
+            for t in (old_logp, advantages, agg_weights, is_weights, ref_logp)]
+    for t in vecs:
+        assert t is None or (t.shape == (n,) and t.device == dev)
+    old, adv, wagg, isw, ref = (logp if t is None else t for t in vecs)  # None: not read
+    if n:
+        _policy_epilogue_kernel[(n,)](
+            logits, logits.stride(0), out, out.stride(0), ids, lse, logp, g, loss, old, adv,
+            wagg, isw, ref, V, float(inv_temp), 1.0 - clip_low, 1.0 + clip_high,
+            float(dual_clip or 0.0), float(kl_coef), float(log_ratio_clamp or 0.0),
+            HAS_OLD=old_logp is not None, HAS_IS=is_weights is not None, HAS_KL=has_kl,
+            KL_TYPE=KL_CODES[kl_type], HAS_DUAL=dual_clip is not None,
+            HAS_CLAMP=log_ratio_clamp is not None, K3_TOP=K3_TOP_FACTORIAL,
+            K3_BELOW=K3_SERIES_BELOW, BLOCK_V=_block(V, block_v), NARROW=narrow,
+            OUT_BF16=out.dtype == torch.bfloat16)
+    return out, lse, logp, g, loss
