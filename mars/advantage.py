@@ -7,9 +7,15 @@ from __future__ import annotations
 import torch
 
 from . import _ext, reference
+from . import groups as _groups
 from .backends import resolve
 from .groups import check_options, prepare
 from .reference import AdvantageOutput
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The one-op CPU path (csrc/cpu/advantage.cpp), if the loaded extension has it.
+_INT_LABELS_OP = (_ext.HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "mars::advantage_int_labels", "CPU"))
 
 
 def _kernel(name: str):
@@ -23,6 +29,39 @@ def _kernel(name: str):
 def _dense_labels(device):
     """The C++ int-label factoriser for CPU tensors (one pass instead of ~15 torch ops)."""
     return torch.ops.mars.dense_labels if _ext.HAS_C and device.type == "cpu" else None
+
+
+def _int_labels(t, n: int) -> bool:
+    """A 1-D CPU int tensor of n labels that int64 holds exactly (uint64 excepted)."""
+    return (isinstance(t, torch.Tensor) and t.is_cpu and t.dim() == 1 and len(t) == n
+            and not (t.dtype.is_floating_point or t.dtype.is_complex)
+            and t.dtype not in (torch.bool, torch.uint64))
+
+
+def _one_op_cpu(rewards, group_ids, anchor_rewards, anchor_group_ids, backend, args):
+    """The eager call on CPU tensors with int tensor labels, in one C++ op that factorises
+    the labels and checks the values as mars.groups does. Returns the op's outputs, or None
+    where the call is not of that kind or a check fails: the general path then decides
+    (and raises, naming the rows and labels), so the errors stay the general path's."""
+    if (not _INT_LABELS_OP or backend not in ("auto", "cpu") or _groups._FORCE_ONE_READ
+            or not isinstance(rewards, torch.Tensor) or not rewards.is_cpu
+            or rewards.dim() != 1 or rewards.dtype not in _FLOATS
+            or torch.compiler.is_compiling()):
+        return None
+    B = len(rewards)
+    if not B or not _int_labels(group_ids, B):
+        return None
+    if anchor_rewards is None and anchor_group_ids is None:
+        anchor_rewards, anchor_group_ids = rewards.new_zeros(0), group_ids.new_zeros(0)
+    elif not (isinstance(anchor_rewards, torch.Tensor) and anchor_rewards.is_cpu
+              and anchor_rewards.dim() == 1 and anchor_rewards.dtype == rewards.dtype
+              and _int_labels(anchor_group_ids, len(anchor_rewards))):
+        return None
+    ids = group_ids if group_ids.dtype == torch.int64 else group_ids.long()
+    aids = anchor_group_ids if anchor_group_ids.dtype == torch.int64 else anchor_group_ids.long()
+    out = torch.ops.mars.advantage_int_labels(
+        rewards.detach(), ids, anchor_rewards.detach(), aids, *args)
+    return None if out[8] else out
 
 
 def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_group_ids=None, *,
@@ -54,12 +93,15 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
         rewards, bad options; under torch.compile too.
     """
     singleton_raw = check_options(singleton, eps)
+    args = (bool(norm_by_std), float(eps), bool(unbiased), singleton_raw)
+    out = _one_op_cpu(rewards, group_ids, anchor_rewards, anchor_group_ids, backend, args)
+    if out is not None:
+        return AdvantageOutput(*out[:6]) if return_stats else out[0]
     rewards, anchor_rewards, groups = prepare(rewards, group_ids, anchor_rewards,
                                               anchor_group_ids, _dense_labels)
     name = resolve(backend, rewards.device)
     if name == "triton" and rewards.device.type == "cpu" and not _ext.triton_interpret():
         raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
     out = _kernel(name)(rewards.detach(), groups.index, anchor_rewards.detach(),
-                        groups.anchor_index, groups.num_groups, bool(norm_by_std), float(eps),
-                        bool(unbiased), singleton_raw)
+                        groups.anchor_index, groups.num_groups, *args)
     return AdvantageOutput(*out, groups.index) if return_stats else out[0]
