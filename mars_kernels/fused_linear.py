@@ -97,21 +97,21 @@ def _row_lse(base, V, inv_temp, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _row_dlogits(base, obase, tok, lse, gs, V, inv_temp, BLOCK_V: tl.constexpr,
-                 NARROW: tl.constexpr, OUT_BF16: tl.constexpr):
-    """obase[v] = gs * (onehot(tok) - exp(x[v] / T - lse)), gs = g / T. NARROW: the output
-    overlaps the row being read (the narrow dtype in its first half): a barrier between
-    each block's load and its store (see the module docstring)."""
+def _row_dlogits(base, obase, tok, lse, gs, V, inv_temp, BLOCK_V: tl.constexpr):
+    """obase[v] = gs * (onehot(tok) - exp(x[v] / T - lse)), gs = g / T. A 16-bit output may
+    overlap the fp32 row being read (in its first half, in place): then a barrier between
+    each block's load and its store (module docstring; harmless for a separate buffer).
+    The output dtype is read from the pointer at compile time (no constexpr flag)."""
     offs = tl.arange(0, BLOCK_V)
     for v0 in range(0, V, BLOCK_V):
         msk = v0 + offs < V
         x = tl.load(base + v0 + offs, mask=msk, other=0.0).to(tl.float32) * inv_temp
         d = gs * (tl.where(v0 + offs == tok, 1.0, 0.0) - tl.exp(x - lse))
-        if OUT_BF16:
+        if obase.dtype.element_ty == tl.bfloat16:
             d = _rne_bf16(d)
         else:
             d = d.to(obase.dtype.element_ty)
-        if NARROW:
+        if obase.dtype.element_ty.primitive_bitwidth < 32:
             tl.debug_barrier()
         tl.store(obase + v0 + offs, d, mask=msk)
 
@@ -129,12 +129,12 @@ def _lse_logp_kernel(x_ptr, stride_x, ids_ptr, lse_ptr, logp_ptr, V, inv_temp,
 
 @triton.jit
 def _dlogits_kernel(x_ptr, stride_x, out_ptr, stride_out, ids_ptr, lse_ptr, g_ptr, V, inv_temp,
-                    BLOCK_V: tl.constexpr, NARROW: tl.constexpr, OUT_BF16: tl.constexpr):
+                    BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row).to(tl.float32)
     gs = tl.load(g_ptr + row).to(tl.float32) * inv_temp
     _row_dlogits(x_ptr + row * stride_x, out_ptr + row * stride_out, tl.load(ids_ptr + row),
-                 lse, gs, V, inv_temp, BLOCK_V, NARROW, OUT_BF16)
+                 lse, gs, V, inv_temp, BLOCK_V)
 
 
 @triton.jit
@@ -209,8 +209,7 @@ def _policy_epilogue_kernel(x_ptr, stride_x, out_ptr, stride_out, ids_ptr, lse_p
                             HAS_OLD: tl.constexpr, HAS_IS: tl.constexpr, HAS_KL: tl.constexpr,
                             KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr,
                             HAS_CLAMP: tl.constexpr, K3_TOP: tl.constexpr,
-                            K3_BELOW: tl.constexpr, BLOCK_V: tl.constexpr,
-                            NARROW: tl.constexpr, OUT_BF16: tl.constexpr):
+                            K3_BELOW: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_x
     tok = tl.load(ids_ptr + row)
@@ -234,7 +233,7 @@ def _policy_epilogue_kernel(x_ptr, stride_x, out_ptr, stride_out, ids_ptr, lse_p
     tl.store(g_ptr + row, g)
     tl.store(loss_ptr + row, loss)
     _row_dlogits(base, out_ptr + row * stride_out, tok, lse, g * inv_temp, V, inv_temp,
-                 BLOCK_V, NARROW, OUT_BF16)
+                 BLOCK_V)
 
 
 def _block(V: int, block_v) -> int:
@@ -244,13 +243,13 @@ def _block(V: int, block_v) -> int:
 
 
 def _out_view(logits: torch.Tensor, out_dtype):
-    """(out [n, V], narrow): logits itself (fp32, in place), or a view of out_dtype over the
-    first half of each fp32 row (row stride 2 * logits.stride(0) elements)."""
+    """out [n, V]: logits itself (fp32, in place), or a view of out_dtype over the first
+    half of each fp32 row (row stride 2 * logits.stride(0) elements)."""
     if out_dtype is None or out_dtype == logits.dtype:
-        return logits, False
+        return logits
     assert logits.dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)
     n, V = logits.shape
-    return torch.as_strided(logits.view(out_dtype), (n, V), (2 * logits.stride(0), 1)), True
+    return torch.as_strided(logits.view(out_dtype), (n, V), (2 * logits.stride(0), 1))
 
 
 def lse_logp(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float, block_v=None):
@@ -274,15 +273,13 @@ def dlogits(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g: torch
     out_dtype bf16 / fp16 into the first half of each fp32 row of `logits` (returned as
     that [n, V] view). lse [n] from `lse_logp`, g [n]."""
     n, V = logits.shape
-    narrow = False
     if out is None:
-        out, narrow = _out_view(logits, out_dtype)
+        out = _out_view(logits, out_dtype)
     assert out.shape == logits.shape and out.stride(1) == 1 and logits.stride(1) == 1
     if n:
         _dlogits_kernel[(n,)](logits, logits.stride(0), out, out.stride(0), ids,
                               lse.contiguous(), g.contiguous(), V, float(inv_temp),
-                              BLOCK_V=_block(V, block_v), NARROW=narrow,
-                              OUT_BF16=out.dtype == torch.bfloat16)
+                              BLOCK_V=_block(V, block_v))
     return out
 
 
@@ -305,7 +302,7 @@ def policy_epilogue(logits, ids, advantages, agg_weights, *, old_logp=None, ref_
     if kl_type not in KL_CODES:
         raise ValueError(f"kl_type must be one of {tuple(KL_CODES)}, got {kl_type!r}")
     dev = logits.device
-    out, narrow = _out_view(logits, out_dtype)
+    out = _out_view(logits, out_dtype)
     lse = torch.empty(n, device=dev, dtype=torch.float32) if lse is None else lse
     logp = torch.empty(n, device=dev, dtype=torch.float32) if logp is None else logp
     g = torch.empty(n, device=dev, dtype=torch.float32)
@@ -324,6 +321,5 @@ def policy_epilogue(logits, ids, advantages, agg_weights, *, old_logp=None, ref_
             HAS_OLD=old_logp is not None, HAS_IS=is_weights is not None, HAS_KL=has_kl,
             KL_TYPE=KL_CODES[kl_type], HAS_DUAL=dual_clip is not None,
             HAS_CLAMP=log_ratio_clamp is not None, K3_TOP=K3_TOP_FACTORIAL,
-            K3_BELOW=K3_SERIES_BELOW, BLOCK_V=_block(V, block_v), NARROW=narrow,
-            OUT_BF16=out.dtype == torch.bfloat16)
+            K3_BELOW=K3_SERIES_BELOW, BLOCK_V=_block(V, block_v))
     return out, lse, logp, g, loss

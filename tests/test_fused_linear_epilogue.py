@@ -284,3 +284,101 @@ def test_cast_blocks_peak(blocks):
     assert torch.equal(got[0], want)
     acc_bytes, one = V * H * 4, V * H * 2 // blocks
     assert acc_bytes + one <= peak <= acc_bytes + one + 4096, (peak, acc_bytes + one)
+
+
+# ----------------------------------------------------------------------------- lowering
+
+COMPILE_CONFIGS = [  # (HAS_OLD, HAS_IS, HAS_KL, KL_TYPE, HAS_DUAL, HAS_CLAMP, out dtype)
+    (True, False, False, 2, False, True, "fp32"),
+    (True, True, True, 2, True, True, "bf16"),
+    (False, False, True, 0, False, False, "fp16"),
+    (True, True, True, 3, True, True, "bf16"),
+    (True, False, True, 1, False, True, "fp32"),
+]
+
+
+def _compile_all():
+    """In a subprocess without TRITON_INTERPRET: {name: {"ok", "error" | "bar"}} for the
+    epilogue kernel's option branches and the dlogits kernel, for sm_80 and sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mars_kernels import fused_linear as K
+    out = {}
+    for arch in (80, 90):
+        jobs = {}
+        for cfg in COMPILE_CONFIGS + [COMPILE_CONFIGS[1][:-1] + ("fp32",)]:
+            *flags, odt = cfg
+            sig = dict(x_ptr="*fp32", stride_x="i64", out_ptr=f"*{odt}", stride_out="i64",
+                       ids_ptr="*i64", lse_ptr="*fp32", logp_ptr="*fp32", g_ptr="*fp32",
+                       loss_ptr="*fp32", old_ptr="*bf16", adv_ptr="*fp32", wagg_ptr="*fp32",
+                       is_ptr="*fp32", ref_ptr="*fp32", V="i32", inv_temp="fp32", lo="fp32",
+                       hi="fp32", dual_c="fp32", kl_coef="fp32", c="fp32")
+            cx = dict(zip(("HAS_OLD", "HAS_IS", "HAS_KL", "KL_TYPE", "HAS_DUAL", "HAS_CLAMP"),
+                          flags), K3_TOP=K.K3_TOP_FACTORIAL, K3_BELOW=K.K3_SERIES_BELOW,
+                      BLOCK_V=2048)
+            jobs[f"epilogue-{'-'.join(map(str, cfg))}"] = (K._policy_epilogue_kernel, sig, cx)
+        for odt in ("fp32", "bf16"):
+            sig = dict(x_ptr="*fp32", stride_x="i64", out_ptr=f"*{odt}", stride_out="i64",
+                       ids_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32", V="i32", inv_temp="fp32")
+            jobs[f"dlogits-{odt}"] = (K._dlogits_kernel, sig, dict(BLOCK_V=2048))
+        for name, (fn, sig, cx) in jobs.items():
+            try:
+                src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in cx}},
+                                constexprs=cx)
+                ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+                out[f"{name}-sm{arch}"] = dict(ok=True, bars=ptx.count("bar.sync"))
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                out[f"{name}-sm{arch}"] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(f"Triton cannot compile for CUDA here: {proc.stdout.strip()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("cfg", COMPILE_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_epilogue_kernel_compiles(compiled, arch, cfg):
+    """Lowers for the GPUs (types of scalars, constexpr branches: what the interpreter
+    cannot check)."""
+    r = compiled[f"epilogue-{'-'.join(map(str, cfg))}-sm{arch}"]
+    assert r["ok"], r.get("error")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_in_place_16_bit_dlogits_have_the_block_barrier(compiled, arch):
+    """The barrier between each vocab block's load and its store is there exactly when
+    dlogits are 16-bit (written in place over the fp32 row; the reductions have their own
+    barriers, so the epilogue compares with its fp32 twin)."""
+    assert compiled[f"dlogits-bf16-sm{arch}"]["bars"] > 0
+    assert compiled[f"dlogits-fp32-sm{arch}"]["bars"] == 0
+    twin = "-".join(map(str, COMPILE_CONFIGS[1][:-1]))
+    assert compiled[f"epilogue-{twin}-bf16-sm{arch}"]["bars"] > \
+        compiled[f"epilogue-{twin}-fp32-sm{arch}"]["bars"]
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    try:
+        import triton.backends.nvidia  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as exc:
+        print(exc)
+        sys.exit(3)
+    print(json.dumps(_compile_all()))
