@@ -372,6 +372,12 @@ def _main(info, res, cpu, out_dir):
         "null_logger": [nl.log({"step": 1, "x": 1.0}) == {"step": 1, "x": 1.0}, nl.plot() is None,
                         nl.path == os.path.join(out_dir, "metrics.jsonl"), len(nl.records)],
         "sync_copy_max_diff": None}
+    # the padding row of a rank without rows: rank 0's first row, its prompt and completion only
+    pad_row = D.padding_row(tr if info.is_main else [], info)
+    res["collectives"]["padding_row"] = [pad_row.uid, pad_row.sample is None, list(pad_row.completion.token_ids),
+                                         pad_row.prompt.input_ids.tolist(), D.padding_row([], info) is None]
+    res["collectives"]["rank0_first"] = [tr[0].uid, list(tr[0].completion.token_ids),
+                                         tr[0].prompt.input_ids.tolist()]
     copy_model = copy.deepcopy(base)
     D.sync_generation_copy(fs2, copy_model, info)
     full = D.full_state_dict(fs2, info)
@@ -670,6 +676,9 @@ def test_collectives_of_the_loop_integration(main_run):
         assert c["null_logger"] == [True, True, True, 1]
         assert c["sync_copy_max_diff"] == 0.0 and c["sync_copy_moved"] > 0  # the FSDP2 step reached the copy
     assert res[0]["collectives"]["rng_files"] == ["rng_state_rank0.pt", "rng_state_rank1.pt"]
+    uid, ids, prompt = res[0]["collectives"]["rank0_first"]
+    assert res[0]["collectives"]["padding_row"] == [uid, False, ids, prompt, True]  # rank 0's own row
+    assert res[1]["collectives"]["padding_row"] == [uid, True, ids, prompt, True]  # broadcast, sample stripped
     assert res[1]["collectives"]["rng_files"] is None
     lines = [json.loads(x) for x in res[0]["collectives"]["errors"]]
     assert lines == [{"step": 3, "sample_id": "g/r0", "reward": "vqa", "error": "boom"}]  # rank 1's, by rank 0
@@ -847,6 +856,41 @@ def test_bad_environment_and_arguments_are_named():
     info = D.DistInfo(rank=1, world_size=2)
     assert D.rank_seed(3, D.DistInfo()) == 3 and D.rank_seed(3, info) != 3
     assert D.rng_file("/x", info) == os.path.join("/x", "rng_state_rank1.pt")
+
+
+def test_loop_helpers_of_the_integration(tmp_path):
+    """_split(exact=True) gives every rank the same number of mini-batches; padding_row of
+    one process; a checkpoint resumes with the process count that wrote it; extra files
+    (the ranks' RNG files) are inside the atomic checkpoint and its marker."""
+    pytest.importorskip("transformers")
+    from mars.train import checkpoint as ckpt, distributed as D, loop
+    from mars.train.config import ConfigError
+
+    assert loop._split(list(range(3)), 5) == [[0], [1], [2]]
+    assert loop._split(list(range(3)), 5, exact=True) == [[0], [1], [2], [], []]
+    assert loop._split([], 2, exact=True) == [[], []] and loop._split([], 2) == [[]]
+    assert loop._split(list(range(7)), 2, exact=True) == loop._split(list(range(7)), 2)
+    assert D.padding_row([], D.DistInfo()) is None and D.padding_row(["a", "b"], D.DistInfo()) == "a"
+    cfg = _cfg()
+    policy, _, _ = _setup(cfg)
+    d = ckpt.save_checkpoint(str(tmp_path), 1, model=policy.model, tokenizer=policy.tokenizer, config={},
+                             data_cursor=0, seed=0, extra_files={"rng_state_rank0.pt": {"rank": 0},
+                                                                 "rng_state_rank1.pt": {"rank": 1}})
+    files = ckpt.read_trainer_state(d)["files"]
+    assert {"rng_state_rank0.pt", "rng_state_rank1.pt", "rng_state.pt"} <= set(files)
+    assert torch.load(os.path.join(d, "rng_state_rank1.pt"), weights_only=True) == {"rank": 1}
+    loop._check_resume_world(d, 2)
+    with pytest.raises(ConfigError, match="written by a 2-process run and this run has 1: resume with torchrun "
+                                          "--nproc_per_node 2"):
+        loop._check_resume_world(d, 1)
+    with pytest.raises(ValueError, match="plain file name"):
+        ckpt.save_checkpoint(str(tmp_path), 2, model=policy.model, tokenizer=policy.tokenizer, config={},
+                             data_cursor=0, seed=0, extra_files={"../x.pt": 1})
+    single = ckpt.save_checkpoint(str(tmp_path / "one"), 1, model=policy.model, tokenizer=policy.tokenizer,
+                                  config={}, data_cursor=0, seed=0)
+    loop._check_resume_world(single, 1)
+    with pytest.raises(ConfigError, match="1-process run and this run has 2: resume with mars train --resume"):
+        loop._check_resume_world(single, 2)
 
 
 def test_rng_state_round_trip_per_rank(tmp_path):

@@ -132,6 +132,7 @@ def cli_main(argv) -> int:
             return 2
         if distributed.current().is_main:
             _report(cfg, res)
+        distributed.shutdown(barrier=True)  # every rank leaves together
         return 0
     finally:
         distributed.shutdown()

@@ -138,9 +138,18 @@ def current() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, device, backend)
 
 
-def shutdown() -> None:
-    """Leave the process group (a no-op without one)."""
+def shutdown(barrier: bool = False) -> None:
+    """Leave the process group (a no-op without one). Garbage-collects first: a DDP module
+    left in a reference cycle holds the group's C++ object, and freed only at interpreter
+    exit its gloo threads can abort the process ("terminate called without an active
+    exception", seen once at the end of a finished 2-process run). barrier: wait for every
+    rank first (the end of a successful run; not after an error, where a rank may be gone)."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -251,8 +251,9 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                 t = time.perf_counter()
                 with faults.oom_hint("old_logp", cfg):
                     old_logp = response_logprobs(policy.model, trained, encoder, cfg, device)
+                    # [] for a rank without rows (its padding micro-batches then carry a zero ref_logp too)
                     ref_logp = response_logprobs(reference, trained, encoder, cfg, device) \
-                        if reference is not None and trained else None
+                        if reference is not None else None
                 times["time_old_logp"] = time.perf_counter() - t
 
                 # 5. policy update (every rank takes part while any rank has rows)
@@ -321,7 +322,12 @@ def _wrap(model, info, cfg: TrainConfig):
     weights that generate and are saved)."""
     if not info.distributed:
         return model
-    src = copy.deepcopy(model) if cfg.dist.strategy == "fsdp2" else model
+    src = model
+    if cfg.dist.strategy == "fsdp2":
+        src = copy.deepcopy(model)
+        # ResponseModel returns the lm head's weight as a view (so it is in the graph); nothing here
+        # modifies it in place, which is what this per-forward warning is about
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return distributed.wrap_model(src, info, cfg.dist.strategy, find_unused_parameters=cfg.dist.find_unused_parameters)
 
 
@@ -331,9 +337,10 @@ def _check_resume_world(path: str, world_size: int) -> None:
     n = len([f for f in os.listdir(path) if re.fullmatch(r"rng_state_rank\d+\.pt", f)])
     wrote = n if n else 1
     if wrote != world_size:
-        how = "python -m mars train --resume" if wrote == 1 else f"torchrun --nproc_per_node {wrote} -m mars train --resume"
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        how = "mars train" if wrote == 1 else f"torchrun --nproc_per_node {wrote} -m mars train"
         raise ConfigError(f"{path} was written by a {wrote}-process run and this run has {world_size}: resume "
-                          f"with {how} (the per-rank sampling streams cannot be re-split)")
+                          f"with {how} --resume {run_dir} (the per-rank sampling streams cannot be re-split)")
 
 
 
