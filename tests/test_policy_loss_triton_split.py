@@ -234,3 +234,41 @@ def test_tensor_normaliser_and_compile(poison):
     compiled(x1).backward()
     step(x2).backward()
     assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("seq", [False, True])
+def test_launcher_issues_only_kernels(seq, monkeypatch):
+    """The launchers run no torch compute op (no multiply, cast, sum or copy: only
+    allocations and views) and launch 2 kernels forward (3 with GSPO), 1 backward; the grid
+    is (B, splits)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    launches = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append((self.name, tuple(grid)))
+    for name in ("_policy_loss_fwd", "_policy_loss_finalize", "_gspo_add", "_policy_loss_bwd"):
+        monkeypatch.setattr(K, name, Stub(name))
+    inputs = make(5, 40, is_w="2d", adv_2d=True)
+    gl = torch.tensor(2.0, device=DEV)
+    splits = K.tiling(5, 40, torch.device(DEV))[3]
+    with Ops() as mode:
+        out = launch(inputs, None, agg="seq-mean-token-mean", kl_coef=0.1,
+                     ratio_level="sequence" if seq else "token")
+        K.policy_loss_backward(out[2], out[3], gl, torch.bfloat16)
+    views = {"aten.view.default", "aten.view.dtype", "aten.detach.default"}  # no kernel
+    assert mode.seen <= {"aten.empty.memory_format"} | views
+    want = [("_policy_loss_fwd", (5, splits)), ("_policy_loss_finalize", (1,))]
+    want += [("_gspo_add", (5, splits))] if seq else []
+    assert launches == want + [("_policy_loss_bwd", (1,))]
