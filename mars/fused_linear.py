@@ -11,15 +11,23 @@ logits.
   then an epilogue (Triton on the GPU, in-place torch ops on the CPU): the log-sum-exp of
   logits / temperature and the chosen token's log-prob.
 - Token-level ratio (the default): the loss of a token depends on its own log-prob only,
-  so d(loss)/d(logp) of the chunk is known at once: `mars.loss.policy_loss` on the chunk
-  (agg="token-sum") times the aggregation weight of each token (the gradient of
-  `mars.reference.aggregate_loss`, so global normalisers and every aggregation carry over).
-  The same buffer then becomes dlogits = g / T * (onehot - softmax) and two more matmuls
-  give grad_h (rows of this chunk) and grad_W (+= into one fp32 accumulator, cast once at
-  the end), grad_b likewise: 3 matmuls per chunk, one pass.
+  so d(loss)/d(logp) of the chunk is known at once: the token's loss gradient times its
+  aggregation weight (the gradient of `mars.reference.aggregate_loss`, so global
+  normalisers and every aggregation carry over). The same buffer then becomes
+  dlogits = g / T * (onehot - softmax) and two more matmuls give grad_h (rows of this
+  chunk) and grad_W (+= into an fp32 accumulator), grad_b likewise: 3 matmuls per chunk,
+  one pass. Triton (GPU): lse, logp, the token loss, g and dlogits (in place; bf16 / fp16
+  dlogits in the first half of each fp32 row, no second buffer) are one kernel per chunk
+  (`mars_kernels.fused_linear.policy_epilogue`: 9 launches per chunk instead of 19).
+  torch (CPU, backend "cpu" / "cuda"): `mars.loss.policy_loss` on the chunk
+  (agg="token-sum") through autograd between the torch epilogue's steps.
+- Weight gradient of a bf16 / fp16 weight: the fp32 accumulator is kept in row blocks of
+  at most `_Head.grad_w_block_bytes` (128 MiB), cast back and freed one block at a time,
+  so the final cast holds 4 V H + 2 V H / blocks bytes, not 6 V H (`cast_blocks`).
 - Sequence-level ratio (GSPO): the gradient of a token needs its whole row, so pass 1
   keeps only log-probs and log-sum-exps [n], `policy_loss` on the [B, T] log-probs gives
-  g, and pass 2 recomputes each chunk's logits for the gradients (4 matmuls per chunk).
+  g, and pass 2 recomputes each chunk's logits for the gradients (4 matmuls per chunk;
+  on Triton the two-kernel epilogue, `lse_logp` then `dlogits`, in place likewise).
 - All of it runs in the forward of one autograd.Function; backward scales the stored
   gradients by grad_output in place (so a second backward through the same graph raises).
   First-order only: under create_graph=True the gradients raise when differentiated
@@ -546,8 +554,9 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
         temperature: logits are divided by it before the softmax (as during sampling).
         chunk_size: tokens per [chunk, V] logits block (None: a block of up to 32 MiB on
             CPU, 512 MiB on a GPU, at least 256 tokens). Peak extra memory ~ chunk * V * 4
-            bytes (+ chunk * V * 2 for bf16/fp16 on a GPU) + an fp32 [V, H] weight-gradient
-            accumulator + the [B*T, H] hidden gradient.
+            bytes (+ chunk * V * 2 for bf16/fp16 on a GPU with the torch epilogue; none with
+            the Triton one) + an fp32 [V, H] weight-gradient accumulator (+ one cast block of
+            it at the end, bf16/fp16 weights) + the [B*T, H] hidden gradient.
         backend: "auto" (Triton epilogue on a GPU, torch on CPU) | "triton" | "cpu" |
             "cuda" (torch epilogue; the policy loss on that backend) | "reference"
             (materialised logits; the only one with higher-order gradients).

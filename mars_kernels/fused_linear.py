@@ -29,13 +29,16 @@ fp32 elements [v0 / 2, (v0 + BLOCK) / 2) of the row, all read by blocks <= k; a
 to nearest even from the bits (`_rne_bf16`: a GPU's cvt.rn; the interpreter's own cast
 truncates), so the interpreter gives the GPU's bits.
 
-Launches per chunk on the GPU token-level path (bf16, sparse mask, with bias; counted on
-CPU under TRITON_INTERPRET=1 by a TorchDispatchMode + a count of Triton launches, as
-chunks-difference of two calls: bench/results/fused_linear_launches.md): before, 19 (3
-Triton kernels of the chunk's `policy_loss` + backward through autograd, 2 epilogue
-kernels, 14 aten ops); now 7 (gather of the hidden rows, logits matmul, bias add,
-`policy_epilogue`, grad_h matmul and its scatter, grad_W addmm, grad_b sum + add - the
-last two counted as one fused reduction-and-add when the blocks of grad_W are 1).
+Launches per chunk, token-level path with a sparse mask and a bias (counted on CPU under
+TRITON_INTERPRET=1: aten ops that launch a kernel on a GPU, via a TorchDispatchMode, plus
+Triton launches, the chunk's policy loss forced onto its Triton backend as on a GPU; fp32,
+difference of two chunk sizes): before this kernel 19 (15 aten + 4 Triton: `lse_logp`,
+two copies of logp / lse, the chunk's `policy_loss` forward and finalize kernels with two
+ones_like and an autograd backward of three muls, g times the aggregation weight,
+`dlogits`), now 9 (8 aten + 1 Triton): gather of the hidden rows, logits matmul, bias add,
+`policy_epilogue`, grad_h matmul and its scatter, grad_W addmm (one per weight-gradient
+block), grad_b sum and add. The epilogue itself: 11 launches and an autograd round trip
+-> 1. With every token valid the gather and the scatter go too (7).
 
 Any V works: the last vocab block is masked (no divisibility rule, unlike verl's kernel).
 Deterministic: no atomics. Runs under TRITON_INTERPRET=1 on CPU tensors.
@@ -46,12 +49,13 @@ grad_W) are >95% of the FLOPs and cuBLAS runs them at tensor-core peak for any s
 while a hand-written Triton matmul must be tuned per GPU and shape and its backward needs
 atomics (non-deterministic) or a second kernel per operand. The price is one [chunk, V]
 fp32 block in global memory, bounded by chunk_size (512 MiB by default on a GPU): about
-12 bytes of traffic per logit with `policy_epilogue` (matmul writes 4, pass 1 reads 4,
-pass 2 reads 4 and writes 2 or 4; the per-token loss adds nothing per logit) against 6 H
-FLOPs. Estimated on an H100 (~3 TB/s, ~700 TFLOP/s bf16 in practice) that is ~25% on top
-of the matmul time at H = 2048 and ~12% at H = 4096. Estimates only: no GPU was lent to
-time it; the CPU path is the same algorithm with torch's in-place log_softmax as the
-epilogue and the policy loss of the chunk through autograd.
+14 bytes of traffic per logit (matmul writes 4, pass 1 reads 4, pass 2 reads 4 and writes
+2; 16 for fp32; the token's loss adds nothing per logit) against 6 H FLOPs. Estimated on
+an H100 (~3 TB/s, ~700 TFLOP/s bf16 in practice) that is ~27% on top of the matmul time
+at H = 2048 and ~14% at H = 4096; what this kernel removes is the per-chunk launches and
+host-side work between the matmuls, and the second [chunk, V] buffer. Estimates only: no
+GPU was lent to time it; the CPU path is the same algorithm with torch's in-place
+log_softmax as the epilogue and the chunk's policy loss through autograd.
 """
 import math
 
