@@ -2,7 +2,8 @@
 policy_epilogue) under TRITON_INTERPRET=1, against mars.reference in float64: lse, logp,
 the token loss, its gradient and dlogits on odd V / odd n, options, NaN-poisoned outputs,
 bf16 / fp16 dlogits written in place; the whole fused loss on the Triton path (gradients of
-hidden, weight, bias vs autograd of the reference); the weight gradient cast in blocks.
+hidden, weight, bias vs autograd of the reference); the weight gradient cast in blocks; the
+kernels lower for sm_80 / sm_90. On a machine with a GPU the kernels run there instead.
 
 Tolerances (fp32 kernel vs float64 reference): lse / logp 1e-6 relative + 1e-5 absolute
 (fp32 sums of <= 1000 exponentials); token loss and g 1e-5 relative + 1e-6 absolute,
@@ -13,11 +14,14 @@ import pytest
 import torch
 
 import mars
-from mars import fused_linear, reference
+from mars import _ext, fused_linear, reference
 from mars.memory import peak_allocated_bytes
 
-pytestmark = pytest.mark.skipif(not mars.backends()["triton"].available,
-                                reason="triton backend not available (no GPU, no TRITON_INTERPRET)")
+# the kernels run on the GPU where there is one, else on CPU tensors in the interpreter
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not mars.backends()["triton"].available or (DEV == "cpu" and not _ext.triton_interpret()),
+    reason="triton backend not available (no GPU, no TRITON_INTERPRET)")
 
 OPTS = [  # (kernel options, temperature, old_logp given, is_weights given, ref given)
     (dict(), 1.0, True, False, False),
@@ -49,7 +53,8 @@ def chunk(n, V, seed):
     isw = torch.rand(n, generator=g) * 2
     isw[2] = 0.0
     wagg = torch.rand(n, generator=g) + 0.1
-    return dict(x=x, ids=ids, old=old, ref=ref, adv=adv, isw=isw, wagg=wagg)
+    c = dict(x=x, ids=ids, old=old, ref=ref, adv=adv, isw=isw, wagg=wagg)
+    return {k: v.to(DEV) for k, v in c.items()}
 
 
 def expected(c, xk_logp, opts, temp, has_old, has_is, has_ref):
@@ -59,7 +64,7 @@ def expected(c, xk_logp, opts, temp, has_old, has_is, has_ref):
     lp = xk_logp.double()[None].requires_grad_(True)
     old = lp.detach() if not has_old else c["old"].double()[None]
     loss, _, _ = reference.per_token_policy_loss(
-        lp, old, c["adv"].double()[None], torch.ones(1, n, dtype=torch.bool),
+        lp, old, c["adv"].double()[None], torch.ones(1, n, dtype=torch.bool, device=DEV),
         ref_logp=c["ref"].double()[None] if o["kl_coef"] > 0 else None,
         is_weights=c["isw"].double()[None] if has_is else None,
         **{k: o[k] for k in FULL}, ratio_level="token")
@@ -70,10 +75,10 @@ def expected(c, xk_logp, opts, temp, has_old, has_is, has_ref):
 def run_kernel(c, opts, temp, has_old, has_is, has_ref, block_v, out_dtype=None):
     from mars_kernels import fused_linear as K
     n = c["x"].shape[0]
-    lse0 = torch.full((n,), float("nan"))
-    logp0 = torch.full((n,), float("nan"))
+    lse0 = torch.full((n,), float("nan"), device=DEV)
+    logp0 = torch.full((n,), float("nan"), device=DEV)
     x = c["x"].clone()
-    ref = c["ref"] if opts.get("kl_coef", 0) > 0 else torch.full((n,), float("nan"))
+    ref = c["ref"] if opts.get("kl_coef", 0) > 0 else torch.full((n,), float("nan"), device=DEV)
     out = K.policy_epilogue(x, c["ids"], c["adv"], c["wagg"], old_logp=c["old"] if has_old else None,
                             ref_logp=ref if has_ref else None, is_weights=c["isw"] if has_is else None,
                             inv_temp=1.0 / temp, out_dtype=out_dtype, lse=lse0, logp=logp0,
@@ -83,6 +88,7 @@ def run_kernel(c, opts, temp, has_old, has_is, has_ref, block_v, out_dtype=None)
     return out
 
 
+@needs_triton
 @pytest.mark.parametrize("n,V,block_v", [(5, 301, 64), (17, 1000, 256), (7, 517, None)])
 @pytest.mark.parametrize("case", OPTS, ids=OPT_IDS)
 def test_policy_epilogue_vs_float64_reference(poison, case, n, V, block_v):
@@ -106,6 +112,7 @@ def test_policy_epilogue_vs_float64_reference(poison, case, n, V, block_v):
     torch.testing.assert_close(d.double(), d_ref, rtol=1e-5, atol=1e-7)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [OPTS[1], OPTS[5]], ids=[OPT_IDS[1], OPT_IDS[5]])
 def test_narrow_dlogits_in_place_bit_for_bit(poison, case, dtype):
@@ -132,18 +139,19 @@ def test_narrow_dlogits_in_place_bit_for_bit(poison, case, dtype):
 
 def batch(B, T, H, V, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)  # noqa: E731
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(DEV, dtype)  # noqa: E731
     hidden = r(B, T, H).requires_grad_()
     weight = r(V, H, scale=0.3).requires_grad_()
     bias = r(V, scale=0.2).requires_grad_()
     mask = torch.rand(B, T, generator=g) > 0.3
     mask[0, -2:] = False
-    ids = torch.where(mask, torch.randint(0, V, (B, T), generator=g), -100)
+    ids = torch.where(mask, torch.randint(0, V, (B, T), generator=g), -100).to(DEV)
+    mask = mask.to(DEV)
     with torch.no_grad():
         hidden[~mask] = float("nan")  # masked hidden states are never read
         cur = reference.token_logprobs(hidden, weight, ids, bias=bias, mask=mask)
-    old = cur + torch.randn(B, T, generator=g) * 0.4
-    ref = cur + torch.randn(B, T, generator=g) * 0.4
+    old = cur + torch.randn(B, T, generator=g).to(DEV) * 0.4
+    ref = cur + torch.randn(B, T, generator=g).to(DEV) * 0.4
     return hidden, weight, bias, ids, mask, old, ref
 
 
@@ -153,7 +161,7 @@ LOSS_OPTS = [
     dict(agg="token-sum", clip_high=0.28, kl_coef=0.05, kl_type="k3_ratio", ref=True,
          adv_per_token=True, is_weights=True),
     dict(agg="seq-mean-token-sum-norm", loss_scale=9.0, kl_coef=0.2, kl_type="k2", ref=True,
-         old_none=True, num_seqs=4, log_ratio_clamp=None),
+         old_none=True, num_seqs=4, log_ratio_clamp=None, is_weights="row"),
 ]
 
 
@@ -170,6 +178,7 @@ def spy(monkeypatch):
     return calls
 
 
+@needs_triton
 @pytest.mark.parametrize("opts", LOSS_OPTS, ids=lambda o: o["agg"])
 @pytest.mark.parametrize("chunk_size", [4, 7])
 def test_fused_loss_triton_matches_reference(poison, monkeypatch, opts, chunk_size):
@@ -181,7 +190,8 @@ def test_fused_loss_triton_matches_reference(poison, monkeypatch, opts, chunk_si
     hidden, weight, bias, ids, mask, old, ref = batch(B, T, H, V, seed=chunk_size)
     g = torch.Generator().manual_seed(1)
     adv = torch.randn(B, T, generator=g) if adv_tok else torch.randn(B, generator=g)
-    isw = torch.rand(B, T, generator=g) * 2 if use_is else None
+    isw = None if not use_is else torch.rand(*((B,) if use_is == "row" else (B, T)), generator=g) * 2
+    adv, isw = adv.to(DEV), None if isw is None else isw.to(DEV)
     kw = dict(ref_logp=ref if use_ref else None, is_weights=isw, temperature=temperature, **opts)
     calls = spy(monkeypatch)
     out = fused_linear.fused_linear_policy_loss(hidden, weight, ids, None if old_none else old,
@@ -206,9 +216,10 @@ def test_fused_loss_triton_matches_reference(poison, monkeypatch, opts, chunk_si
     assert (grads[0][~mask] == 0).all()
 
 
+@needs_triton
 def test_gspo_keeps_the_two_kernel_path(monkeypatch):
     hidden, weight, bias, ids, mask, old, _ = batch(2, 5, 8, 301, seed=3)
-    adv = torch.tensor([0.7, -1.2])
+    adv = torch.tensor([0.7, -1.2], device=DEV)
     calls = spy(monkeypatch)
     out = fused_linear.fused_linear_policy_loss(hidden, weight, ids, old, adv, mask, bias=bias,
                                                 chunk_size=3, ratio_level="sequence",
@@ -223,6 +234,7 @@ def test_gspo_keeps_the_two_kernel_path(monkeypatch):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
 
 
+@needs_triton
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_bf16_gpu_path_in_place_and_weight_gradient_in_blocks(poison, monkeypatch, ratio_level):
     """The GPU's bf16 path on CPU (bf16 matmuls into fp32 logits, bf16 dlogits in place, an
@@ -230,7 +242,7 @@ def test_bf16_gpu_path_in_place_and_weight_gradient_in_blocks(poison, monkeypatc
     same gradients as one block, and the reference's within bf16 rounding."""
     monkeypatch.setattr(fused_linear._Head, "upcast_half_on_cpu", False)
     hidden, weight, bias, ids, mask, old, ref = batch(3, 6, 16, 401, seed=9, dtype=torch.bfloat16)
-    adv = torch.tensor([0.5, -1.0, 1.5])
+    adv = torch.tensor([0.5, -1.0, 1.5], device=DEV)
     kw = dict(bias=bias, ref_logp=ref, kl_coef=0.1, chunk_size=5, ratio_level=ratio_level,
               agg="seq-mean-token-mean", backend="triton")
 
