@@ -72,11 +72,12 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
     i = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     base = i * T
+    # i * 0 + B: an int64 tensor even when B == 1 arrives as a constexpr (no .to on it)
     if ROW_SUM:
-        cs = B.to(tl.int64)  # stride between partial columns
+        cs = i * 0 + B  # stride between partial columns
         pr = part_ptr + i
     else:
-        cs = B.to(tl.int64) * NT
+        cs = (i * 0 + B) * NT
         pr = part_ptr + i * NT
     p0 = (i * 0).to(tl.float64)  # ROW_SUM: the row sums of the tile partials, in order
     p1, p2, p3, p4, p5, p6, p7 = p0, p0, p0, p0, p0, p0, p0
@@ -263,7 +264,8 @@ def _policy_loss_finalize(part_ptr, loss_ptr, metrics_ptr, rs_ptr, add_ptr, B, T
     """One program. part [NCOL (+1), B, NP] -> loss [] = sum_i w_i S_i / denom, metrics [6],
     row_scale [B] = w_i / denom, and for SEQ add [B] = G_i / max(L_i, 1) (the row term of
     GSPO's gradient). float64 math, rows in blocks of RB in order (like the C++ op)."""
-    cs = B.to(tl.int64) * NP
+    i0 = tl.program_id(0).to(tl.int64) * 0  # B, T == 1 may be constexprs: no .to on them
+    cs = (i0 + B) * NP
     rows = tl.arange(0, RB).to(tl.int64)
     z = tl.zeros([RB], dtype=tl.float64)
     n_acc, rows_acc, sw_acc, h_acc, l_acc, d_acc, a_acc, k_acc = z, z, z, z, z, z, z, z
@@ -298,7 +300,7 @@ def _policy_loss_finalize(part_ptr, loss_ptr, metrics_ptr, rs_ptr, add_ptr, B, T
         denom = tl.where(ns <= 0.0, tl.maximum(tl.sum(rows_acc, axis=0), 1.0), ns)
         if AGG == 4:
             ls = _f64(ls_bits)
-            denom = denom * tl.where(ls > 0.0, ls, T.to(tl.float64))
+            denom = denom * tl.where(ls > 0.0, ls, (i0 + T).to(tl.float64))
     tl.store(loss_ptr, (tl.sum(sw_acc, axis=0) / denom).to(DT))
     tl.store(metrics_ptr + 0, (tl.sum(h_acc, axis=0) / n1).to(DT))
     tl.store(metrics_ptr + 1, (tl.sum(l_acc, axis=0) / n1).to(DT))

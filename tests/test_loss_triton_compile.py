@@ -56,6 +56,10 @@ def _compile_all():
                       ROW_SUM=has_dual)  # both the per-tile and the per-row partials
             jobs[f"policy_loss-{'-'.join(map(str, cfg))}-sm{arch}"] = (K._policy_loss_fwd, sig,
                                                                         cx, arch)
+        # B = T = 1 (and NT = TPS = 1): Triton makes int arguments equal to 1 constexprs
+        ones = dict(B=1, T=1, NT=1, TPS=1)
+        sig = {k: v for k, v in sig.items() if k not in ones}
+        jobs[f"policy_loss-ones-sm{arch}"] = (K._policy_loss_fwd, sig, {**cx, **ones}, arch)
         for dt in ("fp32", "fp64"):
             ptr = f"*{dt}"
             DT = tl.float32 if dt == "fp32" else tl.float64
@@ -64,6 +68,9 @@ def _compile_all():
             for agg, seq in ((2, True), (4, False), (0, False)):
                 jobs[f"finalize-{dt}-{agg}-{seq}-sm{arch}"] = (K._policy_loss_finalize, sig, dict(
                     AGG=agg, SEQ=seq, DT=DT, RB=64), arch)
+            jobs[f"finalize-{dt}-ones-sm{arch}"] = (K._policy_loss_finalize, {
+                k: v for k, v in sig.items() if k not in ("B", "T", "NP")}, dict(
+                AGG=4, SEQ=True, DT=DT, RB=16, B=1, T=1, NP=1), arch)
             sig = dict(grad_ptr=ptr, mask_ptr="*u8", add_ptr=ptr, T="i32", NT="i32", TPS="i32")
             jobs[f"gspo_add-{dt}-sm{arch}"] = (K._gspo_add, sig, dict(BLOCK=256), arch)
             for out in (("bf16", "fp32") if dt == "fp32" else ("fp64",)):
@@ -121,12 +128,15 @@ def test_policy_loss_kernel_compiles(compiled, arch, cfg):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kernel", ["finalize-fp32-2-True", "finalize-fp32-4-False",
-                                    "finalize-fp64-0-False", "gspo_add-fp32", "gspo_add-fp64",
+                                    "finalize-fp64-0-False", "finalize-fp32-ones",
+                                    "finalize-fp64-ones", "policy_loss-ones",
+                                    "gspo_add-fp32", "gspo_add-fp64",
                                     "backward-fp32-bf16", "backward-fp32-fp32",
                                     "backward-fp64-fp64"])
 def test_policy_loss_reduce_and_backward_kernels_compile(compiled, arch, kernel):
     """The tile-partials reduction, GSPO's row term and the one-kernel backward (the
-    bf16 output rounded from the bits) lower for each GPU target."""
+    bf16 output rounded from the bits) lower for each GPU target; so do the forward and
+    the reduction when B, T (and the tile counts) are 1, which Triton turns into constexprs."""
     r = compiled[f"{kernel}-sm{arch}"]
     assert r["ok"], r.get("error")
     assert r["target"] and r["cubin"]
