@@ -33,9 +33,10 @@ OPTS = [  # (kernel options, temperature, old_logp given, is_weights given, ref 
     (dict(kl_coef=0.1, kl_type="k3_ratio", log_ratio_clamp=0.5, dual_clip=10.0), 1.0,
      True, True, True),
     (dict(kl_coef=0.0), 1.0, True, False, True),  # ref given, KL off: ref never read (NaN)
+    (dict(kl_coef=0.3, kl_type="k3_ratio", log_ratio_clamp=None), 1.0, False, False, True),
 ]
 OPT_IDS = ["default", "dual,clip-higher,T0.7", "k3,is,T1.3", "k1,on-policy", "k2,no-clamp",
-           "k3_ratio,clamp0.5", "kl-off"]
+           "k3_ratio,clamp0.5", "kl-off", "k3_ratio,on-policy,no-clamp"]
 FULL = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
             log_ratio_clamp=20.0)
 
@@ -306,6 +307,7 @@ COMPILE_CONFIGS = [  # (HAS_OLD, HAS_IS, HAS_KL, KL_TYPE, HAS_DUAL, HAS_CLAMP, o
     (False, False, True, 0, False, False, "fp16"),
     (True, True, True, 3, True, True, "bf16"),
     (True, False, True, 1, False, True, "fp32"),
+    (False, False, True, 3, False, False, "bf16"),  # k3_ratio without the clamp
 ]
 
 
