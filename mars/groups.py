@@ -15,10 +15,13 @@ Under `torch.compile` the checks run too: inside the graph, as the custom op
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from . import _ext
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -39,10 +42,53 @@ class Groups(NamedTuple):
 
 class _Labels(NamedTuple):
     """One label container, normalised. kind: "int", "str" or "none" (no labels).
-    data: an int64 tensor (ints), a numpy unicode array (str), or a numpy object array of
-    the exact Python values (ints beyond int64, strings ending in NUL)."""
+    data: an int64 tensor (ints), a numpy unicode array or a _StrSeq (str), or a numpy
+    object array of the exact Python values (ints beyond int64, strings ending in NUL)."""
     kind: str
     data: object
+
+
+class _StrSeq(NamedTuple):
+    """str labels none of which holds a NUL, as the C++ factoriser reads them
+    (mars::string_labels): their UTF-8 bytes joined by NULs ("surrogatepass": injective,
+    and its byte order is the code points' order) and the NULs' positions."""
+    values: object          # the labels as given (list, tuple or object array)
+    data: torch.Tensor      # uint8 [bytes]
+    seps: torch.Tensor      # int64 [n - 1]
+
+    def __len__(self):
+        return len(self.values)
+
+    def unicode(self) -> np.ndarray:
+        """The numpy unicode array of the labels (exact: no label ends in NUL)."""
+        return np.asarray(self.values, dtype=str)
+
+    def take(self, rows: torch.Tensor) -> np.ndarray:
+        """The labels of the given rows, as a numpy unicode array."""
+        if isinstance(self.values, np.ndarray):
+            return np.asarray(self.values[rows.numpy()], dtype=str)
+        rows = rows.tolist()
+        return np.asarray([self.values[i] for i in rows] if len(rows) < 2 else
+                          operator.itemgetter(*rows)(self.values), dtype=str)
+
+
+def _str_seq(values):
+    """A _StrSeq of values if every one is a str without NUL, else None. One join checks
+    both: it refuses a non-str, and n strings joined by NUL hold n - 1 NULs only if none
+    holds one. UTF-8 has a 0 byte only for NUL."""
+    if not len(values):
+        return _StrSeq(values, torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    if not (_STRING_OP and isinstance(values[0], str)):
+        return None
+    try:
+        joined = "\0".join(values.tolist() if isinstance(values, np.ndarray) else values)
+    except TypeError:
+        return None
+    data = np.frombuffer(bytearray(joined.encode("utf-8", "surrogatepass")), np.uint8)
+    seps = np.flatnonzero(data == 0)
+    if len(seps) != len(values) - 1:
+        return None
+    return _StrSeq(values, torch.from_numpy(data), torch.from_numpy(seps))
 
 
 def _object_array(values) -> np.ndarray:
@@ -60,6 +106,10 @@ def _from_sequence(values, name: str) -> _Labels:
     """A list / tuple / object array of Python or numpy scalars."""
     if len(values) == 0:
         return _Labels("none", np.zeros(0, np.int64))
+    if _STRING_OP and not torch.compiler.is_compiling():
+        seq = _str_seq(values)
+        if seq is not None:
+            return _Labels("str", seq)
     kinds = set(map(type, values))
     if all(issubclass(k, str) for k in kinds):
         u = np.asarray(values, dtype=str)
@@ -192,6 +242,8 @@ def _factorize_objects(ids: np.ndarray, aids: np.ndarray, device) -> Groups:
 def _to_objects(x: _Labels) -> np.ndarray:
     if isinstance(x.data, torch.Tensor):
         return x.data.cpu().numpy().astype(object)
+    if isinstance(x.data, _StrSeq):
+        return x.data.unicode().astype(object)
     return x.data.astype(object)
 
 
@@ -231,10 +283,74 @@ def _string_codes(u: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(h.view(np.int64))
 
 
-def _factorize_strings(ids: np.ndarray, aids: np.ndarray, device) -> Groups:
-    """String labels: torch.unique of their hashes (int sort: ~1.7x faster than np.unique
-    of strings), checked against the strings themselves, np.unique if two labels collide;
-    groups then renumbered in sorted label order. Anchors by np.searchsorted."""
+# --- string labels -------------------------------------------------------------------------
+
+def has_cpu_op(name: str) -> bool:
+    """Whether the loaded extension has a CPU kernel of op `name` (False where it is not
+    built, or built from sources without that op)."""
+    if not _ext.HAS_C:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    except RuntimeError:  # no such op
+        return False
+
+
+_STRING_OP = has_cpu_op("mars::string_labels")
+_STRING_HASH_MASK = -1  # the C++ factoriser's hash bits (tests: 0, every label collides)
+
+
+def _unicode_rows(u: np.ndarray):
+    """(int32 tensor [n * width] of the code points, width) of a numpy unicode array in
+    native byte order, else None."""
+    width = u.dtype.itemsize // 4
+    if not width or u.dtype.byteorder == (">" if np.little_endian else "<"):
+        return None
+    return torch.from_numpy(np.ascontiguousarray(u).view(np.int32)), width
+
+
+def _factorize_strings_fast(ids, aids, device):
+    """String labels by the C++ factoriser (mars::string_labels: a hash table whose every
+    match is confirmed on the strings). ids and aids: numpy unicode arrays or _StrSeq;
+    numpy rows are read as code points, _StrSeq as UTF-8 (converted to the rows' form where
+    the two differ). None where it does not apply (no rows, byte-swapped arrays, an anchor
+    holding NUL) or some anchor label is absent: the general path then decides and names it."""
+    if not _STRING_OP or not len(ids) or torch.compiler.is_compiling():
+        return None
+    none = torch.zeros(0, dtype=torch.long)
+    if isinstance(ids, np.ndarray):
+        rows = _unicode_rows(ids)
+        arows = _unicode_rows(aids.unicode() if isinstance(aids, _StrSeq) else aids)
+        if rows is None or arows is None:
+            return None
+        (data, width), (adata, awidth) = rows, arows
+        seps = aseps = none
+    else:
+        if isinstance(aids, np.ndarray):
+            aids = _str_seq(aids)
+            if aids is None:
+                return None
+        data, seps, width, adata, aseps, awidth = ids.data, ids.seps, 0, aids.data, aids.seps, 0
+    index, aindex, first = torch.ops.mars.string_labels(
+        data, seps, width, adata, aseps, awidth, len(ids), len(aids), _STRING_HASH_MASK)
+    if len(aids) and bool((aindex < 0).any()):
+        return None
+    uniq = ids[first.numpy()] if isinstance(ids, np.ndarray) else ids.take(first)
+    if device.type != "cpu":
+        index, aindex = index.to(device), aindex.to(device)
+    return Groups(index, aindex, len(uniq), uniq)
+
+
+def _factorize_strings(ids, aids, device) -> Groups:
+    """String labels (numpy unicode arrays or _StrSeq): the C++ factoriser where it applies
+    (_factorize_strings_fast), else torch.unique of their hashes (int sort: ~1.7x faster
+    than np.unique of strings), checked against the strings themselves, np.unique if two
+    labels collide; groups then renumbered in sorted label order. Anchors by
+    np.searchsorted."""
+    fast = _factorize_strings_fast(ids, aids, device)
+    if fast is not None:
+        return fast
+    ids, aids = (x.unicode() if isinstance(x, _StrSeq) else x for x in (ids, aids))
     u, aids = ids.astype(str, copy=False), aids.astype(str, copy=False)
     index = np.zeros(0, np.int64)
     if len(u):

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -109,68 +110,79 @@ std::tuple<Tensor, Tensor, Tensor> dense_labels_cpu(const Tensor& labels,
 
 // ---- strings ----------------------------------------------------------------------------
 
-// n spans of code units of type T: fixed-width rows (width > 0: row i is units
-// [i * width, (i + 1) * width), trailing zeros dropped) or NUL-separated strings (width 0).
-template <typename T>
-struct Spans {
-  std::vector<const T*> ptr;
-  std::vector<int64_t> len;
+// Calls f(i, ptr, len) for each of the n spans of code units of type T, in order:
+// fixed-width rows (width > 0: row i is units [i * width, (i + 1) * width), its trailing
+// zeros dropped) or NUL-separated strings (width 0; seps [n - 1]: the NULs' positions,
+// ascending).
+template <typename T, typename F>
+void for_each_span(const T* data, int64_t size, int64_t width, const int64_t* seps,
+                   int64_t nseps, int64_t n, const char* name, F f) {
+  if (width > 0) {
+    TORCH_CHECK_VALUE(size == n * width, name, ": ", size, " code units for ", n, " rows of ",
+                      width);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* p = data + i * width;
+      int64_t m = width;
+      while (m > 0 && p[m - 1] == 0) --m;
+      f(i, p, m);
+    }
+    return;
+  }
+  TORCH_CHECK_VALUE(nseps == std::max<int64_t>(n - 1, 0) && (n > 0 || size == 0), name, ": ",
+                    nseps, " separators for ", n, " strings");
+  int64_t start = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t stop = i < n - 1 ? seps[i] : size;
+    TORCH_CHECK_VALUE(start <= stop && stop <= size && (stop == size || data[stop] == 0), name,
+                      ": separator ", i, " at ", stop, " is not a NUL in order");
+    f(i, data + start, stop - start);
+    start = stop + 1;
+  }
+}
 
-  Spans(const T* data, int64_t size, int64_t width, int64_t n, const char* name) : ptr(n), len(n) {
-    if (width > 0) {
-      TORCH_CHECK_VALUE(size == n * width, name, ": ", size, " code units for ", n, " rows of ",
-                        width);
-      for (int64_t i = 0; i < n; ++i) {
-        const T* p = data + i * width;
-        int64_t m = width;
-        while (m > 0 && p[m - 1] == 0) --m;
-        ptr[i] = p;
-        len[i] = m;
-      }
-      return;
+// Bytes [0, r) of b, r < 8, as the low bytes of a word; reads a whole word when the buffer
+// (ending at end) holds one (no partial memcpy: its store would stall the load back).
+inline uint64_t tail_word(const unsigned char* b, int64_t r, const unsigned char* end) {
+  if (end - b >= 8) {
+    uint64_t w;
+    std::memcpy(&w, b, 8);
+    return w & ((uint64_t{1} << (8 * r)) - 1);
+  }
+  uint64_t w = 0;
+  for (int64_t j = 0; j < r; ++j) w |= static_cast<uint64_t>(b[j]) << (8 * j);
+  return w;
+}
+
+// Spans of one buffer (ending at end) hashed and compared a word at a time.
+struct Words {
+  const unsigned char* end;
+
+  uint64_t hash(const unsigned char* b, int64_t bytes) const {
+    uint64_t h = 0x9e3779b97f4a7c15ull ^ static_cast<uint64_t>(bytes);
+    int64_t i = 0;
+    for (; i + 8 <= bytes; i += 8) {
+      uint64_t w;
+      std::memcpy(&w, b + i, 8);
+      h = (h ^ w) * 0xff51afd7ed558ccdull;
+      h ^= h >> 32;
     }
-    if (n == 0) {
-      TORCH_CHECK_VALUE(size == 0, name, ": ", size, " code units for no strings");
-      return;
-    }
-    int64_t start = 0, i = 0;
-    for (int64_t pos = 0; pos <= size; ++pos)
-      if (pos == size || data[pos] == 0) {
-        TORCH_CHECK_VALUE(i < n, name, ": more than ", n, " NUL-separated strings");
-        ptr[i] = data + start;
-        len[i] = pos - start;
-        ++i;
-        start = pos + 1;
-      }
-    TORCH_CHECK_VALUE(i == n, name, ": ", i,
-                      " NUL-separated strings, expected ", n);
+    if (i < bytes) h = (h ^ tail_word(b + i, bytes - i, end)) * 0xc4ceb9fe1a85ec53ull;
+    h ^= h >> 29;
+    h *= 0xbf58476d1ce4e5b9ull;
+    return h ^ (h >> 32);
   }
 };
 
-template <typename T>
-inline uint64_t span_hash(const T* p, int64_t m) {
-  uint64_t h = 0x9e3779b97f4a7c15ull ^ static_cast<uint64_t>(m);
-  const char* b = reinterpret_cast<const char*>(p);
-  const int64_t bytes = m * static_cast<int64_t>(sizeof(T));
+inline bool bytes_equal(const unsigned char* x, const unsigned char* y, int64_t bytes,
+                        const unsigned char* xend, const unsigned char* yend) {
   int64_t i = 0;
   for (; i + 8 <= bytes; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, b + i, 8);
-    h = (h ^ w) * 0xff51afd7ed558ccdull;
-    h ^= h >> 32;
+    uint64_t u, v;
+    std::memcpy(&u, x + i, 8);
+    std::memcpy(&v, y + i, 8);
+    if (u != v) return false;
   }
-  if (i < bytes) {
-    uint64_t w = 0;
-    std::memcpy(&w, b + i, bytes - i);
-    h = (h ^ w) * 0xc4ceb9fe1a85ec53ull;
-  }
-  h ^= h >> 29;
-  return h * 0xbf58476d1ce4e5b9ull;
-}
-
-template <typename T>
-inline bool span_equal(const T* a, int64_t na, const T* b, int64_t nb) {
-  return na == nb && std::memcmp(a, b, na * sizeof(T)) == 0;
+  return i == bytes || tail_word(x + i, bytes - i, xend) == tail_word(y + i, bytes - i, yend);
 }
 
 // Code point order, a prefix first (Python's str order and numpy's for unicode arrays).
@@ -179,51 +191,81 @@ inline bool span_less(const T* a, int64_t na, const T* b, int64_t nb) {
   return std::lexicographical_compare(a, a + na, b, b + nb);
 }
 
+// The distinct strings, in first-occurrence order, by open addressing (linear probing, at
+// most half full, grown by rehashing the kept hashes). Every hit is confirmed on the
+// strings: equal hashes of different strings only cost probes.
+template <typename T>
+struct StringTable {
+  const unsigned char* end;  // of the rows' buffer, where every kept string lies
+  std::vector<int32_t> slot{std::vector<int32_t>(64, -1)};  // id, -1 empty
+  std::vector<uint64_t> hash;
+  std::vector<const T*> ptr;
+  std::vector<int64_t> len, first;
+
+  // The id of span (p, m) of a buffer ending at pend, hashed h; else -1 - a free slot.
+  int64_t find(const T* p, int64_t m, uint64_t h, const unsigned char* pend) const {
+    const uint64_t mask = slot.size() - 1;
+    const auto* b = reinterpret_cast<const unsigned char*>(p);
+    for (uint64_t s = h & mask;; s = (s + 1) & mask) {
+      const int32_t g = slot[s];
+      if (g < 0) return -1 - static_cast<int64_t>(s);
+      if (hash[g] == h && len[g] == m &&
+          bytes_equal(b, reinterpret_cast<const unsigned char*>(ptr[g]), m * sizeof(T), pend, end))
+        return g;
+    }
+  }
+
+  int64_t insert(const T* p, int64_t m, uint64_t h, int64_t row) {
+    const int64_t found = find(p, m, h, end);
+    if (found >= 0) return found;
+    const int64_t g = static_cast<int64_t>(hash.size());
+    TORCH_CHECK_VALUE(g < std::numeric_limits<int32_t>::max(), "too many distinct labels");
+    hash.push_back(h);
+    ptr.push_back(p);
+    len.push_back(m);
+    first.push_back(row);
+    slot[-1 - found] = static_cast<int32_t>(g);
+    if (2 * static_cast<uint64_t>(g + 1) > slot.size()) {
+      slot.assign(2 * slot.size(), -1);
+      const uint64_t mask = slot.size() - 1;
+      for (int64_t k = 0; k <= g; ++k) {
+        uint64_t s = hash[k] & mask;
+        while (slot[s] >= 0) s = (s + 1) & mask;
+        slot[s] = static_cast<int32_t>(k);
+      }
+    }
+    return g;
+  }
+};
+
 // (index [n] in sorted string order, anchor index [k] (-1: absent), first row [G] of
 // each group, groups in sorted order). hash_mask narrows the hash (tests: 0 makes every
 // string collide, and the groups must come out the same).
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor> string_labels_impl(const Tensor& data, int64_t width,
-                                                      const Tensor& adata, int64_t awidth,
+std::tuple<Tensor, Tensor, Tensor> string_labels_impl(const Tensor& data, const Tensor& seps,
+                                                      int64_t width, const Tensor& adata,
+                                                      const Tensor& aseps, int64_t awidth,
                                                       int64_t n, int64_t k, int64_t hash_mask) {
   const Tensor d = data.contiguous(), ad = adata.contiguous();
-  const Spans<T> rows(reinterpret_cast<const T*>(d.data_ptr()), d.numel(), width, n, "labels");
-  const Spans<T> anchors(reinterpret_cast<const T*>(ad.data_ptr()), ad.numel(), awidth, k,
-                         "anchor_labels");
+  const Tensor sp = seps.to(at::kLong).contiguous(), asp = aseps.to(at::kLong).contiguous();
   const uint64_t mask = static_cast<uint64_t>(hash_mask);
-  int64_t cap = 16;
-  while (cap < 2 * n) cap <<= 1;
-  std::vector<int64_t> slot_id(cap, -1);   // group id (first-occurrence order) or -1
-  std::vector<uint64_t> slot_hash(cap);
-  std::vector<int64_t> first;              // first row of each id
-  std::vector<int64_t> id(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const T* p = rows.ptr[i];
-    const int64_t m = rows.len[i];
-    const uint64_t h = span_hash(p, m) & mask;
-    int64_t s = static_cast<int64_t>(h & (cap - 1));
-    while (true) {
-      const int64_t g = slot_id[s];
-      if (g < 0) {
-        slot_id[s] = static_cast<int64_t>(first.size());
-        slot_hash[s] = h;
-        id[i] = slot_id[s];
-        first.push_back(i);
-        break;
-      }
-      if (slot_hash[s] == h && span_equal(p, m, rows.ptr[first[g]], rows.len[first[g]])) {
-        id[i] = g;
-        break;
-      }
-      s = (s + 1) & (cap - 1);
-    }
-  }
-  const int64_t G = static_cast<int64_t>(first.size());
+  const T* dp = reinterpret_cast<const T*>(d.data_ptr());
+  const T* adp = reinterpret_cast<const T*>(ad.data_ptr());
+  const Words words{reinterpret_cast<const unsigned char*>(dp + d.numel())};
+  const Words awords{reinterpret_cast<const unsigned char*>(adp + ad.numel())};
+  StringTable<T> table{words.end};
+  std::vector<int32_t> id(n);
+  for_each_span(dp, d.numel(), width, sp.data_ptr<int64_t>(), sp.numel(), n, "labels",
+                [&](int64_t i, const T* p, int64_t m) {
+                  const uint64_t h =
+                      words.hash(reinterpret_cast<const unsigned char*>(p), m * sizeof(T)) & mask;
+                  id[i] = static_cast<int32_t>(table.insert(p, m, h, i));
+                });
+  const int64_t G = static_cast<int64_t>(table.first.size());
   std::vector<int64_t> order(G), rank(G);
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    const int64_t ra = first[a], rb = first[b];
-    return span_less(rows.ptr[ra], rows.len[ra], rows.ptr[rb], rows.len[rb]);
+    return span_less(table.ptr[a], table.len[a], table.ptr[b], table.len[b]);
   });
   auto opts = at::TensorOptions().dtype(at::kLong);
   Tensor index = at::empty({n}, opts), aindex = at::empty({k}, opts), firsts = at::empty({G}, opts);
@@ -232,41 +274,38 @@ std::tuple<Tensor, Tensor, Tensor> string_labels_impl(const Tensor& data, int64_
   int64_t* fp = firsts.data_ptr<int64_t>();
   for (int64_t r = 0; r < G; ++r) {
     rank[order[r]] = r;
-    fp[r] = first[order[r]];
+    fp[r] = table.first[order[r]];
   }
   for (int64_t i = 0; i < n; ++i) ip[i] = rank[id[i]];
-  for (int64_t j = 0; j < k; ++j) {
-    const T* p = anchors.ptr[j];
-    const int64_t m = anchors.len[j];
-    const uint64_t h = span_hash(p, m) & mask;
-    int64_t s = static_cast<int64_t>(h & (cap - 1));
-    aip[j] = -1;
-    for (int64_t g; (g = slot_id[s]) >= 0; s = (s + 1) & (cap - 1))
-      if (slot_hash[s] == h && span_equal(p, m, rows.ptr[first[g]], rows.len[first[g]])) {
-        aip[j] = rank[g];
-        break;
-      }
-  }
+  for_each_span(adp, ad.numel(), awidth, asp.data_ptr<int64_t>(), asp.numel(), k, "anchor_labels",
+                [&](int64_t j, const T* p, int64_t m) {
+                  const uint64_t h =
+                      awords.hash(reinterpret_cast<const unsigned char*>(p), m * sizeof(T)) & mask;
+                  const int64_t g = table.find(p, m, h, awords.end);
+                  aip[j] = g >= 0 ? rank[g] : -1;
+                });
   return {index, aindex, firsts};
 }
 
-std::tuple<Tensor, Tensor, Tensor> string_labels_cpu(const Tensor& data, int64_t width,
-                                                     const Tensor& anchor_data,
+std::tuple<Tensor, Tensor, Tensor> string_labels_cpu(const Tensor& data, const Tensor& seps,
+                                                     int64_t width, const Tensor& anchor_data,
+                                                     const Tensor& anchor_seps,
                                                      int64_t anchor_width, int64_t n, int64_t k,
                                                      int64_t hash_mask) {
-  TORCH_CHECK_VALUE(data.dim() == 1 && anchor_data.dim() == 1, "string data must be 1-D");
+  TORCH_CHECK_VALUE(data.dim() == 1 && anchor_data.dim() == 1 && seps.dim() == 1 &&
+                        anchor_seps.dim() == 1, "string data must be 1-D");
   TORCH_CHECK_VALUE(width >= 0 && anchor_width >= 0 && n >= 0 && k >= 0, "bad string layout");
   TORCH_CHECK_VALUE(data.scalar_type() == anchor_data.scalar_type(),
                     "labels and anchor_labels must be code units of one type");
-  TORCH_CHECK_VALUE((width > 0) == (anchor_width > 0) || k == 0,
-                    "labels and anchor_labels must both be fixed-width or both NUL-separated");
   if (data.scalar_type() == at::kInt) {  // numpy unicode: uint32 code points
-    TORCH_CHECK_VALUE(width > 0, "int32 code units come in fixed-width rows");
-    return string_labels_impl<uint32_t>(data, width, anchor_data, anchor_width, n, k, hash_mask);
+    TORCH_CHECK_VALUE(width > 0 && anchor_width > 0, "int32 code units come in fixed-width rows");
+    return string_labels_impl<uint32_t>(data, seps, width, anchor_data, anchor_seps,
+                                        anchor_width, n, k, hash_mask);
   }
-  TORCH_CHECK_VALUE(data.scalar_type() == at::kByte && width == 0,
+  TORCH_CHECK_VALUE(data.scalar_type() == at::kByte && width == 0 && anchor_width == 0,
                     "string data: int32 fixed-width rows or uint8 NUL-separated UTF-8");
-  return string_labels_impl<uint8_t>(data, 0, anchor_data, anchor_width, n, k, hash_mask);
+  return string_labels_impl<uint8_t>(data, seps, 0, anchor_data, anchor_seps, 0, n, k,
+                                     hash_mask);
 }
 
 }  // namespace
@@ -274,10 +313,12 @@ std::tuple<Tensor, Tensor, Tensor> string_labels_cpu(const Tensor& data, int64_t
 TORCH_LIBRARY_FRAGMENT(mars, m) {
   // String labels -> (index [n] in sorted label order, anchor_index [k] (-1: absent),
   // first [G]: the row where each group's label first occurs). data: int32 [n * width]
-  // (numpy unicode rows, width > 0) or uint8 NUL-separated UTF-8 (width 0); anchor_data
-  // alike. CPU only: the eager fast path of mars.groups for str labels.
-  m.def("string_labels(Tensor data, int width, Tensor anchor_data, int anchor_width, int n, "
-        "int k, int hash_mask) -> (Tensor, Tensor, Tensor)");
+  // (numpy unicode rows, width > 0; seps empty) or uint8 UTF-8 strings separated by NULs
+  // at positions seps [n - 1] (width 0); anchor_data alike. CPU only: the eager fast path
+  // of mars.groups for str labels.
+  m.def("string_labels(Tensor data, Tensor seps, int width, Tensor anchor_data, "
+        "Tensor anchor_seps, int anchor_width, int n, int k, int hash_mask) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mars, CPU, m) {
