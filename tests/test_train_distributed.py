@@ -10,8 +10,10 @@ half of the resume check) and "resume" (a fresh pair of processes going on from 
 checkpoint). ``test_torchrun_mars_train_resume_bit_exact`` runs the whole ``mars train``
 under torchrun (about 15-30 s); ``test_mars_train_two_processes_equal_one`` runs
 ``loop.train`` in one process and in two ("train": a rollout engine seeded per prompt, so
-both runs generate the same rollouts) and compares the logged steps and the weights, then
-stops a 2-process run with SIGTERM to one rank and resumes it ("signal", "signal_resume").
+both runs generate the same rollouts) and compares the logged steps and the weights; the
+tests after it stop a 2-process run with SIGTERM to one rank and resume it ("signal",
+"signal_resume") and run it with FSDP2 ("train_fsdp2"). In all 9 launches, about 2 min on
+a shared 2-core CPU.
 
 Tolerances. Where the split run and the one-process run put the same rows in the same
 micro-batches (micro_batch_size = rows per rank) every float operation is the same, the
@@ -186,6 +188,8 @@ def _worker(scenario: str, out_dir: str) -> None:
             _resume_second(info, res, cpu, out_dir)
         elif scenario == "train":
             _train_run(info, res, out_dir)
+        elif scenario == "train_fsdp2":
+            _train_run(info, res, out_dir, "fsdp2", extra=("dist.strategy=fsdp2",))
         elif scenario in ("signal", "signal_resume"):
             _signal_run(info, res, out_dir, resume=scenario == "signal_resume")
         else:
@@ -279,6 +283,30 @@ def _main(info, res, cpu, out_dir):
                     "max_diff_vs_1proc": max(float((w_dp[n] - w_ref[n]).abs().max()) for n in w_ref),
                     "max_update": max(float((w_ref[n] - w0[n]).abs().max()) for n in w_ref),
                     "upd_dp": upd_dp, "upd_ref": upd_ref}
+
+    # (2a) a rank without rows (dynamic sampling kept none of its groups) still takes part in every
+    # optimizer step: exactly optim.mini_batches mini-batches (_split exact), each a padding micro-batch
+    # of rank 0's first row (padding_row, broadcast) adding 0; the update is one process's on rank 0's rows
+    c2 = _cfg("optim.micro_batch_size=64", "optim.mini_batches=2")
+    g0 = {g for g, _ in D.shard_prompts(prompts, D.DistInfo(rank=0, world_size=2))}
+    tr0, adv0, old0, _ = _train_inputs([r for r in rows if r.group in g0], cfg)
+    ref = copy.deepcopy(base)
+    opt, sched = _optimizer(ref.parameters(), c2)
+    upd_ref = loop.policy_update(ref, opt, sched, tr0, adv0, old0, None, c2, pad, cpu,
+                                 torch.Generator().manual_seed(0))
+    ddp = D.wrap_model(copy.deepcopy(base), info, "ddp")
+    opt, sched = _optimizer(ddp.parameters(), c2)
+    mine_rows = (tr0, adv0, old0) if info.is_main else ([], adv0[:0], [])
+    dummy = D.padding_row(mine_rows[0], info)
+    upd_dp = loop.policy_update(ddp, opt, sched, *mine_rows, None, c2, pad, cpu, torch.Generator().manual_seed(0),
+                                dummy=dummy)
+    w_ref, w_dp = _params(ref), _params(D.unwrap(ddp))
+    res["empty_rank"] = {"max_diff": max(float((w_dp[n] - w_ref[n]).abs().max()) for n in w_ref),
+                         "moved": max(float((w_ref[n] - w0[n]).abs().max()) for n in w_ref),
+                         "replica_max_diff": D.replica_max_diff(ddp, info),
+                         "steps": [upd_dp["optimizer_steps"], upd_ref["optimizer_steps"]],
+                         "loss": [upd_dp["loss"], upd_ref["loss"]], "grad_norm": [upd_dp["grad_norm"],
+                                                                                 upd_ref["grad_norm"]]}
 
     # (2b) FSDP2 (fully_shard, gloo, CPU): gradients and the AdamW step (an error on one rank would
     # leave the other in a collective: no try here, the launch fails and the test shows the traceback)
@@ -452,7 +480,7 @@ class _PerPromptSeeded:
         return out
 
 
-def _train_run(info, res, out_dir, name: str | None = None, resume: bool = False):
+def _train_run(info, res, out_dir, name: str | None = None, resume: bool = False, extra=()):
     """``loop.train`` (the integrated trainer: shards, DDP, reduced metrics, rank 0's
     files) with per-prompt seeded rollouts; records every rank's logged steps."""
     from mars.train import loop
@@ -461,7 +489,7 @@ def _train_run(info, res, out_dir, name: str | None = None, resume: bool = False
     real = loop.build_rollout_engine
     loop.build_rollout_engine = lambda name, policy, **kw: _PerPromptSeeded(real(name, policy, **kw))
     d = os.path.join(out_dir, name or f"train_w{info.world_size}")
-    result = loop.train(load_config(None, [f"output_dir={d}", *TRAIN_ARGS]), resume=resume)
+    result = loop.train(load_config(None, [f"output_dir={d}", *TRAIN_ARGS, *extra]), resume=resume)
     res["records"] = result.records
     res["checkpoint"] = result.checkpoint
     res["files"] = sorted(os.listdir(d)) if info.is_main else None
@@ -641,6 +669,17 @@ def test_adamw_step_identical_on_ranks_and_equal_to_one_process(main_run):
         assert a["upd_dp"]["optimizer_steps"] == a["upd_ref"]["optimizer_steps"] == 1
 
 
+def test_a_rank_without_rows_takes_part_in_the_update(main_run):
+    _, res = main_run
+    for r in res:
+        e = r["empty_rank"]
+        assert e["steps"] == [2, 2] and e["moved"] > 1e-5
+        assert e["replica_max_diff"] == 0.0
+        # rank 1 adds exact zeros (loss times 0; DDP averages 2 g and 0): one process's update on rank 0's rows
+        assert e["max_diff"] == 0.0, e
+        assert e["loss"][0] == e["loss"][1] and e["grad_norm"][0] == e["grad_norm"][1]
+
+
 def test_fsdp2_on_cpu_gloo(main_run):
     _, res = main_run
     for r in res:
@@ -776,48 +815,61 @@ def _gloo():
         pytest.skip("torch.distributed with gloo is not available")
 
 
-def test_mars_train_two_processes_equal_one(tmp_path):
-    """loop.train in one process and under torchrun with 2 (the same rollouts: a per-prompt
-    seeded engine; DAPO dynamic sampling without anchors, which drops groups and draws 2-3
-    generation batches a step, so the ranks keep different numbers of groups and must agree
-    through union_sets; one mini-batch): every logged number of steps 0-3
-    is the one-process run's (the loss, grad_norm, clip fractions and counts of both
-    ranks' rows together), both ranks log the same reduced records, rank 0 alone writes
-    the run's files, and the weights after three AdamW steps agree to Adam's rounding.
-    Then SIGTERM to one rank: the ranks stop together, and the resumed run is the
-    uninterrupted one bit for bit."""
-    _gloo()
-    from safetensors.torch import load_file
+_SKIP = ("time_", "elapsed", "tokens_per_s", "warmup_time")
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
-    p = subprocess.run([sys.executable, HERE, "train", str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
-    with open(tmp_path / "train_rank0.json") as f:
-        one = json.load(f)
-    two, _ = _torchrun("train", tmp_path)
-    assert one["world_size"] == 1 and [r["world_size"] for r in two] == [2, 2]
-    skip = ("time_", "elapsed", "tokens_per_s", "warmup_time")
 
-    def strip(recs, more=()):
-        return [{k: v for k, v in r.items() if not k.startswith(skip + more)} for r in recs]
+def _strip(recs, more=()):
+    """The records without timings (and without keys starting with ``more``)."""
+    return [{k: v for k, v in r.items() if not k.startswith(_SKIP + more)} for r in recs]
 
-    assert strip(two[0]["records"], ("eval_",)) == strip(two[1]["records"])  # the reduced record on every rank
-    assert not any(k.startswith("eval_") for r in two[1]["records"] for k in r)  # rank 0 alone evaluates
-    a, b = strip(one["records"]), strip(two[0]["records"])
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+
+def _assert_records_close(a, b):
+    """Every number of records ``b`` equals ``a``'s up to float32 summation order: a wrong
+    weight, a missing world-size factor or local counts are off by 1e-2 or more."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys(), set(ra) ^ set(rb)
         for k, v in ra.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                # float32 sums in another order (one micro-batch of 16 rows vs 2 x 8); a wrong weight,
-                # a missing world-size factor or local counts are off by 1e-2 or more
                 assert rb[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (ra["step"], k, v, rb[k])
             else:
                 assert rb[k] == v, (ra["step"], k)
+
+
+@pytest.fixture(scope="module")
+def train_runs(tmp_path_factory):
+    """loop.train ("train" scenario) in one process and under torchrun with 2 (DDP)."""
+    _gloo()
+    out = tmp_path_factory.mktemp("train")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, HERE, "train", str(out)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    with open(out / "train_rank0.json") as f:
+        one = json.load(f)
+    two, _ = _torchrun("train", out)
+    return out, one, two
+
+
+def test_mars_train_two_processes_equal_one(train_runs):
+    """loop.train in one process and under torchrun with 2 (the same rollouts: a per-prompt
+    seeded engine; DAPO dynamic sampling without anchors, which drops groups and draws 2-3
+    generation batches a step, so the ranks keep different numbers of groups and must agree
+    through union_sets; one mini-batch): every logged number of steps 0-3 is the
+    one-process run's (the loss, grad_norm, clip fractions and counts of both ranks' rows
+    together), both ranks log the same reduced records, rank 0 alone writes the run's
+    files, and the weights after three AdamW steps agree to Adam's rounding."""
+    from safetensors.torch import load_file
+
+    _, one, two = train_runs
+    assert one["world_size"] == 1 and [r["world_size"] for r in two] == [2, 2]
+    assert _strip(two[0]["records"], ("eval_",)) == _strip(two[1]["records"])  # the reduced record, every rank
+    assert not any(k.startswith("eval_") for r in two[1]["records"] for k in r)  # rank 0 alone evaluates
+    a, b = _strip(one["records"]), _strip(two[0]["records"])
     assert [r["step"] for r in a] == [0, 1, 2, 3]
+    _assert_records_close(a, b)
     assert a[1]["rollouts"] == 16 and a[1]["optimizer_steps"] == 1 and a[1]["grad_norm"] > 0
     assert set(two[0]["files"]) >= {"metrics.jsonl", "config.yaml", "summary.json", "checkpoints"}
     assert two[1]["files"] is None and two[0]["checkpoint"] == two[1]["checkpoint"]
@@ -826,18 +878,44 @@ def test_mars_train_two_processes_equal_one(tmp_path):
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert diff <= 3 * 1e-4 * 1.01  # three Adam steps of lr 1e-4: a gradient entry near 0 may flip sign
 
-    # SIGTERM to rank 1 alone in step 2: both ranks finish the step, checkpoint it and stop; resumed,
-    # the run logs what the uninterrupted 2-process run logged and ends with its weights, bit for bit
-    sig, _ = _torchrun("signal", tmp_path)
-    ck = os.path.join(str(tmp_path), "signal", "checkpoints", "step_000002")
+
+def test_signal_to_one_rank_stops_both_and_resumes_bit_exact(train_runs):
+    """SIGTERM to rank 1 alone in the middle of step 2: the ranks agree on it after the
+    step (agree_signal; without it rank 1 alone would enter the checkpoint's collectives),
+    both checkpoint step 2 and raise Interrupted; resumed, the run logs what the
+    uninterrupted 2-process run logged and ends with its weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    out, _, two = train_runs
+    sig, _ = _torchrun("signal", out)
+    ck = os.path.join(str(out), "signal", "checkpoints", "step_000002")
     assert [r["interrupted"] for r in sig] == [[15, 2, ck]] * 2
     assert {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= set(os.listdir(ck))
-    resumed, _ = _torchrun("signal_resume", tmp_path)
-    with open(os.path.join(str(tmp_path), "signal", "metrics.jsonl")) as f:
-        logged = strip([json.loads(line) for line in f])
-    assert logged == strip(two[0]["records"])
+    resumed, _ = _torchrun("signal_resume", out)
+    with open(os.path.join(str(out), "signal", "metrics.jsonl")) as f:
+        logged = _strip([json.loads(line) for line in f])
+    assert logged == _strip(two[0]["records"])
+    w2 = load_file(os.path.join(two[0]["checkpoint"], "model.safetensors"))
     w3 = load_file(os.path.join(resumed[0]["checkpoint"], "model.safetensors"))
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
+
+
+def test_mars_train_fsdp2_equals_ddp(train_runs):
+    """dist.strategy=fsdp2 through loop.train (sharded training copy, the gathered weights
+    loaded back into the generating model after every update, checkpoints model + RNG
+    only): the same logged numbers as DDP up to float rounding, and a non-resumable
+    final checkpoint with the DDP run's weights up to Adam's rounding."""
+    from safetensors.torch import load_file
+
+    out, _, two = train_runs
+    fs, _ = _torchrun("train_fsdp2", out)
+    assert _strip(fs[0]["records"], ("eval_",)) == _strip(fs[1]["records"])
+    _assert_records_close(_strip(two[0]["records"]), _strip(fs[0]["records"]))
+    with open(os.path.join(fs[0]["checkpoint"], "trainer_state.json")) as f:
+        assert json.load(f)["resumable"] is False
+    w2 = load_file(os.path.join(two[0]["checkpoint"], "model.safetensors"))
+    wf = load_file(os.path.join(fs[0]["checkpoint"], "model.safetensors"))
+    assert max(float((w2[k] - wf[k]).abs().max()) for k in w2) <= 3 * 1e-4 * 1.01
 
 
 # ------------------------------------------------------------------------------- one process
