@@ -14,8 +14,7 @@ from .reference import AdvantageOutput
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # The one-op CPU path (csrc/cpu/advantage.cpp), if the loaded extension has it.
-_INT_LABELS_OP = (_ext.HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "mars::advantage_int_labels", "CPU"))
+_INT_LABELS_OP = _groups.has_cpu_op("mars::advantage_int_labels")
 
 
 def _kernel(name: str):
