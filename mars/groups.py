@@ -1,8 +1,9 @@
 """Group labels -> dense indices, and the input checks every advantage backend shares.
 
 Labels may be an int tensor, or a list / tuple / numpy array of str or int. They are
-factorised once (bincount or `torch.unique` for ints, `torch.unique` of hashes for
-strings), never by a Python loop over rows, and always exactly: labels are compared as
+factorised once (on CPU by C++: mars::dense_labels for ints, mars::string_labels for
+strings, a hash table confirmed on the strings; else bincount or `torch.unique`), never
+by a Python loop over rows, and always exactly: labels are compared as
 the values they are, never after a cast that could wrap (uint8, int32, uint64) or strip
 (numpy drops trailing "\\0" from strings). Labels that no fast dtype holds exactly (ints
 beyond int64, strings ending in "\\0") take an exact, slower path over Python objects.
