@@ -1,13 +1,16 @@
 """Time per RL step and per phase of ``mars train`` (the embedded default) with 1 and with
 N CPU processes (``torchrun --nproc_per_node N``, gloo), one torch thread per process.
 
-    python bench/train_distributed.py                      # 1 and 2 processes, 8 RL steps each
-    python bench/train_distributed.py --steps 12 --nprocs 1 2 4
+    python bench/train_distributed.py                      # 1, 2, 1, 2 processes, 8 RL steps each
+    python bench/train_distributed.py --steps 12 --nprocs 1 2 4 --repeats 3
 
 Writes ``bench/results/train_distributed.json`` (device, versions, threads, load average at
 the start and the end, per run the medians of every ``time_*`` key of metrics.jsonl over
 steps 2..N: step 1 pays one-off costs) and ``train_distributed.md`` (the same as tables).
-Under torchrun the logged times are the slowest rank's (``reduce_metrics``: max).
+Under torchrun the logged times are the slowest rank's (``reduce_metrics``: max). The
+process counts are run ``--repeats`` times, interleaved (1, 2, 1, 2, ...), so that a
+change of the machine's load shows up as a spread between repeats instead of as a
+difference between process counts; each run records the 1-minute load at its start / end.
 
 The run is the embedded default (``mars train`` with no arguments: warm start of 300
 steps, 16 prompts x (8 rollouts + 2 anchors) a step) cut to ``--steps`` RL steps, without
@@ -86,13 +89,19 @@ def run(nproc: int, steps: int, out_dir: str, extra: list[str]) -> dict:
         recs = [json.loads(line) for line in f]
     rl = [r for r in recs if r["step"] >= 2]
     med = {k: statistics.median(r[k] for r in rl) for k in PHASES if all(k in r for r in rl)}
+    shown = ["output_dir=OUT", *args[1:]]  # the run directory is a temporary one
     return {"processes": nproc, "command": " ".join(["mars train" if nproc == 1 else
-                                                     f"torchrun --nproc_per_node {nproc} -m mars train", *args]),
+                                                     f"torchrun --nproc_per_node {nproc} -m mars train", *shown]),
             "wall_time_s": wall, "warmup_time_s": recs[0].get("warmup_time_s"), "rl_steps": len(recs) - 1,
             "steps_in_median": [r["step"] for r in rl], "median_s": med,
             "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rl),
             "rollouts_per_step": rl[0]["rollouts"], "anchors_per_step": rl[0]["anchors"],
             "load_1min_start": load_start[0], "load_1min_end": os.getloadavg()[0]}
+
+
+def _spread(runs: list, n: int) -> float:
+    t = [r["median_s"]["time_step"] for r in runs if r["processes"] == n]
+    return max(t) / min(t)
 
 
 def markdown(res: dict) -> str:
@@ -109,22 +118,29 @@ def markdown(res: dict) -> str:
              f"{runs[0]['rl_steps']} RL steps, no held-out evaluation. Median over steps "
              f"{runs[0]['steps_in_median'][0]}-{runs[0]['steps_in_median'][-1]} (step 1 pays one-off costs); "
              "under torchrun each phase is the slowest rank's time.", "",
-             "| processes | generate | reward | advantage | old_logp | update | step | tokens/s | rollouts/s | "
-             "warm start | wall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| processes | repeat | generate | reward | advantage | old_logp | update | step | tokens/s | "
+             "rollouts/s | warm start | wall | load 1 min (start / end) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         m = r["median_s"]
-        lines.append(f"| {r['processes']} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in PHASES)
+        lines.append(f"| {r['processes']} | {r['repeat']} | "
+                     + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in PHASES)
                      + f" | {r['median_tokens_per_s']:.0f} | {r['rollouts_per_step'] / m['time_step']:.0f} | "
-                       f"{r['warmup_time_s']:.1f} s | {r['wall_time_s']:.1f} s |")
-    base = runs[0]["median_s"]["time_step"]
-    lines += ["", "Step time relative to 1 process: " + ", ".join(
-        f"{r['processes']} processes {r['median_s']['time_step'] / base:.2f}x" for r in runs[1:]) + ".", "",
+                       f"{r['warmup_time_s']:.1f} s | {r['wall_time_s']:.1f} s | "
+                       f"{r['load_1min_start']:.2f} / {r['load_1min_end']:.2f} |")
+    step = res["median_step_s"]
+    n0 = runs[0]["processes"]
+    lines += ["", "Median step time over the repeats: " + ", ".join(
+        f"{n} process(es) {t:.3f} s ({t / step[str(n0)]:.2f}x)" for n, t in step.items()) + ". Spread between "
+        "the repeats of one process count (slowest / fastest step time): " + ", ".join(
+        f"{n}: {_spread(runs, int(n)):.2f}x" for n in step) + "; a difference between process counts smaller "
+        "than that spread is the machine's load, not data parallelism.", "",
         "Reading the table: under torchrun `reward` also holds the wait at the step's first collective "
         "(rank 0 gathering the other ranks' reward errors), so it absorbs the ranks' generation imbalance; "
         "`update` holds the gradient all-reduce. The warm start is not data parallel: every rank runs the "
         "same one, so with more processes than free cores it takes longer. With N processes on N busy cores "
         "no speed-up is possible; what the table shows is the cost of the collectives and of sharing.", "",
-        "Commands:", ""] + [f"    {r['command']}" for r in runs]
+        "Commands:", ""] + [f"    {c}" for c in dict.fromkeys(r["command"] for r in runs)]
     return "\n".join(lines) + "\n"
 
 
@@ -132,6 +148,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=8, help="RL steps per run (the median skips step 1)")
     ap.add_argument("--nprocs", type=int, nargs="+", default=[1, 2], help="process counts (the first: baseline)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each process count, interleaved")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "train_distributed"),
                     help="output path without extension (.json and .md are written)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides of mars train")
@@ -139,10 +156,14 @@ def main(argv=None) -> int:
     res = {"device": _device(), "versions": _versions(), "torch_threads_per_process": 1,
            "omp_num_threads": 1, "load_start": _uptime(), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in a.nprocs:
-            res["runs"].append(run(n, a.steps, os.path.join(tmp, f"np{n}"), a.overrides))
-            print(f"{n} process(es): median step {res['runs'][-1]['median_s']['time_step']:.3f} s", flush=True)
+        for i in range(a.repeats):
+            for n in a.nprocs:
+                r = run(n, a.steps, os.path.join(tmp, f"np{n}_r{i}"), a.overrides)
+                res["runs"].append({"repeat": i + 1, **r})
+                print(f"{n} process(es), repeat {i + 1}: median step {r['median_s']['time_step']:.3f} s", flush=True)
     res["load_end"] = _uptime()
+    res["median_step_s"] = {str(n): statistics.median(r["median_s"]["time_step"] for r in res["runs"]
+                                                      if r["processes"] == n) for n in a.nprocs}
     with open(a.out + ".json", "w") as f:
         json.dump(res, f, indent=1)
     with open(a.out + ".md", "w") as f:
