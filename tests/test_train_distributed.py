@@ -1008,6 +1008,14 @@ def test_loop_helpers_of_the_integration(tmp_path):
     loop._check_resume_world(single, 1)
     with pytest.raises(ConfigError, match="1-process run and this run has 2: resume with mars train --resume"):
         loop._check_resume_world(single, 2)
+    # a checkpoint written before the dist section existed resumes (its defaults); another strategy does not
+    from mars.train.config import to_dict
+
+    old = {k: v for k, v in to_dict(cfg).items() if k != "dist"}
+    loop._check_resume_config(cfg, {"step": 1, "config": old}, single)
+    with pytest.raises(ConfigError, match="dist.strategy"):
+        loop._check_resume_config(cfg, {"step": 1, "config": {**old, "dist": {**to_dict(cfg)["dist"],
+                                                                               "strategy": "fsdp2"}}}, single)
 
 
 def test_rng_state_round_trip_per_rank(tmp_path):
