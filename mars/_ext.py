@@ -155,5 +155,28 @@ if HAS_TRITON:
                                  num_tokens, num_seqs, loss_scale, seq_ratio, log_ratio_clamp):
         return _policy_loss_fake_impl(logp)
 
-    torch.library.register_autograd("mars::policy_loss_triton", _policy_loss_backward,
+    @torch.library.custom_op("mars::policy_loss_triton_backward", mutates_args=())
+    def policy_loss_triton_backward(grad: torch.Tensor, row_scale: torch.Tensor,
+                                    grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """grad * (row_scale * grad_loss)[:, None] in `dtype`: one Triton kernel, grad_loss
+        read on the device (mars_kernels.policy_loss.policy_loss_backward)."""
+        from mars_kernels.policy_loss import policy_loss_backward
+        return policy_loss_backward(grad, row_scale, grad_loss, dtype)
+
+    @policy_loss_triton_backward.register_fake
+    def _policy_loss_triton_backward_fake(grad, row_scale, grad_loss, dtype):
+        return grad.new_empty(grad.shape, dtype=dtype)
+
+    def _policy_loss_triton_backward(ctx, grad_loss, *_unused):
+        """_policy_loss_backward in one kernel launch (no separate multiply and cast)."""
+        grad, row_scale = ctx.saved_tensors
+        dlogp = None
+        if grad_loss is not None:
+            with torch.no_grad():
+                dlogp = torch.ops.mars.policy_loss_triton_backward(grad, row_scale, grad_loss,
+                                                                   ctx.logp_dtype)
+        (dlogp,) = first_order_only((dlogp,), "the policy_loss kernel (backend triton)")
+        return (dlogp,) + (None,) * 16
+
+    torch.library.register_autograd("mars::policy_loss_triton", _policy_loss_triton_backward,
                                     setup_context=_policy_loss_setup_context)
