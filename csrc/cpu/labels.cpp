@@ -140,6 +140,12 @@ void for_each_span(const T* data, int64_t size, int64_t width, const int64_t* se
   }
 }
 
+inline uint64_t load_word(const unsigned char* b) {
+  uint64_t w;
+  std::memcpy(&w, b, 8);
+  return w;
+}
+
 // Bytes [0, r) of b, r < 8, as the low bytes of a word; reads a whole word when the buffer
 // (ending at end) holds one (no partial memcpy: its store would stall the load back).
 inline uint64_t tail_word(const unsigned char* b, int64_t r, const unsigned char* end) {
@@ -185,10 +191,29 @@ inline bool bytes_equal(const unsigned char* x, const unsigned char* y, int64_t 
   return i == bytes || tail_word(x + i, bytes - i, xend) == tail_word(y + i, bytes - i, yend);
 }
 
-// Code point order, a prefix first (Python's str order and numpy's for unicode arrays).
+// 8 bytes of code units from p (units [0, r) of them, the rest zero; the buffer ends at
+// end) as a word whose integer order is the units' lexicographic order.
 template <typename T>
-inline bool span_less(const T* a, int64_t na, const T* b, int64_t nb) {
-  return std::lexicographical_compare(a, a + na, b, b + nb);
+inline uint64_t order_word(const T* p, int64_t r, const unsigned char* end) {
+  constexpr int64_t per = 8 / sizeof(T);
+  const auto* b = reinterpret_cast<const unsigned char*>(p);
+  const uint64_t w = r >= per ? load_word(b) : tail_word(b, r * sizeof(T), end);
+  if constexpr (sizeof(T) == 1) return __builtin_bswap64(w);  // first byte most significant
+  else return (w << 32) | (w >> 32);                          // first uint32 most significant
+}
+
+// Code point order, a prefix first (Python's str order and numpy's for unicode arrays),
+// a word at a time: zero padding ties with NUL units, and then the shorter comes first.
+template <typename T>
+inline bool span_less(const T* a, int64_t na, const unsigned char* aend, const T* b, int64_t nb,
+                      const unsigned char* bend) {
+  constexpr int64_t per = 8 / sizeof(T);
+  const int64_t m = std::min(na, nb);
+  for (int64_t i = 0; i < m; i += per) {
+    const uint64_t x = order_word(a + i, na - i, aend), y = order_word(b + i, nb - i, bend);
+    if (x != y) return x < y;
+  }
+  return na < nb;
 }
 
 // The distinct strings, in first-occurrence order, by open addressing (linear probing, at
@@ -265,7 +290,7 @@ std::tuple<Tensor, Tensor, Tensor> string_labels_impl(const Tensor& data, const 
   std::vector<int64_t> order(G), rank(G);
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return span_less(table.ptr[a], table.len[a], table.ptr[b], table.len[b]);
+    return span_less(table.ptr[a], table.len[a], words.end, table.ptr[b], table.len[b], words.end);
   });
   auto opts = at::TensorOptions().dtype(at::kLong);
   Tensor index = at::empty({n}, opts), aindex = at::empty({k}, opts), firsts = at::empty({G}, opts);
