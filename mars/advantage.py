@@ -13,6 +13,8 @@ from .groups import check_options, prepare
 from .reference import AdvantageOutput
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16,
+         torch.uint32)
 # The one-op CPU path (csrc/cpu/advantage.cpp), if the loaded extension has it.
 _INT_LABELS_OP = _groups.has_cpu_op("mars::advantage_int_labels")
 
@@ -32,18 +34,18 @@ def _dense_labels(device):
 
 def _int_labels(t, n: int) -> bool:
     """A 1-D CPU int tensor of n labels that int64 holds exactly (uint64 excepted)."""
-    return (isinstance(t, torch.Tensor) and t.is_cpu and t.dim() == 1 and len(t) == n
-            and not (t.dtype.is_floating_point or t.dtype.is_complex)
-            and t.dtype not in (torch.bool, torch.uint64))
+    return (type(t) is torch.Tensor and t.is_cpu and t.dim() == 1 and len(t) == n
+            and t.dtype in _INTS)
 
 
 def _one_op_cpu(rewards, group_ids, anchor_rewards, anchor_group_ids, backend, args):
     """The eager call on CPU tensors with int tensor labels, in one C++ op that factorises
-    the labels and checks the values as mars.groups does. Returns the op's outputs, or None
-    where the call is not of that kind or a check fails: the general path then decides
-    (and raises, naming the rows and labels), so the errors stay the general path's."""
+    the labels and checks the values as mars.groups does. args: the op's options, ending
+    with want_index. Returns the op's outputs, or None where the call is not of that kind
+    or a check fails: the general path then decides (and raises, naming the rows and
+    labels), so the errors stay the general path's."""
     if (not _INT_LABELS_OP or backend not in ("auto", "cpu") or _groups._FORCE_ONE_READ
-            or not isinstance(rewards, torch.Tensor) or not rewards.is_cpu
+            or type(rewards) is not torch.Tensor or not rewards.is_cpu
             or rewards.dim() != 1 or rewards.dtype not in _FLOATS
             or torch.compiler.is_compiling()):
         return None
@@ -52,14 +54,15 @@ def _one_op_cpu(rewards, group_ids, anchor_rewards, anchor_group_ids, backend, a
         return None
     if anchor_rewards is None and anchor_group_ids is None:
         anchor_rewards, anchor_group_ids = rewards.new_zeros(0), group_ids.new_zeros(0)
-    elif not (isinstance(anchor_rewards, torch.Tensor) and anchor_rewards.is_cpu
+    elif not (type(anchor_rewards) is torch.Tensor and anchor_rewards.is_cpu
               and anchor_rewards.dim() == 1 and anchor_rewards.dtype == rewards.dtype
               and _int_labels(anchor_group_ids, len(anchor_rewards))):
         return None
     ids = group_ids if group_ids.dtype == torch.int64 else group_ids.long()
     aids = anchor_group_ids if anchor_group_ids.dtype == torch.int64 else anchor_group_ids.long()
     out = torch.ops.mars.advantage_int_labels(
-        rewards.detach(), ids, anchor_rewards.detach(), aids, *args)
+        rewards.detach() if rewards.requires_grad else rewards, ids,
+        anchor_rewards.detach() if anchor_rewards.requires_grad else anchor_rewards, aids, *args)
     return None if out[8] else out
 
 
@@ -93,7 +96,8 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
     """
     singleton_raw = check_options(singleton, eps)
     args = (bool(norm_by_std), float(eps), bool(unbiased), singleton_raw)
-    out = _one_op_cpu(rewards, group_ids, anchor_rewards, anchor_group_ids, backend, args)
+    out = _one_op_cpu(rewards, group_ids, anchor_rewards, anchor_group_ids, backend,
+                      args + (bool(return_stats),))
     if out is not None:
         return AdvantageOutput(*out[:6]) if return_stats else out[0]
     rewards, anchor_rewards, groups = prepare(rewards, group_ids, anchor_rewards,

@@ -110,7 +110,8 @@ def test_int_one_op_constant_groups_with_eps_zero(monkeypatch, poison):
         assert not torch.signbit(fast.advantages[[0, 1, 4, 5]]).any()
 
 
-@pytest.mark.parametrize("ldtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
+@pytest.mark.parametrize("ldtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint16,
+                                    torch.uint32])
 def test_int_one_op_narrow_label_dtypes(monkeypatch, ldtype):
     gen = torch.Generator().manual_seed(3)
     r, g, a, ag = batch(gen, 20, (2, 6), (0, 2), "dense")

@@ -227,9 +227,9 @@ template <typename T>
 using Buffer = std::unique_ptr<T[]>;  // uninitialised scratch
 
 // The uniform path once the rows are placed: x [n * G] (the layout above), ord [B] (row
-// i's place among its group's rows), gi [B] (row i's group). Every group holds n rows.
-template <typename scalar_t, typename X>
-void advantage_lanes(const scalar_t* r, const X* x, const int32_t* ord, const int64_t* gi,
+// i's place among its group's rows), gi(i): row i's group. Every group holds n rows.
+template <typename scalar_t, typename X, typename GroupOf>
+void advantage_lanes(const scalar_t* r, const X* x, const int32_t* ord, GroupOf gi,
                      int64_t B, int64_t n, const scalar_t* m, const int64_t* ai, int64_t K,
                      int64_t G, const Options& o, float* adv, float* mean, float* std_out,
                      int64_t* count, float* gain) {
@@ -262,10 +262,10 @@ void advantage_lanes(const scalar_t* r, const X* x, const int32_t* ord, const in
     }
   }
   lanes_adv(x, n, G, shift.data(), mu.data(), den.data(), out.get());
-  for (int64_t i = 0; i < B; ++i) adv[i] = out[ord[i] * G + gi[i]];
+  for (int64_t i = 0; i < B; ++i) adv[i] = out[ord[i] * G + gi(i)];
   if (!special) return;
   for (int64_t i = 0; i < B; ++i) {
-    const int64_t g = gi[i], pool = n + na[g];
+    const int64_t g = gi(i), pool = n + na[g];
     if (pool == 1 || (o.norm_by_std && !(sigma[g] + o.eps > 0)))
       adv[i] = advantage_value(static_cast<double>(r[i]), shift[g], mu[g], sigma[g], pool, o);
   }
@@ -290,8 +290,8 @@ void advantage_uniform(const scalar_t* r, const int64_t* gi, int64_t B, int64_t 
     ord[i] = c;
     x[c * G + g] = static_cast<X>(r[i]);
   }
-  advantage_lanes(r, x.get(), ord.get(), gi, B, n, m, ai, K, G, o, adv, mean, std_out, count,
-                  gain);
+  advantage_lanes(r, x.get(), ord.get(), [gi](int64_t i) { return gi[i]; }, B, n, m, ai, K, G, o,
+                  adv, mean, std_out, count, gain);
 }
 
 // Below this many values one thread is faster than threads (their start-up, and on a busy
@@ -405,7 +405,7 @@ template <typename scalar_t>
 int64_t int_labels_impl(const Tensor& rewards, const scalar_t* r, const int64_t* lp, int64_t B,
                         const scalar_t* m, const int64_t* ap, int64_t K, const Options& o,
                         int64_t* ip, int64_t* aip, std::vector<int64_t>& uniq,
-                        advantage::Outputs& out) {
+                        advantage::Outputs& out, bool want_index) {
   using X = XOf<scalar_t>;
   int64_t status = (any_bad(r, B) ? 1 : 0) | (any_bad(m, K) ? 2 : 0);
   auto finish = [&](int64_t G) {  // the anchors' status; allocates the outputs
@@ -445,14 +445,15 @@ int64_t int_labels_impl(const Tensor& rewards, const scalar_t* r, const int64_t*
       bool uniform = true;
       for (int64_t g = 0; g < R; ++g) uniform &= cur[g] == per;
       if (uniform) {
-        for (int64_t i = 0; i < B; ++i) ip[i] = lp[i] - lo;
+        if (want_index)
+          for (int64_t i = 0; i < B; ++i) ip[i] = lp[i] - lo;
         uniq.resize(R);
         std::iota(uniq.begin(), uniq.end(), lo);
         anchors(nullptr);
         if (finish(R)) {
           auto [advp, meanp, sdp, countp, gainp] = ptrs();
-          advantage_lanes(r, x.get(), ord.get(), ip, B, per, m, aip, K, R, o, advp, meanp, sdp,
-                          countp, gainp);
+          advantage_lanes(r, x.get(), ord.get(), [lp, lo](int64_t i) { return lp[i] - lo; }, B,
+                          per, m, aip, K, R, o, advp, meanp, sdp, countp, gainp);
         }
         return status;
       }
@@ -485,8 +486,8 @@ int64_t int_labels_impl(const Tensor& rewards, const scalar_t* r, const int64_t*
           ord[i] = c;
           x[c * G + g] = static_cast<X>(r[i]);
         }
-        advantage_lanes(r, x.get(), ord.get(), ip, B, per, m, aip, K, G, o, advp, meanp, sdp,
-                        countp, gainp);
+        advantage_lanes(r, x.get(), ord.get(), [ip](int64_t i) { return ip[i]; }, B, per, m, aip,
+                        K, G, o, advp, meanp, sdp, countp, gainp);
       } else {
         for (int64_t i = 0; i < B; ++i) ip[i] = rank[lp[i] - lo];
         advantage_run(r, ip, B, m, aip, K, G, o, advp, meanp, sdp, countp, gainp);
@@ -509,7 +510,7 @@ int64_t int_labels_impl(const Tensor& rewards, const scalar_t* r, const int64_t*
 LabelOutputs advantage_int_labels_cpu(const Tensor& rewards, const Tensor& labels,
                                       const Tensor& anchor_rewards, const Tensor& anchor_labels,
                                       bool norm_by_std, double eps, bool unbiased,
-                                      bool singleton_raw) {
+                                      bool singleton_raw, bool want_index) {
   TORCH_CHECK_VALUE(labels.dim() == 1 && anchor_labels.dim() == 1, "labels must be 1-D");
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong && anchor_labels.scalar_type() == at::kLong,
                     "labels and anchor_labels must be int64");
@@ -526,7 +527,8 @@ LabelOutputs advantage_int_labels_cpu(const Tensor& rewards, const Tensor& label
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mars_advantage_cpu", [&] {
     status = int_labels_impl(rewards, r.data_ptr<scalar_t>(), l.data_ptr<int64_t>(), B,
                              m.data_ptr<scalar_t>(), a.data_ptr<int64_t>(), K, o,
-                             index.data_ptr<int64_t>(), aindex.data_ptr<int64_t>(), uniq, out);
+                             index.data_ptr<int64_t>(), aindex.data_ptr<int64_t>(), uniq, out,
+                             want_index);
   });
   const int64_t G = status ? 0 : static_cast<int64_t>(uniq.size());
   Tensor u = at::empty({G}, lopts);
@@ -539,12 +541,14 @@ LabelOutputs advantage_int_labels_cpu(const Tensor& rewards, const Tensor& label
 
 TORCH_LIBRARY_FRAGMENT(mars, m) {
   // mono_anchored_advantage on int64 labels, factorised here (as dense_labels), with the
-  // value checks of mars.groups. Returns (advantages, mean, std, count, gain, index [B],
-  // anchor_index [K], labels [G], status); status != 0 (bits: 1 rewards, 2 anchor_rewards
-  // not finite or beyond +-1e150, 4 an anchor label absent): nothing computed, the caller
-  // raises. CPU only: the eager fast path of mars.mono_anchored_advantage.
+  // value checks of mars.groups. Returns (advantages, mean, std, count, gain, index [B]
+  // (not always written unless want_index), anchor_index [K], labels [G], status);
+  // status != 0 (bits: 1 rewards, 2 anchor_rewards not finite or beyond +-1e150, 4 an
+  // anchor label absent): nothing computed, the caller raises. CPU only: the eager fast
+  // path of mars.mono_anchored_advantage.
   m.def("advantage_int_labels(Tensor rewards, Tensor labels, Tensor anchor_rewards, "
-        "Tensor anchor_labels, bool norm_by_std, float eps, bool unbiased, bool singleton_raw) "
+        "Tensor anchor_labels, bool norm_by_std, float eps, bool unbiased, bool singleton_raw, "
+        "bool want_index) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
 }
 
