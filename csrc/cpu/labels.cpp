@@ -216,36 +216,54 @@ inline bool span_less(const T* a, int64_t na, const unsigned char* aend, const T
   return na < nb;
 }
 
+// The first 16 bytes of a span of `bytes` bytes (zero beyond it) as two words: for spans
+// of at most 16 bytes the whole string, compared without reading it again.
+struct Head {
+  uint64_t w0, w1;
+};
+
+inline Head head(const unsigned char* b, int64_t bytes, const unsigned char* end) {
+  if (bytes >= 16) return {load_word(b), load_word(b + 8)};
+  if (bytes >= 8) return {load_word(b), tail_word(b + 8, bytes - 8, end)};
+  return {tail_word(b, bytes, end), 0};
+}
+
 // The distinct strings, in first-occurrence order, by open addressing (linear probing, at
 // most half full, grown by rehashing the kept hashes). Every hit is confirmed on the
-// strings: equal hashes of different strings only cost probes.
+// strings (their heads, then any bytes beyond): equal hashes of different strings only
+// cost probes.
 template <typename T>
 struct StringTable {
   const unsigned char* end;  // of the rows' buffer, where every kept string lies
   std::vector<int32_t> slot{std::vector<int32_t>(64, -1)};  // id, -1 empty
   std::vector<uint64_t> hash;
+  std::vector<Head> heads;
   std::vector<const T*> ptr;
   std::vector<int64_t> len, first;
 
-  // The id of span (p, m) of a buffer ending at pend, hashed h; else -1 - a free slot.
-  int64_t find(const T* p, int64_t m, uint64_t h, const unsigned char* pend) const {
+  // The id of span (p, m) (head hd) of a buffer ending at pend, hashed h; else -1 - a
+  // free slot.
+  int64_t find(const T* p, int64_t m, const Head& hd, uint64_t h, const unsigned char* pend) const {
     const uint64_t mask = slot.size() - 1;
-    const auto* b = reinterpret_cast<const unsigned char*>(p);
+    const int64_t bytes = m * static_cast<int64_t>(sizeof(T));
     for (uint64_t s = h & mask;; s = (s + 1) & mask) {
       const int32_t g = slot[s];
       if (g < 0) return -1 - static_cast<int64_t>(s);
-      if (hash[g] == h && len[g] == m &&
-          bytes_equal(b, reinterpret_cast<const unsigned char*>(ptr[g]), m * sizeof(T), pend, end))
+      if (hash[g] == h && len[g] == m && heads[g].w0 == hd.w0 && heads[g].w1 == hd.w1 &&
+          (bytes <= 16 ||
+           bytes_equal(reinterpret_cast<const unsigned char*>(p) + 16,
+                       reinterpret_cast<const unsigned char*>(ptr[g]) + 16, bytes - 16, pend, end)))
         return g;
     }
   }
 
-  int64_t insert(const T* p, int64_t m, uint64_t h, int64_t row) {
-    const int64_t found = find(p, m, h, end);
+  int64_t insert(const T* p, int64_t m, const Head& hd, uint64_t h, int64_t row) {
+    const int64_t found = find(p, m, hd, h, end);
     if (found >= 0) return found;
     const int64_t g = static_cast<int64_t>(hash.size());
     TORCH_CHECK_VALUE(g < std::numeric_limits<int32_t>::max(), "too many distinct labels");
     hash.push_back(h);
+    heads.push_back(hd);
     ptr.push_back(p);
     len.push_back(m);
     first.push_back(row);
@@ -282,9 +300,10 @@ std::tuple<Tensor, Tensor, Tensor> string_labels_impl(const Tensor& data, const 
   std::vector<int32_t> id(n);
   for_each_span(dp, d.numel(), width, sp.data_ptr<int64_t>(), sp.numel(), n, "labels",
                 [&](int64_t i, const T* p, int64_t m) {
-                  const uint64_t h =
-                      words.hash(reinterpret_cast<const unsigned char*>(p), m * sizeof(T)) & mask;
-                  id[i] = static_cast<int32_t>(table.insert(p, m, h, i));
+                  const auto* b = reinterpret_cast<const unsigned char*>(p);
+                  const uint64_t h = words.hash(b, m * sizeof(T)) & mask;
+                  id[i] = static_cast<int32_t>(
+                      table.insert(p, m, head(b, m * sizeof(T), words.end), h, i));
                 });
   const int64_t G = static_cast<int64_t>(table.first.size());
   std::vector<int64_t> order(G), rank(G);
@@ -304,9 +323,10 @@ std::tuple<Tensor, Tensor, Tensor> string_labels_impl(const Tensor& data, const 
   for (int64_t i = 0; i < n; ++i) ip[i] = rank[id[i]];
   for_each_span(adp, ad.numel(), awidth, asp.data_ptr<int64_t>(), asp.numel(), k, "anchor_labels",
                 [&](int64_t j, const T* p, int64_t m) {
-                  const uint64_t h =
-                      awords.hash(reinterpret_cast<const unsigned char*>(p), m * sizeof(T)) & mask;
-                  const int64_t g = table.find(p, m, h, awords.end);
+                  const auto* b = reinterpret_cast<const unsigned char*>(p);
+                  const uint64_t h = awords.hash(b, m * sizeof(T)) & mask;
+                  const int64_t g = table.find(p, m, head(b, m * sizeof(T), awords.end), h,
+                                               awords.end);
                   aip[j] = g >= 0 ? rank[g] : -1;
                 });
   return {index, aindex, firsts};
