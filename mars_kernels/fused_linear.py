@@ -57,18 +57,13 @@ host-side work between the matmuls, and the second [chunk, V] buffer. Estimates 
 GPU was lent to time it; the CPU path is the same algorithm with torch's in-place
 log_softmax as the epilogue and the chunk's policy loss through autograd.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from mars.reference import K3_COEFS, K3_SERIES_BELOW
+from mars_kernels._token_math import (K3_SERIES_BELOW, K3_TOP_FACTORIAL, clamp_log_ratio,
+                                      clipped_ratio_loss, kl_term)
 
-if len(K3_COEFS) != 14 or K3_COEFS[0] != 1.0 / math.factorial(15):
-    raise RuntimeError("mars_kernels.fused_linear: the k3 series changed in mars.reference; "
-                       "update the kernel's coefficients")
-K3_TOP_FACTORIAL = float(math.factorial(15))
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "k3_ratio": 3}
 
 
@@ -146,63 +141,18 @@ def _token_loss(x, o, A, w, ref, lo, hi, dual_c, kl_coef, c, HAS_IS: tl.constexp
                 HAS_KL: tl.constexpr, KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr,
                 HAS_CLAMP: tl.constexpr, K3_TOP: tl.constexpr, K3_BELOW: tl.constexpr):
     """(loss, d loss / d logp) of one valid token, fp32: mars.reference.per_token_policy_loss
-    at token level, in the order of operations of mars_kernels.policy_loss."""
-    lr = x - o
-    inside = 1.0
-    if HAS_CLAMP:
-        inside = tl.where((lr >= -c) & (lr <= c), 1.0, 0.0)
-        lr = tl.minimum(tl.maximum(lr, -c), c)
+    at token level, by the helpers of mars_kernels.policy_loss (mars_kernels._token_math)."""
+    zero = tl.full([], 0.0, tl.float32)
+    lr, inside = clamp_log_ratio(x - o, c, zero, HAS_CLAMP)
     r = tl.exp(lr)
-    l1 = -A * r
-    l2 = -A * tl.minimum(tl.maximum(r, lo), hi)
-    clipped = l2 > l1
-    loss = tl.where(clipped, l2, l1)
-    dl = tl.where(clipped, 0.0, l1)  # d l / d log-ratio
-    if HAS_DUAL:
-        l3 = -A * dual_c
-        dm = (A < 0.0) & (loss > l3)
-        loss = tl.where(dm, l3, loss)
-        dl = tl.where(dm, 0.0, dl)
-    a0 = A == 0.0  # loss 0 and no gradient, even for r = inf (never 0 * inf)
-    loss = tl.where(a0, 0.0, loss)
-    dl = tl.where(a0, 0.0, dl)
-    if HAS_IS:  # w == 0 decides like A == 0
-        loss = tl.where(w == 0.0, 0.0, loss * w)
-        dl = tl.where(w == 0.0, 0.0, dl * w)
+    loss, dl, _ = clipped_ratio_loss(A, r, w, lo, hi, dual_c, zero, HAS_DUAL, HAS_IS)
     gt = dl * inside
     if HAS_KL:
-        d = ref - x
-        if KL_TYPE == 0:
-            kl = -d
-            dkl = 1.0
-        elif KL_TYPE == 1:
-            kl = 0.5 * d * d
-            dkl = -d
-        else:
-            d_in = (d >= -20.0) & (d <= 20.0)
-            dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
-            # k3 = e^d - 1 - d: the reference's series (1/n!, n = 15 .. 2) below |d| < 0.5
-            fact = tl.full([], K3_TOP, tl.float64)
-            q = (1.0 / fact).to(tl.float32)
-            for n in tl.static_range(14, 1, -1):
-                fact = fact / (n + 1)  # n!
-                q = q * dc + (1.0 / fact).to(tl.float32)
-            ks = q * dc * dc
-            small = (dc < K3_BELOW) & (dc > -K3_BELOW)
-            eb = tl.exp(dc) - 1.0
-            em1 = tl.where(small, dc + ks, eb)
-            k3 = tl.where(small, ks, eb - dc)
-            k_in = (k3 >= -10.0) & (k3 <= 10.0)
-            kl = tl.minimum(tl.maximum(k3, -10.0), 10.0)
-            dkl = tl.where(d_in & k_in, -em1, 0.0)
-        if KL_TYPE == 3:  # k3_ratio: k3 r, 0 where k3 (or dk3) is 0 (never 0 * inf)
-            k0 = kl == 0.0
-            dkl = tl.where(k0 | (dkl == 0.0), 0.0, dkl * r)
-            kl = tl.where(k0, 0.0, kl * r)
+        kl, dkl = kl_term(ref, x, r, zero, tl.float32, KL_TYPE, K3_TOP, K3_BELOW)
         loss = loss + kl_coef * kl
         gt = gt + kl_coef * dkl
         if KL_TYPE == 3:  # the ratio's share, through the clamped log-ratio
-            gt = gt + tl.where(inside == 0.0, 0.0, kl_coef * kl)
+            gt = gt + tl.where(inside == 0.0, zero, kl_coef * kl)
     return loss, gt
 
 

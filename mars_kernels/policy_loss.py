@@ -25,21 +25,15 @@ for an infinite ratio (clamp off), and k3 is e^d - 1 - d by the reference's seri
 bodies (csrc/policy_loss.h).
 """
 import functools
-import math
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from mars.reference import K3_COEFS, K3_SERIES_BELOW
-
-# The series' highest factorial, 15!: the kernel derives 1/n! (n = 15 .. 2, K3_COEFS) from
-# it in float64 (n! is exact there), folded to constants at compile time.
-if len(K3_COEFS) != 14 or K3_COEFS[0] != 1.0 / math.factorial(15):
-    raise RuntimeError("mars_kernels.policy_loss: the k3 series changed in mars.reference; "
-                       "update the kernel's coefficients")
-K3_TOP_FACTORIAL = float(math.factorial(15))
+# the token math (clamp, clip, dual clip, KL) is shared with mars_kernels.fused_linear
+from mars_kernels._token_math import (K3_SERIES_BELOW, K3_TOP_FACTORIAL, clamp_log_ratio,
+                                      clipped_ratio_loss, kl_term)
 
 NCOL = 7  # tile partials: S, L, high, low, dual, approx_kl, ref_kl (+ G for GSPO)
 AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -123,40 +117,22 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
             A = tl.load(adv_ptr + base + idx, mask=m, other=0.0).to(DT)
         else:
             A = zero + a_row
-        lr = x - o
-        inside = zero + 1.0
-        if HAS_CLAMP:
-            inside = tl.where((lr >= -c) & (lr <= c), inside, zero)
-            lr = tl.minimum(tl.maximum(lr, -c), c)
-        if SEQ:
-            r = zero + r_seq
-        else:
-            r = tl.exp(lr)
-        l1 = -A * r
-        l2 = -A * tl.minimum(tl.maximum(r, lo), hi)
-        clipped = l2 > l1
-        loss = tl.where(clipped, l2, l1)
-        dl = tl.where(clipped, zero, l1)  # d l / d log-ratio
-        nh = (m & (A > 0.0) & (r > hi)).to(tl.int32)
-        nl = (m & (A < 0.0) & (r < lo)).to(tl.int32)
-        nd = tl.zeros([BLOCK], dtype=tl.int32)
-        if HAS_DUAL:
-            l3 = -A * dual_c
-            dm = (A < 0.0) & (loss > l3)
-            loss = tl.where(dm, l3, loss)
-            dl = tl.where(dm, zero, dl)
-            nd = (m & dm).to(tl.int32)
-        a0 = A == 0.0  # loss 0 and no gradient, even for r = inf (never 0 * inf)
-        loss = tl.where(a0, zero, loss)
-        dl = tl.where(a0, zero, dl)
-        if HAS_IS:  # importance-sampling weight of the policy term; w == 0 like A == 0
+        if HAS_IS:  # importance-sampling weight of the policy term
             if IS_2D:
                 w = tl.load(is_ptr + base + idx, mask=m, other=0.0).to(DT)
             else:
                 w = zero + w_row
-            w0 = w == 0.0
-            loss = tl.where(w0, zero, loss * w)
-            dl = tl.where(w0, zero, dl * w)
+        else:
+            w = zero
+        lr, inside = clamp_log_ratio(x - o, c, zero, HAS_CLAMP)
+        if SEQ:
+            r = zero + r_seq
+        else:
+            r = tl.exp(lr)
+        loss, dl, dm = clipped_ratio_loss(A, r, w, lo, hi, dual_c, zero, HAS_DUAL, HAS_IS)
+        nh = (m & (A > 0.0) & (r > hi)).to(tl.int32)
+        nl = (m & (A < 0.0) & (r < lo)).to(tl.int32)
+        nd = (m & dm).to(tl.int32)
         if SEQ:
             G = tl.where(m, dl, zero)
             gt = zero
@@ -165,37 +141,7 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
         rkl = zero
         if HAS_REF:
             ref = tl.load(ref_ptr + base + idx, mask=m, other=0.0).to(DT)
-            d = ref - x
-            if KL_TYPE == 0:
-                kl = -d
-                dkl = zero + 1.0
-            elif KL_TYPE == 1:
-                kl = 0.5 * d * d
-                dkl = -d
-            else:
-                d_in = (d >= -20.0) & (d <= 20.0)
-                dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
-                # k3 = e^d - 1 - d: series below |d| < 0.5 (coefficients 1/n!, n = 15 .. 2,
-                # K3_COEFS rounded to the compute dtype: n! is exact in float64, 1 / n! is
-                # correctly rounded and folded at compile time), exp(d) - 1 - d above;
-                # em1 = e^d - 1
-                fact = tl.full([], K3_TOP, tl.float64)
-                q = zero + (1.0 / fact).to(DT)
-                for n in tl.static_range(14, 1, -1):
-                    fact = fact / (n + 1)  # n!
-                    q = q * dc + (1.0 / fact).to(DT)
-                ks = q * dc * dc
-                small = (dc < K3_BELOW) & (dc > -K3_BELOW)
-                eb = tl.exp(dc) - 1.0
-                em1 = tl.where(small, dc + ks, eb)
-                k3 = tl.where(small, ks, eb - dc)
-                k_in = (k3 >= -10.0) & (k3 <= 10.0)
-                kl = tl.minimum(tl.maximum(k3, -10.0), 10.0)
-                dkl = tl.where(d_in & k_in, -em1, zero)
-            if KL_TYPE == 3:  # k3_ratio: k3 r, 0 where k3 (or dk3) is 0 (never 0 * inf)
-                k0 = kl == 0.0
-                dkl = tl.where(k0 | (dkl == 0.0), zero, dkl * r)
-                kl = tl.where(k0, zero, kl * r)
+            kl, dkl = kl_term(ref, x, r, zero, DT, KL_TYPE, K3_TOP, K3_BELOW)
             rkl = tl.where(m, kl, zero)
             if HAS_KL:
                 loss = loss + kl_coef * kl
