@@ -16,6 +16,7 @@ import torch
 import mars
 from mars import _ext, fused_linear, reference
 from mars.memory import peak_allocated_bytes
+from triton_compile import compile_in_subprocess, compile_jobs, main
 
 # the kernels run on the GPU where there is one, else on CPU tensors in the interpreter
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -312,16 +313,11 @@ COMPILE_CONFIGS = [  # (HAS_OLD, HAS_IS, HAS_KL, KL_TYPE, HAS_DUAL, HAS_CLAMP, o
 
 
 def _compile_all():
-    """In a subprocess without TRITON_INTERPRET: {name: {"ok", "error" | "bar"}} for the
-    epilogue kernel's option branches and the dlogits kernel, for sm_80 and sm_90."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """In a subprocess without TRITON_INTERPRET (tests/triton_compile.py): the epilogue
+    kernel's option branches and the dlogits kernel, for sm_80 and sm_90."""
     from mars_kernels import fused_linear as K
-    out = {}
+    jobs = {}
     for arch in (80, 90):
-        jobs = {}
         for cfg in COMPILE_CONFIGS + [COMPILE_CONFIGS[1][:-1] + ("fp32",)]:
             *flags, odt = cfg
             sig = dict(x_ptr="*fp32", stride_x="i64", out_ptr=f"*{odt}", stride_out="i64",
@@ -332,37 +328,18 @@ def _compile_all():
             cx = dict(zip(("HAS_OLD", "HAS_IS", "HAS_KL", "KL_TYPE", "HAS_DUAL", "HAS_CLAMP"),
                           flags), K3_TOP=K.K3_TOP_FACTORIAL, K3_BELOW=K.K3_SERIES_BELOW,
                       BLOCK_V=2048)
-            jobs[f"epilogue-{'-'.join(map(str, cfg))}"] = (K._policy_epilogue_kernel, sig, cx)
+            jobs[f"epilogue-{'-'.join(map(str, cfg))}-sm{arch}"] = (
+                K._policy_epilogue_kernel, sig, cx, arch)
         for odt in ("fp32", "bf16"):
             sig = dict(x_ptr="*fp32", stride_x="i64", out_ptr=f"*{odt}", stride_out="i64",
                        ids_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32", V="i32", inv_temp="fp32")
-            jobs[f"dlogits-{odt}"] = (K._dlogits_kernel, sig, dict(BLOCK_V=2048))
-        for name, (fn, sig, cx) in jobs.items():
-            try:
-                src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in cx}},
-                                constexprs=cx)
-                ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
-                out[f"{name}-sm{arch}"] = dict(ok=True, bars=ptx.count("bar.sync"))
-            except Exception as exc:  # noqa: BLE001 - reported by the test
-                out[f"{name}-sm{arch}"] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
-    return out
+            jobs[f"dlogits-{odt}-sm{arch}"] = (K._dlogits_kernel, sig, dict(BLOCK_V=2048), arch)
+    return compile_jobs(jobs)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode == 3:
-        pytest.skip(f"Triton cannot compile for CUDA here: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compile_in_subprocess(__file__)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -387,12 +364,4 @@ def test_in_place_16_bit_dlogits_have_the_block_barrier(compiled, arch):
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-    try:
-        import triton.backends.nvidia  # noqa: F401
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except ImportError as exc:
-        print(exc)
-        sys.exit(3)
-    print(json.dumps(_compile_all()))
+    main(_compile_all)

@@ -5,14 +5,11 @@ The interpreter (TRITON_INTERPRET=1, the other tests) checks their numbers but n
 they lower: types of scalar arguments, float64 bit casts, constexpr branches. The compiler
 runs in a subprocess without TRITON_INTERPRET (under it @triton.jit gives interpreted
 functions). Skipped where this Triton has no CUDA backend."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
+
+from triton_compile import compile_in_subprocess, compile_jobs, main  # noqa: E402
 
 ARCHS = (80, 90)
 POLICY_CONFIGS = [  # (DT, KL_TYPE, SEQ, HAS_IS, IS_2D, ADV_2D, HAS_DUAL, HAS_CLAMP)
@@ -24,20 +21,12 @@ POLICY_CONFIGS = [  # (DT, KL_TYPE, SEQ, HAS_IS, IS_2D, ADV_2D, HAS_DUAL, HAS_CL
 
 
 def _compile_all():
-    """Runs in the subprocess: {name: {"ok": bool, "error" | "ptx_params", "target"}}."""
-    import triton
+    """Runs in the subprocess: {name: tests/triton_compile.compile_jobs' result}."""
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from mars_kernels import advantage as A
     from mars_kernels import fused_linear as F
     from mars_kernels import policy_loss as K
-
-    def build(fn, signature, constexprs, arch):
-        src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                        constexprs=constexprs)
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32))
 
     jobs = {}
     for arch in ARCHS:
@@ -90,30 +79,12 @@ def _compile_all():
         for norm, raw in ((True, False), (False, True)):
             jobs[f"advantage-{norm}-{raw}-sm{arch}"] = (A._advantage_kernel, sig, dict(
                 NORM_BY_STD=norm, UNBIASED=True, SINGLETON_RAW=raw, BLOCK=32), arch)
-    out = {}
-    for name, (fn, sig, cx, arch) in jobs.items():
-        try:
-            k = build(fn, sig, cx, arch)
-            ptx = k.asm["ptx"]
-            out[name] = dict(ok=True, target=f".target sm_{arch}" in ptx,
-                             cubin=bool(k.asm.get("cubin")),
-                             params64=ptx.count(".param .u64") + ptx.count(".param .b64"))
-        except Exception as exc:  # reported by the test that owns the job
-            out[name] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
-    return out
+    return compile_jobs(jobs)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode == 3:
-        pytest.skip(f"Triton cannot compile for CUDA here: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compile_in_subprocess(__file__)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -159,10 +130,4 @@ def test_advantage_kernel_compiles(compiled, arch, norm, raw):
 
 
 if __name__ == "__main__":
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError as exc:
-        print(exc)
-        sys.exit(3)
-    print(json.dumps(_compile_all()))
+    main(_compile_all)
