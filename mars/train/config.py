@@ -140,12 +140,19 @@ class LossConfig:
     dual_clip: Optional[float] = F(3.0, "dual-clip c for negative advantages (null: off)")
     agg: Literal[LOSS_AGGS] = F("token-mean", "loss aggregation")
     kl_coef: float = F(0.0, "beta of the KL to a frozen reference model (0: no reference model)")
-    kl_type: Literal["k1", "k2", "k3"] = F("k3", "KL estimator")
+    kl_type: Literal["k1", "k2", "k3", "k3_ratio"] = F(
+        "k3", "KL estimator (k3_ratio: k3 times the policy ratio, TRL's use_bias_correction_kl)")
     ratio_level: Literal["token", "sequence"] = F("token", "token ratio or GSPO sequence ratio")
     log_ratio_clamp: Optional[float] = F(20.0, "clamp of the log-ratio (null: off)")
     loss_scale: Optional[float] = F(None, "seq-mean-token-sum-norm divisor (null: rollout.max_new_tokens)")
     fused: bool = F(False, "fused lm-head path (mars.loss.fused_linear_policy_loss): no [tokens x vocab] logits")
     chunk_size: Optional[int] = F(None, "fused path: tokens per logits block (null: automatic)")
+    rollout_is: Literal["off", "token", "sequence"] = F(
+        "off", "truncated importance sampling of the engine / trainer log-prob mismatch (verl rollout_is, TRL "
+               "vllm_importance_sampling_correction): weights min(exp(old_logp - engine logp), cap) per token, or "
+               "of the row's mean log-ratio (sequence)")
+    rollout_is_cap: float = F(2.0, "upper cap of the rollout_is weights (verl's rollout_is_threshold 2.0; TRL "
+                                   "1.16's vllm_importance_sampling_clip_max is 3.0)")
     backend: str = F("auto", "backend of mars.loss")
 
 
@@ -337,6 +344,8 @@ def _coerce(key: str, value, t, meta: dict):
         return _coerce(key, value, args[0], meta)
     if origin is Literal:
         choices = typing.get_args(t)
+        if value is False and "off" in choices:  # YAML 1.1 reads an unquoted off as false
+            value = "off"
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
@@ -507,6 +516,7 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     need(lo.loss_scale is None or lo.loss_scale > 0, "loss.loss_scale", "must be > 0 or null")
     need(lo.chunk_size is None or lo.chunk_size >= 1, "loss.chunk_size", "must be >= 1 or null")
     need(lo.log_ratio_clamp is None or lo.log_ratio_clamp > 0, "loss.log_ratio_clamp", "must be > 0 or null")
+    need(lo.rollout_is_cap > 0, "loss.rollout_is_cap", f"must be > 0, got {lo.rollout_is_cap}")
     need(a.eps >= 0, "algorithm.eps", f"must be >= 0, got {a.eps}")
     need(a.max_gen_batches >= 1, "algorithm.max_gen_batches", f"must be >= 1, got {a.max_gen_batches}")
     need(0 <= a.overlong_buffer < r.max_new_tokens, "algorithm.overlong_buffer",

@@ -606,15 +606,76 @@ def micro_batch_loss(model, rows, adv, old_logp, ref_logp, opts, num_tokens, num
     old = _pad_rows(old_logp, T, device)
     ref = None if ref_logp is None else _pad_rows(ref_logp, T, device)
     adv = adv.to(device)
+    isw = None  # loss.rollout_is: the engine / trainer mismatch weights of these rows
+    if cfg.loss.rollout_is != "off":
+        isw, _ = rollout_is_weights(old, _pad_rows(engine_logprobs(rows, cfg), T, device), mask,
+                                    cfg.loss.rollout_is, cfg.loss.rollout_is_cap)
     x = distributed.response_forward(model, inputs, T)  # through DDP / FSDP2 when wrapped
     temperature = cfg.rollout.temperature
     if cfg.loss.fused:
         return mars.loss.fused_linear_policy_loss(x.hidden, x.weight, ids, old, adv, mask, bias=x.bias,
                                                   temperature=temperature, chunk_size=cfg.loss.chunk_size,
-                                                  ref_logp=ref, num_tokens=num_tokens, num_seqs=num_seqs, **opts)
+                                                  ref_logp=ref, is_weights=isw, num_tokens=num_tokens,
+                                                  num_seqs=num_seqs, **opts)
     logp = logits_logprobs(x, temperature)
-    return mars.loss.policy_loss(logp, old, adv, mask, ref_logp=ref, num_tokens=num_tokens, num_seqs=num_seqs,
-                                 **opts)
+    return mars.loss.policy_loss(logp, old, adv, mask, ref_logp=ref, is_weights=isw, num_tokens=num_tokens,
+                                 num_seqs=num_seqs, **opts)
+
+
+@torch.no_grad()
+def rollout_is_weights(old_logp, rollout_logp, mask, level: str, cap: float):
+    """Truncated importance-sampling weights of the engine / trainer mismatch (verl's
+    rollout_is, TRL's vllm_importance_sampling_correction, *_truncate modes).
+
+    old_logp, rollout_logp: [B, T] float, the trainer's and the engine's log-probs of the
+    sampled tokens; mask: [B, T] bool or 0/1 (valid tokens). The log-ratio
+    d = old_logp - rollout_logp is clamped to [-20, 20] (an engine -inf gives the cap).
+    level "token": w = min(exp(d), cap), [B, T], 1 at masked positions.
+    level "sequence": w = min(exp(mean of d over the row's valid tokens), cap) (the
+    geometric mean of the token ratios, verl's "geometric" level), [B], 1 for a row
+    without valid tokens.
+    Returns (w, clipped): w in old_logp's dtype (no gradient), clipped the bool mask (same
+    shape as w) of the weights the cap cut (exp(d) > cap)."""
+    m = mask.bool()
+    d = torch.where(m, (old_logp.detach() - rollout_logp.detach()).clamp(-20.0, 20.0), torch.zeros_like(old_logp))
+    if level == "sequence":
+        d = d.sum(-1) / m.sum(-1).clamp(min=1).to(d.dtype)
+    elif level != "token":
+        raise ValueError(f"rollout_is level must be 'token' or 'sequence', got {level!r}")
+    raw = torch.exp(d)
+    return raw.clamp(max=cap), raw > cap
+
+
+def engine_logprobs(rows: list[Rollout], cfg: TrainConfig) -> list:
+    """The engine's per-token log-probs of each row's response (``completion.logprobs``)
+    as float32 tensors [len(token_ids)]; ValueError naming the engine when one is missing
+    or has the wrong length (loss.rollout_is needs them)."""
+    out = []
+    for r in rows:
+        lp = r.completion.logprobs
+        if lp is None or len(lp) != len(r.completion.token_ids):
+            got = "no log-probs" if lp is None else f"{len(lp)} log-probs for {len(r.completion.token_ids)} tokens"
+            raise ValueError(f"loss.rollout_is={cfg.loss.rollout_is} needs the engine's per-token log-probs, but "
+                             f"rollout.engine={cfg.rollout.engine} gave {got} for rollout {r.uid}; use an engine "
+                             "that returns Completion.logprobs (hf, vllm) or set loss.rollout_is=off")
+        out.append(torch.as_tensor(lp, dtype=torch.float32))
+    return out
+
+
+def rollout_is_metrics(trained: list[Rollout], old_logp, cfg: TrainConfig) -> dict:
+    """rollout_is_mean (mean weight over the valid tokens; a sequence weight counts once per
+    token) and rollout_is_clipped_frac (share of those tokens whose weight the cap cut)."""
+    rows = [(r, lp) for r, lp in zip(trained, old_logp) if len(lp)]
+    if not rows:
+        return {"rollout_is_mean": None, "rollout_is_clipped_frac": None}
+    T = max(len(lp) for _, lp in rows)
+    old = _pad_rows([lp for _, lp in rows], T, "cpu")
+    eng = _pad_rows(engine_logprobs([r for r, _ in rows], cfg), T, "cpu")
+    mask = _pad_rows([torch.ones(len(lp)) for _, lp in rows], T, "cpu").bool()
+    w, clipped = rollout_is_weights(old, eng, mask, cfg.loss.rollout_is, cfg.loss.rollout_is_cap)
+    if w.dim() == 1:
+        w, clipped = w[:, None].expand_as(mask), clipped[:, None].expand_as(mask)
+    return {"rollout_is_mean": float(w[mask].mean()), "rollout_is_clipped_frac": float(clipped[mask].float().mean())}
 
 
 # =============================================================================== warm start
@@ -744,6 +805,8 @@ def step_metrics(batch: list[Rollout], trained: list[Rollout], adv, stats, old_l
     diffs = [(torch.tensor(r.completion.logprobs) - lp).abs().mean().item()
              for r, lp in zip(trained, old_logp) if r.completion.logprobs is not None and len(lp)]
     m["rollout_logp_diff"] = mean(diffs)
+    if cfg.loss.rollout_is != "off":
+        m.update(rollout_is_metrics(trained, old_logp, cfg))
     return m
 
 
