@@ -7,7 +7,6 @@ micro-batch; rollout_is=off passes no weights; k3_ratio reaches mars.loss."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
