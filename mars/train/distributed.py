@@ -535,6 +535,7 @@ REDUCTIONS: dict[str, tuple] = {
     "gain": ("mean", "gain_groups"),
     "adv_abs_mean_equal_groups": ("mean", "equal_group_rollouts"),
     "rollout_logp_diff": ("mean", "logp_rows"),
+    **{k: ("mean", "trained_tokens") for k in ("rollout_is_mean", "rollout_is_clipped_frac")},
     "adv_std": ("std", "adv_mean", "rollouts"),
     **{k: ("max",) for k in ("response_length_max", "adv_max", "elapsed", "warmup_time_s")},
     "adv_min": ("min",),
@@ -549,7 +550,8 @@ def local_weights(batch, trained, stats=None, old_logp=None) -> dict[str, int]:
     old_logp, cfg)``: rollouts (trained rows), anchors, groups (prompts of the advantage
     stats), gain_groups (groups with a finite gain), equal_group_rollouts (rollouts of
     groups whose rewards are all equal), logp_rows (rows with engine log-probs and >= 1
-    token). Pass it to :func:`reduce_metrics` as ``weights``."""
+    token), trained_tokens (tokens of the trained rows: loss.rollout_is's metrics). Pass it
+    to :func:`reduce_metrics` as ``weights``."""
     by_group: dict[str, set] = {}
     for r in trained:
         by_group.setdefault(r.group, set()).add(r.reward)
@@ -557,7 +559,8 @@ def local_weights(batch, trained, stats=None, old_logp=None) -> dict[str, int]:
          "groups": 0, "gain_groups": 0,
          "equal_group_rollouts": sum(len(by_group[r.group]) == 1 for r in trained),
          "logp_rows": sum(r.completion.logprobs is not None and len(lp) > 0
-                          for r, lp in zip(trained, old_logp or []))}
+                          for r, lp in zip(trained, old_logp or [])),
+         "trained_tokens": sum(len(lp) for lp in old_logp or [])}
     if stats is not None:
         w["groups"] = int(stats.std.numel())
         w["gain_groups"] = sum(not math.isnan(g) for g in stats.gain.tolist())
