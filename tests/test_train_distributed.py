@@ -780,17 +780,19 @@ def _records(d):
         return [{k: v for k, v in json.loads(line).items() if not k.startswith(skip)} for line in f]
 
 
-def test_torchrun_mars_train_resume_bit_exact(tmp_path):
-    """torchrun --nproc_per_node 2 -m mars train: rank 0 alone reports and writes, every
-    checkpoint carries both ranks' RNG files, and a run resumed from step 2 writes the
-    metrics and step-3 weights of the uninterrupted run, bit for bit."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_mars_train_resume_bit_exact(tmp_path, strategy):
+    """torchrun --nproc_per_node 2 -m mars train (DDP, and FSDP2 whose optimizer state is
+    gathered unsharded into optimizer.pt and sharded again on resume): rank 0 alone reports
+    and writes, every checkpoint carries both ranks' RNG files, and a run resumed from
+    step 2 writes the metrics and step-3 weights of the uninterrupted run, bit for bit."""
     pytest.importorskip("transformers")
     import shutil
 
     from safetensors.torch import load_file
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    out = _mars_train_torchrun(f"output_dir={a}", *E2E_ARGS)
+    out = _mars_train_torchrun(f"output_dir={a}", f"dist.strategy={strategy}", *E2E_ARGS)
     assert out.stdout.count("mars train: done") == 1
     for step in (2, 3):
         ck = os.path.join(a, "checkpoints", f"step_{step:06d}")
@@ -807,6 +809,15 @@ def test_torchrun_mars_train_resume_bit_exact(tmp_path):
     wa = load_file(os.path.join(a, "checkpoints", "step_000003", "model.safetensors"))
     wb = load_file(os.path.join(b, "checkpoints", "step_000003", "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa = torch.load(os.path.join(a, "checkpoints", "step_000003", "optimizer.pt"), weights_only=True)
+    ob = torch.load(os.path.join(b, "checkpoints", "step_000003", "optimizer.pt"), weights_only=True)
+    sa, sb = oa["state"], ob["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    if strategy == "fsdp2":  # the whole (unsharded) state, keyed by parameter names
+        assert all(isinstance(k, str) for k in sa)
+        assert all(sa[k]["exp_avg"].shape == wa[k.removeprefix("policy.")].shape for k in sa
+                   if k.removeprefix("policy.") in wa)
+    assert all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
 
 
 def _gloo():
@@ -902,9 +913,9 @@ def test_signal_to_one_rank_stops_both_and_resumes_bit_exact(train_runs):
 
 def test_mars_train_fsdp2_equals_ddp(train_runs):
     """dist.strategy=fsdp2 through loop.train (sharded training copy, the gathered weights
-    loaded back into the generating model after every update, checkpoints model + RNG
-    only): the same logged numbers as DDP up to float rounding, and a non-resumable
-    final checkpoint with the DDP run's weights up to Adam's rounding."""
+    loaded back into the generating model after every update, checkpoints with the
+    gathered optimizer state): the same logged numbers as DDP up to float rounding, and a resumable final
+    checkpoint with the DDP run's weights up to Adam's rounding."""
     from safetensors.torch import load_file
 
     out, _, two = train_runs
@@ -912,7 +923,7 @@ def test_mars_train_fsdp2_equals_ddp(train_runs):
     assert _strip(fs[0]["records"], ("eval_",)) == _strip(fs[1]["records"])
     _assert_records_close(_strip(two[0]["records"]), _strip(fs[0]["records"]))
     with open(os.path.join(fs[0]["checkpoint"], "trainer_state.json")) as f:
-        assert json.load(f)["resumable"] is False
+        assert json.load(f)["resumable"] is True
     w2 = load_file(os.path.join(two[0]["checkpoint"], "model.safetensors"))
     wf = load_file(os.path.join(fs[0]["checkpoint"], "model.safetensors"))
     assert max(float((w2[k] - wf[k]).abs().max()) for k in w2) <= 3 * 1e-4 * 1.01

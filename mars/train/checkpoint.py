@@ -5,7 +5,7 @@
 * the model (``save_pretrained``: config.json + safetensors) and the processor, or the
   tokenizer + image processor, files: what ``mars eval --model DIR`` and
   ``AutoModelForImageTextToText.from_pretrained`` load;
-* ``optimizer.pt`` (AdamW ``state_dict``), ``scheduler.pt`` (LambdaLR ``state_dict``);
+* ``optimizer.pt`` (AdamW ``state_dict``; under FSDP2 the unsharded state keyed by parameter names), ``scheduler.pt`` (LambdaLR ``state_dict``);
 * ``rng_state.pt``: torch CPU (and CUDA) generator, Python ``random``, numpy, and the
   trainer's own ``torch.Generator`` objects (the mini-batch shuffle);
 * under torchrun, ``rng_state_rank{r}.pt`` of every rank r (its own sampling streams;
@@ -193,7 +193,8 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, processor=N
                     extra_files: dict | None = None) -> str:
     """Write checkpoint ``step`` atomically and return its directory. With ``optimizer``
     and ``scheduler`` the checkpoint is resumable (``trainer_state.json``: ``resumable:
-    true``). ``generators``: {name: torch.Generator} saved in rng_state.pt. keep_last > 0:
+    true``); ``optimizer`` is a torch optimizer or its state dict already gathered (FSDP2:
+    ``distributed.FullOptimizerState``, a collective the caller runs on every rank). ``generators``: {name: torch.Generator} saved in rng_state.pt. keep_last > 0:
     delete all but the newest keep_last ``step_*`` checkpoints afterwards. extra_files:
     {file name: object} written with ``torch.save`` into the same temporary directory
     before the marker, so the rename and the marker's file sizes cover them (a
@@ -209,7 +210,8 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, processor=N
     _save_model(tmp, model, tokenizer, processor, image_processor)
     resumable = optimizer is not None and scheduler is not None
     if resumable:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
+                   os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     torch.save(rng_state(generators), os.path.join(tmp, "rng_state.pt"))
     for fname, obj in (extra_files or {}).items():

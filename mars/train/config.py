@@ -207,7 +207,7 @@ class CheckpointConfig:
 @dataclass
 class DistConfig:
     strategy: Literal["ddp", "fsdp2"] = F("ddp", "data parallel under torchrun (docs/distributed.md): ddp (replicas) or "
-                                                 "fsdp2 (fully_shard; checkpoints not resumable); one process: unused")
+                                                 "fsdp2 (fully_shard; resumable with the same N); one process: unused")
     find_unused_parameters: bool = F(True, "ddp: find the parameters a micro-batch leaves without a gradient (a "
                                            "VLM's vision tower on text-only prompts); false only if every prompt "
                                            "has an image")

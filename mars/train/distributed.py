@@ -711,6 +711,38 @@ def sync_generation_copy(model, target, info: DistInfo | None = None) -> None:
         target.load_state_dict(full_state_dict(model, info))
 
 
+def load_sharded_weights(model, source) -> None:
+    """FSDP2 resume: the weights of the unsharded HF model ``source`` (restored from a
+    checkpoint) into the sharded training copy ``model`` (every rank holds ``source``;
+    each keeps its own shards). DDP and one process: nothing (``model`` trains ``source``
+    itself)."""
+    if not is_wrapped(model) or unwrap(model) is source:
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    full = {f"policy.{k}": v for k, v in source.state_dict().items()}  # ResponseModel.policy
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+
+
+class FullOptimizerState:
+    """An FSDP2 optimizer through its full (unsharded) state dict, keyed by parameter names,
+    so a checkpoint holds one ``optimizer.pt`` whatever the sharding.
+    ``state_dict()`` gathers every rank's shards (a collective: every rank calls it) and
+    returns the whole state on rank 0, ``{}`` elsewhere; ``load_state_dict(full)``, called
+    on every rank with the whole state, keeps each rank's shards of it."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def replica_max_diff(model, info: DistInfo | None = None) -> float:
     """max |w_rank - w_rank0| over every parameter and rank (0.0 for one process): DDP
     replicas must stay identical after every optimizer step. Collective."""

@@ -180,9 +180,13 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
         shuffle_gen = torch.Generator().manual_seed(cfg.seed)
         start, saved = 1, {}
+        sharded = info.distributed and cfg.dist.strategy == "fsdp2"
+        # FSDP2: the optimizer's state is checkpointed unsharded, keyed by parameter names
+        opt_state = distributed.FullOptimizerState(train_model, optimizer) if sharded else optimizer
         if resume_from is not None:  # everything a step depends on, as it was after the checkpoint's step
-            state = ckpt.restore_checkpoint(resume_from, model=policy.model, optimizer=optimizer, scheduler=scheduler,
+            state = ckpt.restore_checkpoint(resume_from, model=policy.model, optimizer=opt_state, scheduler=scheduler,
                                             generators={"shuffle": shuffle_gen}, reference=reference)
+            distributed.load_sharded_weights(train_model, policy.model)  # FSDP2's training copy; else nothing
             if info.distributed:  # this rank's own streams (rng_state.pt is rank 0's)
                 try:
                     distributed.load_rng_state(resume_from, info, {"shuffle": shuffle_gen})
@@ -204,7 +208,6 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
             logger = distributed.NullLogger(cfg.output_dir)
 
         save_times: list[float] = []
-        sharded = info.distributed and cfg.dist.strategy == "fsdp2"
 
         def save(step: int) -> str:  # a resumable checkpoint of the state after `step` (collective)
             if step not in saved:
@@ -212,12 +215,13 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                 logger.sync()
                 rank_files = distributed.gather_rng_files(info, {"shuffle": shuffle_gen}) \
                     if info.distributed else None
+                gathered = opt_state.state_dict() if sharded else optimizer  # FSDP2: every rank gathers
                 path = None
-                if main:  # FSDP2: the optimizer state is sharded, so model + RNG only (not resumable)
+                if main:
                     path = ckpt.save_checkpoint(
                         cfg.output_dir, step, model=policy.model, tokenizer=policy.tokenizer,
                         processor=policy.processor, image_processor=policy.image_processor,
-                        optimizer=None if sharded else optimizer, scheduler=None if sharded else scheduler,
+                        optimizer=gathered, scheduler=scheduler,
                         generators={"shuffle": shuffle_gen}, config=to_dict(cfg), data_cursor=prompts.cursor,
                         seed=cfg.seed, elapsed=time.perf_counter() - t_start, keep_last=cfg.checkpoint.keep_last,
                         extra_files=rank_files)
