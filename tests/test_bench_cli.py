@@ -91,6 +91,65 @@ def test_filters_and_no_plots(tmp_path):
     assert not (tmp_path / "plots").exists()
 
 
+def test_results_are_rewritten_after_every_shape(tmp_path, monkeypatch):
+    """The files on disk during a run: after shape k of N, results.json holds k shapes and
+    says "k of N shapes measured" (so a killed run keeps them); the finished run's files
+    have no such mark."""
+    from mars.bench import run as R
+    seen = []
+    real = R.run_size
+
+    def spy(*a, **k):
+        path = tmp_path / "results.json"
+        if path.exists():
+            d = json.loads(path.read_text())
+            seen.append((d.get("incomplete"), sum(len(o["groups"]) for o in d["ops"].values())))
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "run_size", spy)
+    assert main(["--quick", "--op", "policy_loss", "--op", "advantage", "--impl", "reference",
+                 "--no-plots", "--output", str(tmp_path), "--quiet"]) == 0
+    assert seen == [("0 of 2 shapes measured", 0), ("1 of 2 shapes measured", 1)]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert "incomplete" not in doc and "interrupted" not in doc
+    assert [len(o["groups"]) for o in doc["ops"].values()] == [1, 1]
+    assert "incomplete" not in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_run_with_what_was_measured_written(signum, tmp_path, monkeypatch, capsys):
+    """SIGTERM (what `timeout` sends) or SIGINT during the second shape: exit 128 + signal,
+    results.json / results.md / plots of the first shape, marked interrupted; the goals of
+    the shape not reached are "not measured"."""
+    import os
+    import signal
+
+    from mars.bench import run as R
+    sig = getattr(signal, signum)
+    real, calls = R.run_size, []
+
+    def second_is_killed(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), sig)  # delivered to this (main) thread: the handler raises
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "run_size", second_is_killed)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = main(["--quick", "--op", "advantage", "--op", "policy_loss", "--impl", "reference",
+               "--impl", "mars-int", "--impl", "mars-cpu", "--output", str(tmp_path), "--quiet"])
+    assert rc == 128 + sig
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["interrupted"] == f"{signum}, 1 of 2 shapes measured"
+    assert [len(o["groups"]) for o in doc["ops"].values()] == [1, 0]
+    assert "mars-int" in doc["ops"]["advantage"]["groups"][0]["results"]
+    assert (tmp_path / "plots" / "advantage_cpu.png").read_bytes().startswith(PNG)
+    assert not (tmp_path / "plots" / "policy_loss_cpu.png").exists()
+    assert f"**interrupted** ({signum}, 1 of 2 shapes measured)" in (tmp_path / "results.md").read_text()
+    assert f"stopped by {signum} (1 of 2 shapes measured)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--op", "nope"], "invalid choice"),
     (["--device", "tpu"], "invalid choice"),

@@ -8,14 +8,19 @@ log-probs) at small, paper-sized and large shapes: every mars backend side by si
 the reference, torch.compile of the reference, verl's, Liger's and Cut Cross-Entropy's
 functions where they are installed and run on the device, and for the advantage a
 per-group Python loop. Writes DIR/results.json (medians, IQR, min, rounds, peak memory,
-ratios, the goals), DIR/results.md and DIR/plots/<op>_<device>.png.
+ratios, the goals), DIR/results.md and DIR/plots/<op>_<device>.png. Both files are
+rewritten after every shape (marked ``incomplete``), and SIGINT / SIGTERM stop the run
+with what was measured written (plots too) and exit status 130 / 143.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 
 from .cases import OPS, build, get_op  # noqa: F401
@@ -100,18 +105,31 @@ def _run(args, args_list: list[str], device: str) -> int:
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr,
                                                                       flush=True))
     t0 = time.perf_counter()
-    doc = run_suite(ops, device, args.quick, args.impl, size_filter=args.size,
-                    command="mars bench " + shlex.join(args_list), log=log)
-    goals = G.evaluate_all(doc)
-    doc["goals"] = goals
-    plots, why = ({}, "--no-plots") if args.no_plots else report.plot(doc, args.output)
-    if why:
-        doc["plots_note"] = why
-    doc["plots"] = plots
-    report.write_json(doc, os.path.join(args.output, "results.json"))
-    md = report.markdown(doc, goals, plots)
-    with open(os.path.join(args.output, "results.md"), "w") as f:
-        f.write(md)
+    so_far: dict = {}
+
+    def progress(doc):  # after every shape: the files as they stand, without plots (fast)
+        so_far["doc"] = doc
+        _write(doc, args.output, report, G, plots=False)
+
+    try:
+        with _sigterm_as_interrupt():
+            doc = run_suite(ops, device, args.quick, args.impl, size_filter=args.size,
+                            command="mars bench " + shlex.join(args_list), log=log,
+                            progress=progress)
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args else signal.SIGINT
+        doc = so_far.get("doc")
+        name = signal.Signals(signum).name
+        if doc is None:
+            print(f"mars bench: stopped by {name} before the first shape; nothing written",
+                  file=sys.stderr)
+        else:
+            doc["interrupted"] = f"{name}, {doc.get('incomplete', '')}"
+            _write(doc, args.output, report, G, plots=not args.no_plots)
+            print(f"mars bench: stopped by {name} ({doc.get('incomplete', '')}); written to "
+                  f"{args.output}/results.json, results.md", file=sys.stderr)
+        return 128 + int(signum)
+    plots, why = _write(doc, args.output, report, G, plots=not args.no_plots)
     errors = [(op, g["size"], impl, msg) for op, e in doc["ops"].items() for g in e["groups"]
               for impl, msg in g.get("errors", {}).items()]
     log(f"wrote {args.output}/results.json, results.md"
@@ -119,6 +137,43 @@ def _run(args, args_list: list[str], device: str) -> int:
     for op, size, impl, msg in errors:
         print(f"mars bench: ERROR {op} {size} {impl}: {msg}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _write(doc: dict, output: str, report, G, plots: bool):
+    """results.json and results.md of ``doc`` (the goals evaluated on what it holds), and the
+    plots when ``plots``; returns (plots, why there are none)."""
+    goals = G.evaluate_all(doc)
+    doc["goals"] = goals
+    made, why = report.plot(doc, output) if plots else ({}, "--no-plots")
+    if why:
+        doc["plots_note"] = why
+    else:
+        doc.pop("plots_note", None)
+    doc["plots"] = made
+    report.write_json(doc, os.path.join(output, "results.json"))
+    with open(os.path.join(output, "results.md"), "w") as f:
+        f.write(report.markdown(doc, goals, made))
+    return made, why
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``timeout``, a job scheduler) raises KeyboardInterrupt(SIGTERM) like SIGINT
+    does, so the run stops the same clean way; SIGINT carries its number too. Only in the
+    main thread (where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def run(*args, **kwargs):

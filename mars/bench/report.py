@@ -62,6 +62,11 @@ def header_lines(doc: dict) -> list[str]:
     if doc.get("filters"):
         lines.append("- only: " + "; ".join(f"{k} {', '.join(v)}" for k, v in doc["filters"].items())
                      + " (the other cases of the suite were not run)")
+    if doc.get("interrupted"):
+        lines.append(f"- **interrupted** ({doc['interrupted']}): the shapes below are those measured")
+    elif doc.get("incomplete"):
+        lines.append(f"- **incomplete** ({doc['incomplete']}): the run was still going when this "
+                     "was written (or was killed)")
     if doc.get("command"):
         lines.insert(0, f"- command: `{doc['command']}`")
     if doc.get("roofs"):
@@ -165,6 +170,8 @@ def plot(doc: dict, out_dir: str) -> tuple[dict[str, str], str | None]:
     made = {}
     dev = doc["device"]["type"]
     for name, op in doc["ops"].items():
+        if not op["groups"]:  # filtered out, or not reached before an interruption
+            continue
         series = sorted({g["series"] for g in op["groups"]})
         mem = any("peak_bytes" in r for g in op["groups"] for r in g["results"].values())
         rows = 2 if mem else 1

@@ -241,8 +241,11 @@ def get_kind(op: C.Op, name: str) -> str:
 
 def run(ops: list[str], device: str, quick: bool, impl_filter: list[str] | None = None,
         plan: Plan | None = None, command: str = "", log=print,
-        size_filter: list[str] | None = None) -> dict:
-    """Runs the suite; returns the results document (docs/bench.md, "JSON")."""
+        size_filter: list[str] | None = None, progress=None) -> dict:
+    """Runs the suite; returns the results document (docs/bench.md, "JSON").
+    ``progress(doc)``, when given, is called with the document so far after every shape
+    (``doc["incomplete"]`` then says how many shapes are done), so a run that is stopped
+    keeps what it measured."""
     plan = plan or (QUICK if quick else FULL)
     started = datetime.datetime.now(datetime.timezone.utc)
     doc = {"schema": SCHEMA, "command": command, "mode": "quick" if quick else "full",
@@ -260,18 +263,23 @@ def run(ops: list[str], device: str, quick: bool, impl_filter: list[str] | None 
                         "bf16_matmul_TFLOPs": sig(roofs["matmul_flops"] / 1e12, 4)}
     doc["plan"] = dict(max_rounds=plan.max_rounds, min_rounds=plan.min_rounds,
                        budget_s=plan.budget_s, block_s=plan.block_s, warmup=plan.warmup)
-    doc["ops"] = {}
-    for name in ops:
-        op = C.get_op(name)
-        entry = {"title": op.title, "what": op.what, "baseline": op.baseline(device),
-                 "groups": []}
-        for size in op.sizes(device, quick):
-            if size_filter and size.name not in size_filter:
-                continue
-            log(f"{name} {size.name} ...")
-            entry["groups"].append(run_size(op, size, device, plan, quick, impl_filter, roofs,
-                                            log))
-        doc["ops"][name] = entry
+    doc["ops"] = {name: {"title": C.get_op(name).title, "what": C.get_op(name).what,
+                         "baseline": C.get_op(name).baseline(device), "groups": []} for name in ops}
+    todo = [(name, size) for name in ops for size in C.get_op(name).sizes(device, quick)
+            if not size_filter or size.name in size_filter]
+    if progress is not None:
+        doc["incomplete"] = f"0 of {len(todo)} shapes measured"
+        progress(doc)
+    for k, (name, size) in enumerate(todo):
+        log(f"[{k + 1}/{len(todo)}] {name} {size.name} ...")
+        doc["ops"][name]["groups"].append(run_size(C.get_op(name), size, device, plan, quick,
+                                                   impl_filter, roofs, log))
+        if progress is not None and k + 1 < len(todo):
+            doc["incomplete"] = f"{k + 1} of {len(todo)} shapes measured"
+            doc["seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started)
+                                   .total_seconds(), 1)
+            progress(doc)
+    doc.pop("incomplete", None)
     doc["load_avg_end"] = _load()
     doc["seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started)
                            .total_seconds(), 1)
