@@ -91,6 +91,16 @@ def test_filters_and_no_plots(tmp_path):
     assert not (tmp_path / "plots").exists()
 
 
+def test_a_size_filter_of_one_op_plots_that_op_only(tmp_path):
+    """--size of the advantage without --op: the other ops run no shape; they get an empty
+    entry and no plot (plotting them crashed in plt.subplots(1, 0))."""
+    assert main(["--quick", "--size", "64x(8+2)", "--impl", "mars-int", "--impl", "reference",
+                 "--output", str(tmp_path), "--quiet"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [k for k, o in doc["ops"].items() if o["groups"]] == ["advantage"]
+    assert doc["plots"] == {"advantage": "plots/advantage_cpu.png"}
+
+
 def test_results_are_rewritten_after_every_shape(tmp_path, monkeypatch):
     """The files on disk during a run: after shape k of N, results.json holds k shapes and
     says "k of N shapes measured" (so a killed run keeps them); the finished run's files
