@@ -15,7 +15,6 @@
 
 #include "../advantage.h"
 
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -374,7 +373,8 @@ MARS_CLONES bool any_bad_f32(const float* p, int64_t n) {
 }
 
 MARS_CLONES bool any_bad_f64(const double* p, int64_t n) {
-  constexpr uint64_t kMaxBits = std::bit_cast<uint64_t>(kMaxReward);
+  uint64_t kMaxBits;  // std::bit_cast is C++20; torch <= 2.11 builds extensions as C++17
+  std::memcpy(&kMaxBits, &kMaxReward, sizeof kMaxBits);
   uint64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     uint64_t b;
