@@ -34,6 +34,49 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton 3.6's interpreter (torch 2.11's pin) fails on a loop whose bounds are loaded values
+# ("only 0-dimensional arrays can be converted to Python scalars"), which every mars kernel
+# has; 3.7 runs them. Compiled for a GPU, any triton >= 3.0 does.
+MIN_INTERPRETER_TRITON = (3, 7)
+
+
+def _installed_version(name: str) -> str | None:
+    """The installed distribution's version, read once here: not under torch.compile (dynamo
+    cannot trace importlib.metadata), and without importing the package."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:  # not installed, or a source build without metadata
+        return None
+
+
+def interpreter_error(triton_version: str | None) -> str | None:
+    """Why the interpreter of this triton version cannot run the mars kernels, or None."""
+    if triton_version is None:
+        return None
+    parts = tuple(int(p) if p.isdigit() else 0 for p in triton_version.split("+")[0].split(".")[:2])
+    if parts >= MIN_INTERPRETER_TRITON:
+        return None
+    return (f"triton {triton_version}'s interpreter cannot run the mars kernels (loops with loaded "
+            f"bounds fail before 3.7); pip install 'triton>=3.7' to run them on the CPU (on a GPU "
+            f"they compile with any triton >= 3.0)")
+
+
+TRITON_VERSION = _installed_version("triton") if HAS_TRITON else None
+# a constant, so that torch.compile reads it instead of tracing the version parsing
+TRITON_INTERPRETER_ERROR = interpreter_error(TRITON_VERSION)
+
+
+def triton_cpu_error() -> str | None:
+    """Why the Triton kernels cannot run on CPU tensors here, or None when they can (the
+    interpreter is on and its triton runs them)."""
+    if not HAS_TRITON:
+        return TRITON_ERROR
+    if not triton_interpret():
+        return "needs TRITON_INTERPRET=1 (set before triton is imported)"
+    return TRITON_INTERPRETER_ERROR
+
+
 def _advantage_fake_impl(rewards, num_groups):
     """Shapes of (advantages [B], mean [G], std [G], count [G], gain [G])."""
     adv = rewards.new_empty(rewards.shape, dtype=torch.float32)

@@ -46,10 +46,12 @@ def backends() -> dict[str, Backend]:
         triton = Backend(False, _ext.TRITON_ERROR)
     elif gpu:
         triton = Backend(True, "GPU")
-    elif _ext.triton_interpret():
-        triton = Backend(True, "CPU through the interpreter (TRITON_INTERPRET=1)")
-    else:
+    elif not _ext.triton_interpret():
         triton = Backend(False, "no GPU; set TRITON_INTERPRET=1 to run the Triton kernels on CPU")
+    elif _ext.triton_cpu_error():
+        triton = Backend(False, f"no GPU, and {_ext.triton_cpu_error()}")
+    else:
+        triton = Backend(True, "CPU through the interpreter (TRITON_INTERPRET=1)")
     return {
         "reference": Backend(True, "plain PyTorch, any device"),
         "cpu": Backend(_ext.HAS_C, "C++ kernels" if _ext.HAS_C else _ext.C_ERROR),

@@ -119,8 +119,8 @@ def _use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     if backend == "triton":
         if not _ext.HAS_TRITON:
             raise RuntimeError(f"backend 'triton' is not available: {_ext.TRITON_ERROR}")
-        if device.type == "cpu" and not _ext.triton_interpret():
-            raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+        if device.type == "cpu" and _ext.triton_cpu_error():
+            raise RuntimeError(f"backend 'triton' on CPU tensors: {_ext.triton_cpu_error()}")
         return dtype != torch.float64
     return backend == "auto" and device.type == "cuda" and _ext.HAS_TRITON \
         and dtype != torch.float64

@@ -75,3 +75,25 @@ def test_build_record_names_the_targets():
     assert info.CUDA_ARCH_LIST, "a CUDA build must record its targets"
     if not info.CUDA_ARCH_LIST.startswith("torch's default"):
         assert arch_flags(info.CUDA_ARCH_LIST)
+
+
+# C++20 names and headers: torch 2.12+ builds extensions as C++20 (its headers require it),
+# torch <= 2.11 (the GPU machine's 2.11.0+cu130) as C++17, so csrc/ must compile as both.
+# std::bit_cast broke the build against torch 2.11 once; this list is the usual suspects.
+CXX20_ONLY = ("std::bit_cast", "#include <bit>", "#include <span>", "#include <ranges>",
+              "#include <concepts>", "#include <numbers>", "#include <format>", "std::span<",
+              "std::ranges::", "std::format(", "std::ssize(", "consteval ", "constinit ",
+              "using enum ", "[[likely]]", "[[unlikely]]", ".contains(", ".starts_with(",
+              ".ends_with(", "std::midpoint(", "std::lerp(", "<=>")
+
+
+def test_csrc_stays_within_cxx17():
+    hits = []
+    for d, _, files in os.walk(os.path.join(ROOT, "csrc")):
+        for name in files:
+            if name.endswith((".cpp", ".cu", ".h", ".cuh")):
+                path = os.path.join(d, name)
+                for i, line in enumerate(open(path, encoding="utf-8"), 1):
+                    code = line.split("//", 1)[0]
+                    hits += [f"{os.path.relpath(path, ROOT)}:{i}: {w}" for w in CXX20_ONLY if w in code]
+    assert not hits, "C++20 in csrc/ (torch <= 2.11 builds as C++17):\n" + "\n".join(hits)

@@ -62,3 +62,32 @@ def test_compiled_ops_have_their_kernels():
     assert len(cuda) == 1, "CUDA kernels for some ops only"
     reason = mars.backends()["cuda"].reason
     assert ("not compiled" in reason) != cuda.pop(), reason
+
+
+def test_a_triton_whose_interpreter_cannot_run_the_kernels_is_named(monkeypatch):
+    """Triton 3.6 (torch 2.11's pin) interprets every mars kernel into an InterpreterError:
+    on CPU tensors under TRITON_INTERPRET=1 such a triton is an unavailable backend, and
+    asking for it is a RuntimeError naming the version and the fix, before any kernel runs."""
+    import pytest
+    import torch
+
+    from mars import _ext
+
+    if not _ext.HAS_TRITON or torch.cuda.is_available():
+        pytest.skip("needs triton and no GPU (on a GPU the kernels compile with any triton)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _ext.interpreter_error("3.7.1") is None and _ext.interpreter_error("3.10.0") is None
+    assert _ext.interpreter_error(None) is None  # no metadata (a source build): let it try
+    monkeypatch.setattr(_ext, "TRITON_INTERPRETER_ERROR", _ext.interpreter_error("3.6.0"))
+    why = mars.backends()["triton"]
+    assert not why.available and "triton 3.6.0" in why.reason and "triton>=3.7" in why.reason
+    B, T = 3, 5
+    logp = torch.randn(B, T, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"triton 3\.6\.0's interpreter.*triton>=3\.7"):
+        mars.loss.policy_loss(logp, logp.detach(), torch.randn(B), torch.ones(B, T), backend="triton")
+    with pytest.raises(RuntimeError, match=r"triton>=3\.7"):
+        mars.mono_anchored_advantage(torch.randn(4), torch.tensor([0, 0, 1, 1]), backend="triton")
+    monkeypatch.setattr(_ext, "TRITON_INTERPRETER_ERROR", _ext.interpreter_error("3.7.1"))
+    assert mars.backends()["triton"].available
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "set TRITON_INTERPRET=1" in mars.backends()["triton"].reason
