@@ -17,7 +17,9 @@
 # else. Commit them under bench/results/gpu-<card>/ (unpack the plots; keep the logs out).
 # TEST_TIMEOUT (480 s) and BENCH_TIMEOUT (420 s) stop a phase early enough to still write
 # its files (a run of the device tool is killed at its timeout_s, whatever was left undone).
-# Needs no network: the machine's python3, torch, triton and pytest are used.
+# Needs no network: the machine's python3, torch, triton and pytest are used. The peers it
+# lacks (Liger-Kernel, Cut Cross-Entropy) come as wheels: `bash bench/gpu_wheels.sh` here,
+# then `carry: [".whl"]` in the device call; they are installed into /tmp/site from .whl/.
 set -uo pipefail
 phase=${1:-all}
 case "$phase" in test|bench|all) ;; *) echo "usage: bash bench/gpu.sh [test|bench|all]"; exit 2 ;; esac
@@ -36,6 +38,11 @@ note() { echo "$*" | tee -a "$summary"; }
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } >> "$summary" 2>&1
 cat "$summary"
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
+    && note "peers from .whl: $(cd .whl && ls *.whl | tr '\n' ' ')"
+fi
 
 built() { ls mars/_C*.so > /dev/null 2>&1 && python3 -c "import mars._ext as e; raise SystemExit(0 if e.HAS_CUDA_KERNELS else 1)" 2>/dev/null; }
 
