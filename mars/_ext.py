@@ -77,6 +77,15 @@ def triton_cpu_error() -> str | None:
     return TRITON_INTERPRETER_ERROR
 
 
+def require_triton_cpu(device: torch.device) -> None:
+    """RuntimeError naming why, when the Triton kernels cannot take tensors on ``device``
+    here (CPU without a usable interpreter); nothing for a GPU."""
+    if device.type == "cpu":
+        why = triton_cpu_error()
+        if why:
+            raise RuntimeError(f"backend 'triton' on CPU tensors: {why}")
+
+
 def _advantage_fake_impl(rewards, num_groups):
     """Shapes of (advantages [B], mean [G], std [G], count [G], gain [G])."""
     adv = rewards.new_empty(rewards.shape, dtype=torch.float32)

@@ -103,8 +103,8 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
     rewards, anchor_rewards, groups = prepare(rewards, group_ids, anchor_rewards,
                                               anchor_group_ids, _dense_labels)
     name = resolve(backend, rewards.device)
-    if name == "triton" and rewards.device.type == "cpu" and _ext.triton_cpu_error():
-        raise RuntimeError(f"backend 'triton' on CPU tensors: {_ext.triton_cpu_error()}")
+    if name == "triton":
+        _ext.require_triton_cpu(rewards.device)
     out = _kernel(name)(rewards.detach(), groups.index, anchor_rewards.detach(),
                         groups.anchor_index, groups.num_groups, *args)
     return AdvantageOutput(*out, groups.index) if return_stats else out[0]

@@ -48,8 +48,8 @@ def backends() -> dict[str, Backend]:
         triton = Backend(True, "GPU")
     elif not _ext.triton_interpret():
         triton = Backend(False, "no GPU; set TRITON_INTERPRET=1 to run the Triton kernels on CPU")
-    elif _ext.triton_cpu_error():
-        triton = Backend(False, f"no GPU, and {_ext.triton_cpu_error()}")
+    elif _ext.TRITON_INTERPRETER_ERROR:
+        triton = Backend(False, f"no GPU, and {_ext.TRITON_INTERPRETER_ERROR}")
     else:
         triton = Backend(True, "CPU through the interpreter (TRITON_INTERPRET=1)")
     return {

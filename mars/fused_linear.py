@@ -119,8 +119,7 @@ def _use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     if backend == "triton":
         if not _ext.HAS_TRITON:
             raise RuntimeError(f"backend 'triton' is not available: {_ext.TRITON_ERROR}")
-        if device.type == "cpu" and _ext.triton_cpu_error():
-            raise RuntimeError(f"backend 'triton' on CPU tensors: {_ext.triton_cpu_error()}")
+        _ext.require_triton_cpu(device)
         return dtype != torch.float64
     return backend == "auto" and device.type == "cuda" and _ext.HAS_TRITON \
         and dtype != torch.float64

@@ -171,8 +171,8 @@ def policy_loss_checked(name, logp, old_logp, advantages, mask, ref_logp, opts,
     if name == "reference":
         return reference.policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts,
                                              is_weights)
-    if name == "triton" and logp.device.type == "cpu" and _ext.triton_cpu_error():
-        raise RuntimeError(f"backend 'triton' on CPU tensors: {_ext.triton_cpu_error()}")
+    if name == "triton":
+        _ext.require_triton_cpu(logp.device)
     args, divisors = _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts, is_weights)
     loss, metrics, _, _ = _kernel(name)(*args)
     for d in divisors:

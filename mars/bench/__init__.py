@@ -98,8 +98,6 @@ def _run(args, args_list: list[str], device: str) -> int:
                   f"shape of {', '.join(ops)} on {device}; known: {', '.join(sorted(known))}",
                   file=sys.stderr)
             return 2
-    from . import goals as G
-    from . import report
     from .run import run as run_suite
     os.makedirs(args.output, exist_ok=True)
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr,
@@ -109,7 +107,7 @@ def _run(args, args_list: list[str], device: str) -> int:
 
     def progress(doc):  # after every shape: the files as they stand, without plots (fast)
         so_far["doc"] = doc
-        _write(doc, args.output, report, G, plots=False)
+        _write(doc, args.output, plots=False)
 
     try:
         with _sigterm_as_interrupt():
@@ -125,11 +123,11 @@ def _run(args, args_list: list[str], device: str) -> int:
                   file=sys.stderr)
         else:
             doc["interrupted"] = f"{name}, {doc.get('incomplete', '')}"
-            _write(doc, args.output, report, G, plots=not args.no_plots)
+            _write(doc, args.output, plots=not args.no_plots)
             print(f"mars bench: stopped by {name} ({doc.get('incomplete', '')}); written to "
                   f"{args.output}/results.json, results.md", file=sys.stderr)
         return 128 + int(signum)
-    plots, why = _write(doc, args.output, report, G, plots=not args.no_plots)
+    plots, why = _write(doc, args.output, plots=not args.no_plots)
     errors = [(op, g["size"], impl, msg) for op, e in doc["ops"].items() for g in e["groups"]
               for impl, msg in g.get("errors", {}).items()]
     log(f"wrote {args.output}/results.json, results.md"
@@ -139,9 +137,11 @@ def _run(args, args_list: list[str], device: str) -> int:
     return 1 if errors else 0
 
 
-def _write(doc: dict, output: str, report, G, plots: bool):
+def _write(doc: dict, output: str, plots: bool):
     """results.json and results.md of ``doc`` (the goals evaluated on what it holds), and the
     plots when ``plots``; returns (plots, why there are none)."""
+    from . import goals as G
+    from . import report
     goals = G.evaluate_all(doc)
     doc["goals"] = goals
     made, why = report.plot(doc, output) if plots else ({}, "--no-plots")

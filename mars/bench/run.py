@@ -263,24 +263,27 @@ def run(ops: list[str], device: str, quick: bool, impl_filter: list[str] | None 
                         "bf16_matmul_TFLOPs": sig(roofs["matmul_flops"] / 1e12, 4)}
     doc["plan"] = dict(max_rounds=plan.max_rounds, min_rounds=plan.min_rounds,
                        budget_s=plan.budget_s, block_s=plan.block_s, warmup=plan.warmup)
-    doc["ops"] = {name: {"title": C.get_op(name).title, "what": C.get_op(name).what,
-                         "baseline": C.get_op(name).baseline(device), "groups": []} for name in ops}
-    todo = [(name, size) for name in ops for size in C.get_op(name).sizes(device, quick)
+    by_name = {name: C.get_op(name) for name in ops}
+    doc["ops"] = {name: {"title": op.title, "what": op.what, "baseline": op.baseline(device),
+                         "groups": []} for name, op in by_name.items()}
+    todo = [(name, size) for name, op in by_name.items() for size in op.sizes(device, quick)
             if not size_filter or size.name in size_filter]
+
+    def elapsed() -> float:
+        return round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
+
     if progress is not None:
         doc["incomplete"] = f"0 of {len(todo)} shapes measured"
         progress(doc)
     for k, (name, size) in enumerate(todo):
         log(f"[{k + 1}/{len(todo)}] {name} {size.name} ...")
-        doc["ops"][name]["groups"].append(run_size(C.get_op(name), size, device, plan, quick,
+        doc["ops"][name]["groups"].append(run_size(by_name[name], size, device, plan, quick,
                                                    impl_filter, roofs, log))
         if progress is not None and k + 1 < len(todo):
             doc["incomplete"] = f"{k + 1} of {len(todo)} shapes measured"
-            doc["seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started)
-                                   .total_seconds(), 1)
+            doc["seconds"] = elapsed()
             progress(doc)
     doc.pop("incomplete", None)
     doc["load_avg_end"] = _load()
-    doc["seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started)
-                           .total_seconds(), 1)
+    doc["seconds"] = elapsed()
     return doc

@@ -5,7 +5,8 @@
 * the model (``save_pretrained``: config.json + safetensors) and the processor, or the
   tokenizer + image processor, files: what ``mars eval --model DIR`` and
   ``AutoModelForImageTextToText.from_pretrained`` load;
-* ``optimizer.pt`` (AdamW ``state_dict``; under FSDP2 the unsharded state keyed by parameter names), ``scheduler.pt`` (LambdaLR ``state_dict``);
+* ``optimizer.pt`` (AdamW ``state_dict``; under FSDP2 the unsharded state keyed by
+  parameter names), ``scheduler.pt`` (LambdaLR ``state_dict``);
 * ``rng_state.pt``: torch CPU (and CUDA) generator, Python ``random``, numpy, and the
   trainer's own ``torch.Generator`` objects (the mini-batch shuffle);
 * under torchrun, ``rng_state_rank{r}.pt`` of every rank r (its own sampling streams;
@@ -194,7 +195,8 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, processor=N
     """Write checkpoint ``step`` atomically and return its directory. With ``optimizer``
     and ``scheduler`` the checkpoint is resumable (``trainer_state.json``: ``resumable:
     true``); ``optimizer`` is a torch optimizer or its state dict already gathered (FSDP2:
-    ``distributed.FullOptimizerState``, a collective the caller runs on every rank). ``generators``: {name: torch.Generator} saved in rng_state.pt. keep_last > 0:
+    ``distributed.FullOptimizerState``, a collective the caller runs on every rank).
+    ``generators``: {name: torch.Generator} saved in rng_state.pt. keep_last > 0:
     delete all but the newest keep_last ``step_*`` checkpoints afterwards. extra_files:
     {file name: object} written with ``torch.save`` into the same temporary directory
     before the marker, so the rename and the marker's file sizes cover them (a

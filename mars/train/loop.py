@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                 logger.sync()
                 rank_files = distributed.gather_rng_files(info, {"shuffle": shuffle_gen}) \
                     if info.distributed else None
-                gathered = opt_state.state_dict() if sharded else optimizer  # FSDP2: every rank gathers
+                gathered = opt_state.state_dict()  # FSDP2: a collective, every rank gathers
                 path = None
                 if main:
                     path = ckpt.save_checkpoint(
