@@ -268,25 +268,61 @@ def test_micro_batches_accumulate_to_the_whole_batch(agg, fused):
 
 
 # --------------------------------------------------------------------------- --compare
-def test_compare_grpo_vs_mars(tmp_path, capsys):
+def test_compare_pairs_methods_on_the_same_seeds(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert mars_main(["train", "--compare", f"output_dir={out}", *FAST, "max_steps=2", "compare.seeds=[0]",
-                      "log.plot_every=0"]) == 0
+    assert mars_main(["train", "--compare", f"output_dir={out}", *FAST, "max_steps=2", "compare.seeds=[0, 1]",
+                      "log.plot_every=0", "eval.every=1", "log.samples_every=1"]) == 0
     printed = capsys.readouterr().out
-    assert "MARS / GRPO median step time" in printed and "held-out accuracy" in printed
+    assert "Paired differences" in printed and "95% CI (t)" in printed and "GRPO+MARS vs GRPO" in printed
+    assert "DAPO+MARS vs DAPO" in printed
     summary = json.load(open(out / "compare.json"))
-    assert set(summary["methods"]) == {"grpo", "mars"}
-    for m in ("grpo", "mars"):
-        assert summary["methods"][m]["final_eval"]["eval_acc_multi"] is not None
-        assert set(summary["methods"][m]["median_phase_time_s"]) >= {"time_generate", "time_update"}
+    assert set(summary["methods"]) == {"grpo", "grpo_mars", "dapo", "dapo_mars"}
+    for m in summary["methods"].values():
+        assert m["seeds"] == [0, 1] and len(m["final_eval_per_seed"]["eval_acc_multi"]) == 2
+        assert len(m["area_per_seed"]) == 2 and m["frac_zero_signal"] is not None
+    for key in ("grpo_mars_vs_grpo", "dapo_mars_vs_dapo"):
+        p = summary["pairs"][key]
+        assert p["seeds"] == [0, 1] and p["final_acc"]["n"] == 2 and len(p["final_acc"]["ci_t"]) == 2
+    # the difference is computed from the per-seed numbers of the runs written to disk
+    finals = {m: [json.load(open(out / f"{m}_seed{s}" / "summary.json"))["final_eval"]["eval_acc_multi"]
+                  for s in (0, 1)] for m in ("grpo", "grpo_mars")}
+    want = sum(a - b for a, b in zip(finals["grpo_mars"], finals["grpo"])) / 2
+    assert summary["pairs"]["grpo_mars_vs_grpo"]["final_acc"]["mean"] == pytest.approx(want, abs=1e-12)
     assert (out / "compare.png").stat().st_size > 0 and (out / "compare.md").exists()
-    grpo, mars_ = _records(out / "grpo_seed0"), _records(out / "mars_seed0")
+    cfgs = {m: load_config(str(out / f"{m}_seed0" / "config.yaml")) for m in summary["methods"]}
+    assert cfgs["grpo"].rollout.mono == "none" and cfgs["grpo_mars"].rollout.mono == "duplicate"
+    assert cfgs["dapo"].algorithm.dynamic_sampling and cfgs["dapo_mars"].algorithm.dynamic_sampling
+    assert cfgs["dapo"].loss.clip_high == cfgs["dapo_mars"].loss.clip_high == 0.28
+    assert not cfgs["grpo"].algorithm.dynamic_sampling
+    grpo, mars_ = _records(out / "grpo_seed0"), _records(out / "grpo_mars_seed0")
     assert all(r["anchors"] == 0 for r in grpo if r["step"] >= 1)
     assert all(r["anchors"] == 4 for r in mars_ if r["step"] >= 1)
     assert mars_[0]["warmup_time_s"] < grpo[0]["warmup_time_s"]  # the seed's warm start is shared
     assert grpo[0]["eval_acc_multi"] == mars_[0]["eval_acc_multi"]  # so both start from the same weights
-    ids = [[json.loads(line)["id"] for line in open(out / m / "samples.jsonl")] for m in ("grpo_seed0", "mars_seed0")]
+    ids = [[json.loads(line)["id"] for line in open(out / m / "samples.jsonl")] for m in ("grpo_seed0", "grpo_mars_seed0")]
     assert [i for i in ids[1] if "/mono" not in i] == ids[0]  # and see the same prompts
+
+
+def test_compare_workers_give_the_same_numbers(tmp_path, capsys):
+    args = [*FAST, "max_steps=2", "compare.seeds=[0, 1]", "log.plot_every=0", "compare.methods=[grpo, grpo_mars]"]
+    assert mars_main(["train", "--compare", f"output_dir={tmp_path / 'one'}", *args]) == 0
+    assert mars_main(["train", "--compare", f"output_dir={tmp_path / 'two'}", *args, "compare.workers=2"]) == 0
+    a, b = (json.load(open(tmp_path / d / "compare.json")) for d in ("one", "two"))
+    assert set(a["methods"]) == {"grpo", "grpo_mars"} and a["pairs"].keys() == {"grpo_mars_vs_grpo"}
+    for m in a["methods"]:
+        assert a["methods"][m]["final_eval_per_seed"] == b["methods"][m]["final_eval_per_seed"]
+    assert a["pairs"]["grpo_mars_vs_grpo"]["final_acc"] == b["pairs"]["grpo_mars_vs_grpo"]["final_acc"]
+
+
+@pytest.mark.parametrize("bad, msg", [("compare.methods=[grpo, ppo]", "compare.methods"),
+                                      ("compare.workers=0", "compare.workers"),
+                                      ("compare.seeds=[1, 1]", "compare.seeds"),
+                                      ("compare.target=1.5", "compare.target")])
+def test_compare_settings_are_checked(bad, msg):
+    from mars.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
+        load_config(None, [bad])
 
 
 # --------------------------------------------------------------------------- the embedded task
@@ -332,3 +368,51 @@ def test_one_step_on_the_published_formats(tmp_path):
     step = [r for r in _records(out) if r["step"] == 1][0]
     assert step["rollouts"] == 6 and step["anchors"] >= 4 and step["reward_errors"] == 0
     assert step["eval_acc_multi"] is not None and not (out / "heldout").exists()
+
+
+def _tagged_processes(tag: str) -> list[int]:
+    """PIDs of live processes whose environment carries MARS_TEST_TAG=tag (Linux /proc)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if f"MARS_TEST_TAG={tag}".encode() in f.read().split(b"\0"):
+                        pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux /proc")
+def test_compare_workers_stop_on_sigterm(tmp_path):
+    """SIGTERM to `mars train --compare` with workers: every worker finishes its step, writes a
+    checkpoint and exits; the command exits 143; no worker is left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tag = f"cmp-{os.getpid()}-{time.time_ns()}"
+    env = dict(os.environ, MARS_TEST_TAG=tag, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "cmp"
+    args = [*FAST, "max_steps=200", "compare.seeds=[0, 1, 2]", "compare.workers=2", "log.plot_every=0",
+            "compare.methods=[grpo_mars]", "eval.every=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "mars", "train", "--compare", f"output_dir={out}", *args],
+                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = [out / f"grpo_mars_seed{s}" / "metrics.jsonl" for s in (0, 1)]
+    deadline = time.time() + 180
+    while time.time() < deadline and not all(m.exists() and len(m.read_text().splitlines()) > 2 for m in metrics):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM" in err and "--compare starts over" in err
+    time.sleep(1.0)
+    assert _tagged_processes(tag) == []
+    for s in (0, 1):  # both running seeds stopped cleanly, each with a checkpoint of a finished step
+        assert any(d.startswith("step_") for d in os.listdir(out / f"grpo_mars_seed{s}" / "checkpoints"))
+    # the third seed was cancelled, or (already queued to a worker) stopped as soon as it started
+    assert not (out / "grpo_mars_seed2" / "summary.json").exists()

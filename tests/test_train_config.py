@@ -208,3 +208,27 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["loss"]["clip_high"] == 0.28
     assert to_dict(load_config(str(tmp_path / "c.yaml"))) == to_dict(cfg)
     assert dataclasses.replace(cfg).loss.clip_high == 0.28
+
+
+def test_tiny_yaml_lists_every_default():
+    """mars/train/configs/tiny.yaml is the embedded default: every key, with the value the
+    config defaults give (a default changed in one place only fails here)."""
+    import yaml
+
+    from mars.train.config import config_path, to_dict
+
+    with open(config_path("tiny")) as f:
+        listed = yaml.safe_load(f)
+    defaults = to_dict(load_config(None, []))
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "mix" else {f"{prefix}{k}": v})
+        return out
+
+    got, want = flat(listed), flat(defaults)
+    assert got.keys() == want.keys()
+    # YAML reads the bare word off as False: the config coerces it back to "off"
+    assert {k: v for k, v in got.items() if got[k] != want[k]} == {"loss.rollout_is": False}
+    assert to_dict(load_config("tiny", [])) == defaults

@@ -104,7 +104,7 @@ class RolloutConfig:
                                             "vllm.LLM, docs/vllm.md)")
     n: int = F(8, "G: sampled rollouts per prompt")
     temperature: float = F(1.0, "sampling temperature of the G rollouts")
-    top_p: float = F(0.9, "nucleus of the G rollouts")
+    top_p: float = F(1.0, "nucleus of the G rollouts (1.0: no cut; below 1 a policy surer than top_p samples one answer only)")
     max_new_tokens: int = F(16, "maximum response length (L_max)")
     max_prompt_length: int = F(4096, "prompts with more tokens are skipped (counted in prompts_skipped)")
     mono: Literal["duplicate", "single", "none"] = F(
@@ -159,12 +159,12 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     prompts_per_step: int = F(16, "prompts per RL step")
-    lr: float = F(1e-4, "AdamW learning rate")
+    lr: float = F(3e-4, "AdamW learning rate")
     weight_decay: float = F(0.0, "AdamW weight decay")
     betas: list = F([0.9, 0.999], "AdamW betas", value_type=float, length=2)
     warmup_steps: int = F(0, "linear learning-rate warm-up (optimizer steps)")
     max_grad_norm: Optional[float] = F(1.0, "gradient clipping (null: off)")
-    mini_batches: int = F(1, "optimizer steps per RL step (the rollouts split into this many mini-batches)")
+    mini_batches: int = F(4, "optimizer steps per RL step (the rollouts split into this many mini-batches)")
     epochs: int = F(1, "passes over the rollouts of a step")
     micro_batch_size: int = F(64, "rows per forward / backward (accumulated with exact global normalisers)")
 
@@ -180,13 +180,13 @@ class WarmupConfig:
                                    "embedded task: scene categories of the two-source warm-start prompts (null: "
                                    "all of task.mix); by default only scenes where the sources agree",
                                    value_type=str)
-    label_noise: float = F(0.05, "embedded task: share of warm-start answers flipped (a cold start that is not "
+    label_noise: float = F(0.2, "embedded task: share of warm-start answers flipped (a cold start that is not "
                                  "certain: p(answer) about 1 - label_noise)")
 
 
 @dataclass
 class EvalConfig:
-    every: int = F(50, "held-out evaluation every N steps (and at the start and the end; 0: only those)")
+    every: int = F(25, "held-out evaluation every N steps (and at the start and the end; 0: only those)")
     mono: bool = F(True, "also evaluate each single source")
 
 
@@ -215,16 +215,25 @@ class DistConfig:
                                  "held-out evaluation's time: rank 0 evaluates alone)")
 
 
+COMPARE_METHODS = ("grpo", "grpo_mars", "dapo", "dapo_mars")  # mars train --compare (compare.py)
+
+
 @dataclass
 class CompareConfig:
-    seeds: list = F([0, 1, 2], "mars train --compare: seeds run for each method", value_type=int)
+    seeds: list = F([0, 1, 2], "mars train --compare: seeds run for each method (each seed pairs the methods)",
+                    value_type=int)
+    methods: list = F(list(COMPARE_METHODS), "mars train --compare: the methods run on every "
+                      "seed (grpo, grpo_mars, dapo, dapo_mars; docs/train.md)", value_type=str)
+    workers: int = F(1, "mars train --compare: seeds run at once in worker processes (2 on a 2-core CPU with "
+                        "threads=1 halves the wall time)")
+    target: float = F(0.95, "mars train --compare: held-out multi-source accuracy whose first step is reported")
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = F("mars_train/tiny", "where metrics.jsonl, metrics.png, config.yaml and checkpoints go")
     seed: int = F(0, "seed of weights, data and sampling")
-    max_steps: int = F(300, "RL steps")
+    max_steps: int = F(150, "RL steps")
     save_every: int = F(0, "checkpoint every N steps (0: only at the end; a checkpoint is also written on SIGINT / "
                                  "SIGTERM)")
     threads: int = F(1, "torch CPU threads (0: torch's default; one thread keeps the tiny model fast on a "
@@ -537,6 +546,12 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
              "needs the tensorboard package, which is not installed: pip install tensorboard")
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {cfg.dist.timeout_s}")
     need(len(cfg.compare.seeds) >= 1, "compare.seeds", "needs at least one seed")
+    need(len(set(cfg.compare.seeds)) == len(cfg.compare.seeds), "compare.seeds", f"has a seed twice: {cfg.compare.seeds}")
+    bad = [m for m in cfg.compare.methods if m not in COMPARE_METHODS]
+    need(not bad, "compare.methods", f"unknown {bad}; known: {', '.join(COMPARE_METHODS)}")
+    need(len(cfg.compare.methods) >= 1, "compare.methods", "needs at least one method")
+    need(cfg.compare.workers >= 1, "compare.workers", f"must be >= 1, got {cfg.compare.workers}")
+    need(0 < cfg.compare.target <= 1, "compare.target", f"must be in (0, 1], got {cfg.compare.target}")
     t = cfg.task
     from .task import CATEGORIES
 

@@ -46,6 +46,7 @@ from . import checkpoint as ckpt
 from . import distributed, faults
 from .config import EMBEDDED, TINY, ConfigError, TrainConfig, save_config, to_dict
 from .logger import MetricsLogger, truncate_jsonl
+from .progress import RunProgress
 
 __all__ = ["train", "TrainResult", "Rollout", "compute_advantages", "informative_groups", "score_rollouts"]
 
@@ -157,11 +158,19 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
         # torchrun every rank runs the same one (same seed): the replicas start equal.
         t = time.perf_counter()
         key = json.dumps([cfg.seed, cfg.data.train, to_dict(cfg.model), to_dict(cfg.task), to_dict(cfg.warmup)])
+        cached = warm_start_cache is not None and key in warm_start_cache
+        progress = RunProgress(cfg.warmup.steps if resume_from is None and not cached else 0, cfg.max_steps,
+                               rl_guess_ratio=rl_step_cost_ratio(cfg),
+                               enabled=cfg.log.progress and main)  # one bar, one ETA: warm start + RL
         if resume_from is None and cfg.warmup.steps:
-            if warm_start_cache is not None and key in warm_start_cache:
+            if cached:
                 policy.model.load_state_dict(warm_start_cache[key])
             else:
-                warm_start(policy, encoder, cfg, task, prompts, device, stop=stop)
+                try:
+                    warm_start(policy, encoder, cfg, task, prompts, device, stop=stop, progress=progress)
+                except BaseException:
+                    progress.close()
+                    raise
                 if warm_start_cache is not None:
                     warm_start_cache[key] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
         engine.update_weights(policy.model)  # an engine with its own copy of the weights (vLLM) gets these
@@ -230,7 +239,7 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
             return saved[step]
 
         final_eval = {}
-        pbar = _tqdm(cfg, total=cfg.max_steps, initial=start - 1, desc="mars train (RL)", unit="step")
+        progress.start_rl(rl_done=start - 1)
         try:
             if resume_from is None:  # step 0: the policy after the warm start
                 t = time.perf_counter()
@@ -288,7 +297,7 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                     rec.update(final_eval, time_eval=time.perf_counter() - t)
                 rec = logger.log(rec)
                 if main and rec["reward_errors"]:
-                    pbar.write(f"step {step}: {rec['reward_errors']} reward call(s) failed and scored 0 "
+                    progress.write(f"step {step}: {rec['reward_errors']} reward call(s) failed and scored 0 "
                                f"(sample ids in {errors_path})")
                 if main and cfg.log.samples_every and (step % cfg.log.samples_every == 0 or step == 1):
                     _write_samples(samples_path, step, batch)
@@ -302,11 +311,10 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                         if sig is not None and stop.requested is None:
                             stop.requested = sig
                     stop.check(step, lambda: save(step))  # a signal came: checkpoint, raise faults.Interrupted
-                pbar.update(1)
-                pbar.set_postfix(reward=f"{rec['reward_multi']:.2f}", mono=_fmt(rec.get("reward_mono")),
+                progress.rl_step(reward=f"{rec['reward_multi']:.2f}", mono=_fmt(rec.get("reward_mono")),
                                  acc=f"{rec['acc_multi']:.2f}")
         finally:
-            pbar.close()
+            progress.close()
             logger.close()
         plot = logger.plot()
         checkpoint = save(cfg.max_steps)
@@ -683,14 +691,15 @@ def rollout_is_metrics(trained: list[Rollout], old_logp, cfg: TrainConfig) -> di
 
 
 # =============================================================================== warm start
-def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=None) -> None:
+def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=None, progress=None) -> None:
     """Supervised fine-tuning on responses in the answer format (the cold start):
     ``<think> ... </think> <answer> ANSWER </answer>`` + end of turn, token-mean
     cross-entropy, AdamW at warmup.lr. Embedded task: a warmup.single_share of the prompts
     show one source alone (answered with what it shows), the others both sources of a
     scene of warmup.categories (answered with the truth); warmup.label_noise of the
     answers flipped. File data: the training prompts with their ground truth.
-    stop: a faults.StopSignals; after a signal the warm start raises faults.Interrupted."""
+    stop: a faults.StopSignals; after a signal the warm start raises faults.Interrupted.
+    progress: the run's :class:`RunProgress` (None: a bar of its own)."""
     w = cfg.warmup
     model = policy.model
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr)
@@ -698,7 +707,9 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
     eos = encoder.tokenizer.eos_token_id
     cats = w.categories or [c for c, v in cfg.task.mix.items() if v > 0]
     model.train()
-    pbar = _tqdm(cfg, total=w.steps, desc="mars train (warm start)", unit="step")
+    own = progress is None
+    if own:
+        progress = RunProgress(w.steps, 0, enabled=cfg.log.progress and distributed.current().is_main)
     for step in range(w.steps):
         samples = []
         for i in range(w.batch_size):
@@ -720,11 +731,21 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        pbar.update(1)
-        pbar.set_postfix(loss=f"{loss.item():.3f}")
+        progress.warm_step(loss=f"{loss.item():.3f}")
         if stop is not None:
             stop.check(0, None)
-    pbar.close()
+    if own:
+        progress.close()
+
+
+def rl_step_cost_ratio(cfg: TrainConfig) -> float:
+    """Guess of (RL-step time) / (warm-step time) for the ETA before an RL step is timed:
+    the rows an RL step generates (G per prompt, plus one anchor per source) decode
+    token by token, then pass twice more (old log-probs, update); a warm step passes its
+    batch once, forward and backward. Measured on the embedded default: about 6-10."""
+    sources = 0 if cfg.rollout.mono == "none" else 2
+    rows = cfg.optim.prompts_per_step * (cfg.rollout.n + sources)
+    return max(1.0, rows / max(cfg.warmup.batch_size, 1) * 0.9)
 
 
 def warmup_target(sample, rng: random.Random, label_noise: float = 0.0) -> str:
@@ -806,12 +827,27 @@ def step_metrics(batch: list[Rollout], trained: list[Rollout], adv, stats, old_l
         # advantage that reaches those groups (MARS: sign(gain); GRPO: 0)
         flat = [abs(float(a)) for r, a in zip(trained, adv.tolist()) if len(by_group[r.group]) == 1]
         m["adv_abs_mean_equal_groups"] = mean(flat)
+    m.update(category_metrics(trained, anchors))
     diffs = [(torch.tensor(r.completion.logprobs) - lp).abs().mean().item()
              for r, lp in zip(trained, old_logp) if r.completion.logprobs is not None and len(lp)]
     m["rollout_logp_diff"] = mean(diffs)
     if cfg.loss.rollout_is != "off":
         m.update(rollout_is_metrics(trained, old_logp, cfg))
     return m
+
+
+def category_metrics(trained: list[Rollout], anchors: list[Rollout]) -> dict:
+    """Training accuracy per scene category (samples whose extra_info names one, as the
+    embedded task's): ``acc_multi/{c}`` over the sampled rollouts, ``acc_source_{k}/{c}``
+    over the greedy anchors of source k. What the anchors answer where GRPO's group has
+    no signal is what MARS adds (docs/train.md)."""
+    acc: dict[str, list[float]] = {}
+    for r in trained + anchors:
+        cat = r.sample.extra_info.get("category") if isinstance(r.sample.extra_info, dict) else None
+        if cat is not None:
+            key = "acc_multi" if not r.anchor else f"acc_source_{r.source}"
+            acc.setdefault(f"{key}/{cat}", []).append(r.accuracy)
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
 
 
 # =============================================================================== pieces
