@@ -305,7 +305,7 @@ def test_compare_pairs_methods_on_the_same_seeds(tmp_path, capsys):
 
 def test_compare_workers_give_the_same_numbers(tmp_path, capsys):
     args = [*FAST, "max_steps=2", "compare.seeds=[0, 1]", "log.plot_every=0", "compare.methods=[grpo, grpo_mars]"]
-    assert mars_main(["train", "--compare", f"output_dir={tmp_path / 'one'}", *args]) == 0
+    assert mars_main(["train", "--compare", f"output_dir={tmp_path / 'one'}", *args, "compare.workers=1"]) == 0
     assert mars_main(["train", "--compare", f"output_dir={tmp_path / 'two'}", *args, "compare.workers=2"]) == 0
     a, b = (json.load(open(tmp_path / d / "compare.json")) for d in ("one", "two"))
     assert set(a["methods"]) == {"grpo", "grpo_mars"} and a["pairs"].keys() == {"grpo_mars_vs_grpo"}
@@ -315,7 +315,7 @@ def test_compare_workers_give_the_same_numbers(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad, msg", [("compare.methods=[grpo, ppo]", "compare.methods"),
-                                      ("compare.workers=0", "compare.workers"),
+                                      ("compare.workers=-1", "compare.workers"),
                                       ("compare.seeds=[1, 1]", "compare.seeds"),
                                       ("compare.target=1.5", "compare.target")])
 def test_compare_settings_are_checked(bad, msg):
@@ -416,3 +416,57 @@ def test_compare_workers_stop_on_sigterm(tmp_path):
         assert any(d.startswith("step_") for d in os.listdir(out / f"grpo_mars_seed{s}" / "checkpoints"))
     # the third seed was cancelled, or (already queued to a worker) stopped as soon as it started
     assert not (out / "grpo_mars_seed2" / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------- an earlier run is never lost
+def _tree(path):
+    return {str(p.relative_to(path)): (p.stat().st_size if p.is_file() else None) for p in path.rglob("*")}
+
+
+def test_a_fresh_run_never_replaces_an_earlier_one_by_accident(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert mars_main(["train", f"output_dir={out}", *FAST]) == 0
+    capsys.readouterr()
+    done = _tree(out)
+    assert "checkpoints/step_000001/trainer_state.json" in done
+    # without --overwrite: refused before anything is written, naming both ways out
+    assert mars_main(["train", f"output_dir={out}", *FAST, "seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mars train: error: output_dir:") and "holds checkpoints of an earlier run" in err
+    assert f"mars train --resume {out}" in err and "--overwrite" in err and "Traceback" not in err
+    assert _tree(out) == done and "seed: 0" in (out / "config.yaml").read_text()
+    # --overwrite with an input that fails to load: the earlier run is still whole
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"role": "user", "content": [{"type": "image", "image": "missing.png"}, '
+                   '{"type": "text", "text": "is there a person ?"}], "ground_truth": "yes"}]')
+    with pytest.raises(Exception, match="missing.png"):
+        mars_main(["train", f"output_dir={out}", *FAST, f"data.train={bad}", "data.eval=null", "--overwrite"])
+    assert _tree(out) == done
+    # --overwrite with good inputs: replaced, and said so
+    assert mars_main(["train", f"output_dir={out}", *FAST, "seed=3", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "--overwrite: removed 1 checkpoint(s) of an earlier run" in err
+    assert "seed: 3" in (out / "config.yaml").read_text()
+    assert mars_main(["train", "--resume", str(out), "--overwrite"]) == 2  # --resume keeps checkpoints
+    assert "no --overwrite" in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert mars_main(["train", f"output_dir={f}", *FAST]) == 2
+    assert "output_dir: " in capsys.readouterr().err and f.read_text() == "x"
+
+
+def test_compare_refuses_an_earlier_compare_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["train", "--compare", f"output_dir={out}", *FAST, "compare.seeds=[0]", "compare.methods=[grpo]",
+            "log.plot_every=0"]
+    assert mars_main(args) == 0
+    capsys.readouterr()
+    before = _tree(out)
+    assert mars_main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds runs of an earlier --compare (grpo_seed0)" in err and "--overwrite" in err
+    assert _tree(out) == before
+    assert mars_main([*args, "--overwrite"]) == 0

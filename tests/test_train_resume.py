@@ -220,23 +220,47 @@ def _resume_error_steps(run, capsys, n):
     return capsys.readouterr().err
 
 
-def test_resume_without_a_checkpoint_starts_over(tmp_path, capsys):
+def _killed_run_dir(tmp_path, name="fresh"):
+    """OUTPUT_DIR of a run killed before its first checkpoint: config.yaml, a cut metrics.jsonl."""
     from mars.train.config import load_config, save_config
 
-    run = tmp_path / "fresh"
+    run = tmp_path / name
     run.mkdir()
     fast = [a for a in ARGS if not a.startswith(("max_steps", "save_every", "loss.kl_coef"))]
     save_config(load_config(None, [*fast, "max_steps=1", f"output_dir={run}", "data.eval=null"]),
                 str(run / "config.yaml"))
     (run / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # a killed run's
-    os.makedirs(run / "checkpoints" / ".tmp-step_000002")
-    os.makedirs(run / "checkpoints" / "step_000009")  # no marker: never resumed, removed by the new start
-    with pytest.warns(UserWarning, match="skipping"):
-        assert mars_main(["train", "--resume", str(run)]) == 0
+    return run
+
+
+def test_resume_without_a_checkpoint_starts_over(tmp_path, capsys):
+    run = _killed_run_dir(tmp_path)
+    assert mars_main(["train", "--resume", str(run)]) == 0
     err = capsys.readouterr().err
-    assert "no complete checkpoint in" in err and "removed 1 checkpoint(s) of an earlier run" in err
+    assert "no checkpoint in" in err and "starting the run over" in err
     assert _steps(str(run)) == [0, 1] and "loss" in _lines(str(run / "metrics.jsonl"))[1]
     assert _ckpts(str(run)) == ["latest", "step_000001"]
+
+
+def test_resume_never_deletes_unusable_checkpoints(tmp_path, capsys):
+    """Checkpoints none of which can be resumed: --resume refuses, names each and what is
+    wrong, and leaves every file as it was."""
+    run = _killed_run_dir(tmp_path)
+    os.makedirs(run / "checkpoints" / ".tmp-step_000002")
+    os.makedirs(run / "checkpoints" / "step_000009")  # no marker
+    os.makedirs(run / "checkpoints" / "step_000004")
+    (run / "checkpoints" / "step_000004" / "trainer_state.json").write_text("{not json")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.warns(UserWarning, match="skipping"):
+        assert mars_main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "can be resumed, and nothing was deleted" in err
+    assert ".tmp-step_000002: a save that was cut short" in err
+    assert "step_000009/trainer_state.json: missing" in err and "step_000004/trainer_state.json: corrupt" in err
+    assert "--overwrite" in err
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert (run / "metrics.jsonl").read_text() == metrics
 
 
 def test_rng_state_round_trip():

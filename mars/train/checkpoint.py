@@ -43,7 +43,7 @@ import torch
 from . import faults
 
 __all__ = ["CheckpointError", "save_checkpoint", "save_reference", "find_resumable", "read_trainer_state",
-           "clear_checkpoints", "config_differences",
+           "clear_checkpoints", "earlier_checkpoints", "unusable_checkpoints", "config_differences",
            "restore_checkpoint", "load_weights", "latest_checkpoint", "rng_state", "set_rng_state",
            "MARKER", "REFERENCE_DIR"]
 
@@ -249,6 +249,32 @@ def save_reference(output_dir: str, model) -> str:
         json.dump({"files": files}, f)
     _commit(tmp, final)
     return final
+
+
+def earlier_checkpoints(output_dir: str) -> list[str]:
+    """Names under OUTPUT_DIR/checkpoints that an earlier run left (``step_*``, ``.tmp-*``,
+    ``reference``), sorted; [] for none."""
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(n for n in os.listdir(ckpt_dir)
+                  if _STEP_DIR.fullmatch(n) or n.startswith((".tmp-", ".old-")) or n == REFERENCE_DIR)
+
+
+def unusable_checkpoints(output_dir: str) -> list[str]:
+    """One line per checkpoint directory of OUTPUT_DIR that cannot be resumed, saying why
+    (``.tmp-*``: a save cut short; ``step_*`` without or with a bad trainer_state.json)."""
+    out = []
+    for name in earlier_checkpoints(output_dir):
+        path = os.path.join(output_dir, "checkpoints", name)
+        if name.startswith((".tmp-", ".old-")):
+            out.append(f"{path}: a save that was cut short (no {MARKER})")
+        elif _STEP_DIR.fullmatch(name):
+            try:
+                read_trainer_state(path)
+            except CheckpointError as exc:
+                out.append(str(exc))
+    return out
 
 
 def clear_checkpoints(output_dir: str) -> int:

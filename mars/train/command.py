@@ -2,7 +2,8 @@
 
     mars train [CONFIG.yaml | NAME] [key=value ...]     train (no arguments: the embedded default)
     mars train --resume OUTPUT_DIR [key=value ...]      go on from OUTPUT_DIR's newest checkpoint
-    mars train --compare [CONFIG] [key=value ...]       GRPO vs GRPO+MARS on the same seeds
+    mars train --compare [CONFIG] [key=value ...]       GRPO / DAPO with and without MARS on the same seeds
+    --overwrite                                         a fresh run may replace an earlier run's checkpoints
     mars train --list-keys                              every config key with its default
 
 Exit status: 0 done, 2 usage / config / checkpoint error, 128 + N stopped by signal N
@@ -23,9 +24,9 @@ from .config import RESUME_KEYS, RESUME_MEMORY_KEYS, ConfigError, describe, load
 
 __all__ = ["cli_main", "USAGE"]
 
-USAGE = """usage: mars train [CONFIG.yaml | NAME] [key=value ...]
+USAGE = """usage: mars train [CONFIG.yaml | NAME] [--overwrite] [key=value ...]
        mars train --resume OUTPUT_DIR [key=value ...]
-       mars train --compare [CONFIG.yaml | NAME] [key=value ...]
+       mars train --compare [CONFIG.yaml | NAME] [--overwrite] [key=value ...]
        mars train --list-keys
 
 Train a VLM with GRPO / DAPO + MARS (mono-anchored advantages). With no arguments: the
@@ -39,7 +40,10 @@ moment (SIGKILL included) and resumed writes the same metrics and weights as one
 stopped. Overrides on resume: {resume_keys};
 after running out of memory also {memory_keys}
 (batched differently: equal up to rounding, no longer bit for bit).
---compare runs GRPO (rollout.mono=none) and GRPO+MARS on compare.seeds and writes one plot.
+A fresh run into an OUTPUT_DIR that holds an earlier run's checkpoints is refused (continue
+it with --resume); --overwrite replaces it, once the data and the model have loaded.
+--compare runs compare.methods (GRPO, GRPO+MARS, DAPO, DAPO+MARS) on compare.seeds and reports
+the paired differences with 95% confidence intervals (docs/train.md).
 """
 
 
@@ -82,15 +86,17 @@ def cli_main(argv) -> int:
         resume = argv.pop(i + 1)
     try:
         flags, config, overrides = _split_args(argv)
-        unknown = [f for f in flags if f not in ("--compare", "--list-keys", "--resume")]
+        unknown = [f for f in flags if f not in ("--compare", "--list-keys", "--resume", "--overwrite")]
         if unknown:
-            raise ConfigError(f"unknown option {unknown[0]}; options: --resume, --compare, --list-keys, --help")
+            raise ConfigError(f"unknown option {unknown[0]}; options: --resume, --compare, --overwrite, --list-keys, "
+                              "--help")
         if "--list-keys" in flags:
             _print_keys()
             return 0
         if resume is not None:
-            if config is not None or "--compare" in flags:
-                raise ConfigError("--resume OUTPUT_DIR takes the config saved in OUTPUT_DIR: no CONFIG, no --compare")
+            if config is not None or "--compare" in flags or "--overwrite" in flags:
+                raise ConfigError("--resume OUTPUT_DIR takes the config saved in OUTPUT_DIR and keeps its checkpoints: "
+                                  "no CONFIG, no --compare, no --overwrite")
             cfg = load_resume_config(resume, overrides)
         else:
             cfg = load_config(config, overrides)
@@ -106,10 +112,15 @@ def cli_main(argv) -> int:
 
         explicit_dir = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
         try:
-            res = run_compare(cfg, output_dir=None if explicit_dir or config else "mars_train/compare")
+            res = run_compare(cfg, output_dir=None if explicit_dir or config else "mars_train/compare",
+                              overwrite="--overwrite" in flags)
         except Interrupted as exc:
-            print(f"\nmars train --compare: {exc} (that run alone; --compare starts over)", file=sys.stderr)
+            print(f"\nmars train --compare: {exc} (that run alone; --compare starts over, with --overwrite)",
+                  file=sys.stderr)
             return exc.exit_code
+        except ConfigError as exc:
+            print(f"mars train: error: {exc}", file=sys.stderr)
+            return 2
         print(res.table)
         print(f"\nplot:    {res.plot_path}\nsummary: {res.summary_path}")
         return 0
@@ -120,7 +131,7 @@ def cli_main(argv) -> int:
 
     try:
         try:
-            res = train(cfg, resume=resume is not None)
+            res = train(cfg, resume=resume is not None, overwrite="--overwrite" in flags)
         except Interrupted as exc:
             if distributed.current().is_main:
                 print(f"\nmars train: {exc}", file=sys.stderr)

@@ -17,8 +17,9 @@ accuracy and of the area under its accuracy curve (mean accuracy over the evalua
 is summarised by :func:`mars.train.stats.paired_difference` (mean, t and paired-bootstrap
 95% intervals, wins / losses / ties), with the RL steps to reach ``compare.target``.
 
-``compare.workers`` > 1 runs that many seeds at once in worker processes (each run keeps
-``threads`` torch threads; the numbers of a run do not depend on where it ran).
+``compare.workers`` (0: one per ``threads`` CPU cores, 1 on a GPU) runs that many seeds at
+once in worker processes (each run keeps ``threads`` torch threads; the numbers of a run do
+not depend on where it ran).
 
 Output under OUTPUT_DIR: ``{method}_seed{S}/`` (each a full run), ``compare.json`` (every
 number, per seed too), ``compare.md`` (the tables) and ``compare.png`` (curves with 95%
@@ -72,7 +73,19 @@ def method_config(cfg: TrainConfig, method: str, seed: int, output_dir: str) -> 
         loss=dataclasses.replace(cfg.loss, clip_high=DAPO_CLIP_HIGH if dapo else cfg.loss.clip_high))
 
 
-def _run_seed(cfg: TrainConfig, seed: int, methods, out_dir: str, quiet: bool) -> list[dict]:
+def compare_workers(cfg: TrainConfig) -> int:
+    """compare.workers, with 0 (auto): one per ``threads`` CPU cores on a CPU run, 1 when
+    the model goes to a GPU (the runs would share it)."""
+    if cfg.compare.workers:
+        return cfg.compare.workers
+    from .loop import _device
+
+    if _device(cfg.model.device).type != "cpu":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(cfg.threads, 1))
+
+
+def _run_seed(cfg: TrainConfig, seed: int, methods, out_dir: str, quiet: bool, overwrite: bool = False) -> list[dict]:
     """Every method on one seed (sharing the seed's warm start); the runs' summaries. In a
     worker process (quiet) a stop signal ends the seed with {"interrupted": signum,
     "output_dir": ...} instead of an exception (Interrupted does not cross processes)."""
@@ -89,7 +102,7 @@ def _run_seed(cfg: TrainConfig, seed: int, methods, out_dir: str, quiet: bool) -
                 return [{"interrupted": _WORKER_STOP[0], "output_dir": c.output_dir}]
         t = time.perf_counter()
         try:
-            res = train(c, warm_start_cache=cache)
+            res = train(c, warm_start_cache=cache, overwrite=overwrite)
         except Interrupted as exc:
             if not quiet:
                 raise
@@ -111,7 +124,7 @@ def _worker_init() -> None:
         signal.signal(sig, lambda signum, frame: _WORKER_STOP.append(signum))
 
 
-def _run_parallel(cfg: TrainConfig, seeds, methods, out_dir: str, workers: int, bar) -> list[dict]:
+def _run_parallel(cfg: TrainConfig, seeds, methods, out_dir: str, workers: int, bar, overwrite: bool) -> list[dict]:
     """The seeds in ``workers`` spawned processes. SIGTERM to this process is passed on to
     the workers (SIGINT from a terminal reaches them by itself): each finishes its step,
     checkpoints and stops, seeds not started are cancelled, and :class:`Interrupted` is
@@ -125,7 +138,7 @@ def _run_parallel(cfg: TrainConfig, seeds, methods, out_dir: str, workers: int, 
     runs: list[dict] = []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init) as pool:
-        futures = [pool.submit(_run_seed, cfg, s, methods, out_dir, True) for s in seeds]
+        futures = [pool.submit(_run_seed, cfg, s, methods, out_dir, True, overwrite) for s in seeds]
 
         signalled: list[int] = []
 
@@ -176,27 +189,36 @@ def _run_summary(method: str, seed: int, res, wall: float) -> dict:
             "median_phase_time_s": {k: statistics.median(r[k] for r in steps) if steps else None for k in PHASES}}
 
 
-def run_compare(cfg: TrainConfig, output_dir: str | None = None) -> CompareResult:
-    """Run ``cfg.compare.methods`` on ``cfg.compare.seeds`` and summarise (module docstring)."""
+def run_compare(cfg: TrainConfig, output_dir: str | None = None, overwrite: bool = False) -> CompareResult:
+    """Run ``cfg.compare.methods`` on ``cfg.compare.seeds`` and summarise (module docstring).
+    A run directory that holds an earlier run's checkpoints makes it refuse before any run
+    starts (ConfigError), unless ``overwrite``."""
+    from .checkpoint import earlier_checkpoints
+    from .config import ConfigError
     from .loop import _tqdm
 
     out_dir = output_dir or cfg.output_dir
-    os.makedirs(out_dir, exist_ok=True)
-    save_config(cfg, os.path.join(out_dir, "config.yaml"))
     methods = [m for m in METHODS if m in cfg.compare.methods]
     seeds = list(cfg.compare.seeds)
-    workers = min(cfg.compare.workers, len(seeds))
+    taken = [f"{m}_seed{s}" for s in seeds for m in methods if earlier_checkpoints(os.path.join(out_dir, f"{m}_seed{s}"))]
+    if taken and not overwrite:
+        raise ConfigError(f"output_dir: {out_dir} holds runs of an earlier --compare ({', '.join(taken[:4])}"
+                          f"{' ...' if len(taken) > 4 else ''}); replace them with --overwrite or choose another "
+                          "output_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    workers = min(compare_workers(cfg), len(seeds))
     t0 = time.perf_counter()
     runs: list[dict] = []
     bar = _tqdm(cfg, total=len(seeds) * len(methods), desc="mars train --compare", unit="run")
     if workers <= 1:
         for seed in seeds:
-            for r in _run_seed(cfg, seed, methods, out_dir, quiet=False):
+            for r in _run_seed(cfg, seed, methods, out_dir, quiet=False, overwrite=overwrite):
                 runs.append(r)
                 bar.update(1)
     else:  # seeds in worker processes; their bars would interleave, so only this one is drawn
         try:
-            runs = _run_parallel(cfg, seeds, methods, out_dir, workers, bar)
+            runs = _run_parallel(cfg, seeds, methods, out_dir, workers, bar, overwrite)
         finally:
             bar.close()
     bar.close()

@@ -224,8 +224,8 @@ class CompareConfig:
                     value_type=int)
     methods: list = F(list(COMPARE_METHODS), "mars train --compare: the methods run on every "
                       "seed (grpo, grpo_mars, dapo, dapo_mars; docs/train.md)", value_type=str)
-    workers: int = F(1, "mars train --compare: seeds run at once in worker processes (2 on a 2-core CPU with "
-                        "threads=1 halves the wall time)")
+    workers: int = F(0, "mars train --compare: seeds run at once in worker processes (0: auto, CPU cores / threads "
+                        "on a CPU run, 1 on a GPU; the numbers of a run do not depend on it)")
     target: float = F(0.95, "mars train --compare: held-out multi-source accuracy whose first step is reported")
 
 
@@ -550,7 +550,7 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     bad = [m for m in cfg.compare.methods if m not in COMPARE_METHODS]
     need(not bad, "compare.methods", f"unknown {bad}; known: {', '.join(COMPARE_METHODS)}")
     need(len(cfg.compare.methods) >= 1, "compare.methods", "needs at least one method")
-    need(cfg.compare.workers >= 1, "compare.workers", f"must be >= 1, got {cfg.compare.workers}")
+    need(cfg.compare.workers >= 0, "compare.workers", f"must be >= 0 (0: auto), got {cfg.compare.workers}")
     need(0 < cfg.compare.target <= 1, "compare.target", f"must be in (0, 1], got {cfg.compare.target}")
     t = cfg.task
     from .task import CATEGORIES

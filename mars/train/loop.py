@@ -81,7 +81,8 @@ class Rollout:
 
 
 # =============================================================================== the recipe
-def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: bool = False,
+          overwrite: bool = False) -> TrainResult:
     """Run the configured training (the config is validated by ``load_config``).
     warm_start_cache: a dict shared between runs (``mars train --compare``): a run whose
     model, task, data and warm-start settings and seed match a finished warm start reuses
@@ -90,8 +91,12 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     --resume``): model, reference model, optimizer, scheduler, every RNG and the data
     position are the checkpoint's, the warm start is not redone, and metrics.jsonl,
     reward_errors.jsonl and samples.jsonl are cut back to its step and appended to, so the
-    run writes what it would have written had it never stopped. Without a checkpoint the
-    run starts over.
+    run writes what it would have written had it never stopped. With no checkpoint at all
+    the run starts over; with checkpoints none of which can be resumed it refuses
+    (CheckpointError listing each and what is wrong) and deletes nothing.
+    overwrite: a fresh run into an OUTPUT_DIR that holds an earlier run's checkpoints
+    removes them, once the data and the model have loaded; without it such a run is
+    refused (ConfigError naming --resume and --overwrite) before anything is written.
     Under torchrun (``WORLD_SIZE`` set) this is one rank of a data-parallel run
     (docs/distributed.md, ``cfg.dist``): each rank trains on its shard of every step's
     prompts, the model is wrapped (DDP / FSDP2), metrics are reduced over the ranks and
@@ -108,21 +113,13 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     if cfg.optim.prompts_per_step % info.world_size:
         raise ConfigError(f"optim.prompts_per_step: {cfg.optim.prompts_per_step} prompts cannot be split evenly "
                           f"over {info.world_size} processes; use a multiple of {info.world_size}")
-    os.makedirs(cfg.output_dir, exist_ok=True)
     resume_from, problem = None, None
     if main:  # rank 0 decides where the run starts; the others learn it (and any error) from it
         try:
-            resume_from = ckpt.find_resumable(cfg.output_dir) if resume else None
-            if resume and resume_from is None:
-                print(f"mars train: no complete checkpoint in {cfg.output_dir}: starting the run over",
-                      file=sys.stderr)
-            if resume_from is None and (n := ckpt.clear_checkpoints(cfg.output_dir)):
-                print(f"mars train: removed {n} checkpoint(s) of an earlier run in {cfg.output_dir}",
-                      file=sys.stderr)
+            resume_from = _start_point(cfg, resume, overwrite)
             if resume_from is not None:
                 _check_resume_config(cfg, ckpt.read_trainer_state(resume_from), resume_from)
                 _check_resume_world(resume_from, info.world_size)
-            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         except (ConfigError, ckpt.CheckpointError) as exc:
             problem = exc
     if info.distributed:
@@ -135,9 +132,6 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     device = info.device if info.distributed else _device(cfg.model.device)
     errors_path = os.path.join(cfg.output_dir, "reward_errors.jsonl")
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
-    if resume_from is None and main:
-        for p in (errors_path, samples_path):
-            open(p, "w").close()
 
     # ---- data, model, engine
     task = embedded.EmbeddedTask(cfg.task.mix, cfg.task.image_size, cfg.task.noise, seed=cfg.seed) \
@@ -150,6 +144,15 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
         options["seed"] = distributed.rank_seed(cfg.seed, info)
     engine = build_rollout_engine(cfg.rollout.engine, policy, **options)
     encoder = engine.encoder
+    if main:  # the inputs loaded: only now is OUTPUT_DIR written (an earlier run's checkpoints removed)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if resume_from is None:
+            if n := ckpt.clear_checkpoints(cfg.output_dir):
+                print(f"mars train: --overwrite: removed {n} checkpoint(s) of an earlier run in {cfg.output_dir}",
+                      file=sys.stderr)
+            for p in (errors_path, samples_path):
+                open(p, "w").close()
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     if cfg.data.eval == EMBEDDED and heldout and main:  # the held-out set as a `mars eval` file
         embedded.write_eval_file(heldout, os.path.join(cfg.output_dir, "heldout"))
 
@@ -326,6 +329,39 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     if main:
         _write_summary(cfg, result)
     return result
+
+
+def _start_point(cfg: TrainConfig, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint to resume from (None: a fresh run), after the checks that keep an
+    earlier run's checkpoints: --resume with only unusable checkpoints and a fresh run into a
+    directory with checkpoints (without ``overwrite``) are refused; nothing is deleted here."""
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir: {out} is a file, not a directory; choose another output_dir")
+    if resume:
+        first = None
+        try:
+            found = ckpt.find_resumable(out)
+        except ckpt.CheckpointError as exc:  # the newest checkpoint is corrupt: list every problem
+            found, first = None, str(exc)
+        if found is not None:
+            return found
+        bad = ckpt.unusable_checkpoints(out)
+        if first is not None and first not in bad:
+            bad.insert(0, first)
+        if bad:
+            raise ckpt.CheckpointError(
+                f"no checkpoint in {out} can be resumed, and nothing was deleted:\n  " + "\n  ".join(bad)
+                + f"\nstart a new run there with: mars train {out}/config.yaml --overwrite (removes them), "
+                  "or choose another output_dir")
+        print(f"mars train: no checkpoint in {out}: starting the run over", file=sys.stderr)
+        return None
+    earlier = ckpt.earlier_checkpoints(out)
+    if earlier and not overwrite:
+        shown = ", ".join(earlier[-3:]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        raise ConfigError(f"output_dir: {out} holds checkpoints of an earlier run ({shown}); continue it with "
+                          f"`mars train --resume {out}`, replace it with --overwrite, or choose another output_dir")
+    return None
 
 
 def _wrap(model, info, cfg: TrainConfig):
