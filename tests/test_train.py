@@ -439,8 +439,9 @@ def test_a_fresh_run_never_replaces_an_earlier_one_by_accident(tmp_path, capsys)
     bad = tmp_path / "bad.json"
     bad.write_text('[{"role": "user", "content": [{"type": "image", "image": "missing.png"}, '
                    '{"type": "text", "text": "is there a person ?"}], "ground_truth": "yes"}]')
-    with pytest.raises(Exception, match="missing.png"):
-        mars_main(["train", f"output_dir={out}", *FAST, f"data.train={bad}", "data.eval=null", "--overwrite"])
+    assert mars_main(["train", f"output_dir={out}", *FAST, f"data.train={bad}", "data.eval=null", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mars train: error: ") and "missing.png" in err and "Traceback" not in err
     assert _tree(out) == done
     # --overwrite with good inputs: replaced, and said so
     assert mars_main(["train", f"output_dir={out}", *FAST, "seed=3", "--overwrite"]) == 0

@@ -232,3 +232,43 @@ def test_tiny_yaml_lists_every_default():
     # YAML reads the bare word off as False: the config coerces it back to "off"
     assert {k: v for k, v in got.items() if got[k] != want[k]} == {"loss.rollout_is": False}
     assert to_dict(load_config("tiny", [])) == defaults
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
+    ("dist.timeout_s=.inf", "dist.timeout_s: must be a finite number, got inf"),
+    ("loss.clip_high=.nan", "loss.clip_high: must be a finite number, got nan"),
+    ("optim.betas=[0.9, .nan]", "optim.betas: must be a finite number"),
+    ("task.mix={day_person: .inf}", "task.mix.day_person: must be a finite number"),
+    ("data.eval_limit=-5", "data.eval_limit: must be >= 1 or null"),
+    ("data.eval_limit=0", "data.eval_limit: must be >= 1 or null"),
+    ("algorithm.backend=bogus", "algorithm.backend: unknown backend 'bogus'; one of auto, reference, cpu"),
+    ("loss.backend=bogus", "loss.backend: unknown backend 'bogus'"),
+    ("model.device=gpu", "model.device: must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_values_are_refused_before_any_work(override, msg):
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        load_config(None, [override])
+
+
+def test_unavailable_device_and_backend_are_refused():
+    import torch
+
+    import mars
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="model.device: cuda was asked for but no CUDA device is visible"):
+            load_config(None, ["model.device=cuda"])
+    for name, b in mars.backends().items():
+        if not b.available:
+            with pytest.raises(ConfigError, match=f"loss.backend: backend '{name}' is not available here"):
+                load_config(None, [f"loss.backend={name}"])
+        else:
+            assert load_config(None, [f"loss.backend={name}"]).loss.backend == name
+
+
+def test_a_config_that_cannot_learn_is_warned_about(capsys):
+    load_config(None, ["rollout.n=1", "rollout.mono=none"])
+    assert "nothing can be learned" in capsys.readouterr().err
+    load_config(None, ["rollout.n=1"])  # anchors: the pool has a signal
+    assert "nothing can be learned" not in capsys.readouterr().err

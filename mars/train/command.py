@@ -107,6 +107,8 @@ def cli_main(argv) -> int:
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             print("mars train: error: --compare runs one process (not under torchrun)", file=sys.stderr)
             return 2
+        from mars.data import DataFormatError
+
         from .compare import run_compare
         from .faults import Interrupted
 
@@ -118,15 +120,17 @@ def cli_main(argv) -> int:
             print(f"\nmars train --compare: {exc} (that run alone; --compare starts over, with --overwrite)",
                   file=sys.stderr)
             return exc.exit_code
-        except ConfigError as exc:
+        except (ConfigError, DataFormatError) as exc:
             print(f"mars train: error: {exc}", file=sys.stderr)
             return 2
         print(res.table)
         print(f"\nplot:    {res.plot_path}\nsummary: {res.summary_path}")
         return 0
+    from mars.data import DataFormatError
+
     from . import distributed
     from .checkpoint import CheckpointError
-    from .faults import Interrupted
+    from .faults import Diverged, Interrupted
     from .loop import train
 
     try:
@@ -136,7 +140,11 @@ def cli_main(argv) -> int:
             if distributed.current().is_main:
                 print(f"\nmars train: {exc}", file=sys.stderr)
             return exc.exit_code
-        except (CheckpointError, ConfigError) as exc:
+        except Diverged as exc:
+            if distributed.current().is_main:  # every rank stops at the same step (the norm is global)
+                print(f"mars train: error: {exc}", file=sys.stderr)
+            return 1
+        except (CheckpointError, ConfigError, DataFormatError) as exc:
             info = distributed.current()
             if info.is_main:  # every rank raises the same error
                 print(f"mars train: error: {exc}", file=sys.stderr)

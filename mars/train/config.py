@@ -14,8 +14,10 @@ the valid keys of its section). docs/train.md lists every key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -164,6 +166,9 @@ class OptimConfig:
     betas: list = F([0.9, 0.999], "AdamW betas", value_type=float, length=2)
     warmup_steps: int = F(0, "linear learning-rate warm-up (optimizer steps)")
     max_grad_norm: Optional[float] = F(1.0, "gradient clipping (null: off)")
+    on_nonfinite: Literal["stop", "skip"] = F("stop", "a non-finite loss or gradient norm: stop the run before the "
+                                                      "weights change (exit 1, the last checkpoint intact), or skip "
+                                                      "that optimizer step and count it (skipped_steps)")
     mini_batches: int = F(4, "optimizer steps per RL step (the rollouts split into this many mini-batches)")
     epochs: int = F(1, "passes over the rollouts of a step")
     micro_batch_size: int = F(64, "rows per forward / backward (accumulated with exact global normalisers)")
@@ -491,7 +496,17 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
+    for key, value in _numbers(cfg):
+        need(math.isfinite(value), key, f"must be a finite number, got {value}")
     need(cfg.output_dir.strip() != "", "output_dir", "must not be empty")
+    need(cfg.data.eval_limit is None or cfg.data.eval_limit >= 1, "data.eval_limit",
+         f"must be >= 1 or null (all held-out samples), got {cfg.data.eval_limit}")
+    _check_device(cfg.model.device, need)
+    for key, backend in (("algorithm.backend", cfg.algorithm.backend), ("loss.backend", cfg.loss.backend)):
+        _check_backend(key, backend, need)
+    if cfg.rollout.n == 1 and cfg.rollout.mono == "none":
+        print("mars train: warning: rollout.n=1 with rollout.mono=none: every group has one reward, every advantage "
+              "is 0 and nothing can be learned (raise rollout.n or use anchors)", file=sys.stderr)
     need(cfg.max_steps >= 0, "max_steps", f"must be >= 0, got {cfg.max_steps}")
     need(cfg.save_every >= 0, "save_every", f"must be >= 0, got {cfg.save_every}")
     need(cfg.threads >= 0, "threads", f"must be >= 0, got {cfg.threads}")
@@ -592,6 +607,45 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
             need(os.path.isdir(os.path.expanduser(p)), "model.path",
                  f"directory not found: {p!r} ('{TINY}' is the tiny model built locally; a hub name looks like "
                  "Qwen/Qwen2.5-VL-3B-Instruct)")
+
+
+def _numbers(cfg, prefix: str = ""):
+    """(dotted key, value) of every float and int in the config tree (lists included)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            yield from _numbers(v, key + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield key, v
+        elif isinstance(v, (list, tuple)):
+            yield from ((key, x) for x in v if isinstance(x, (int, float)) and not isinstance(x, bool))
+        elif isinstance(v, dict):
+            yield from ((f"{key}.{k}", x) for k, x in v.items() if isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def _check_device(device: str, need) -> None:
+    """model.device: auto, cpu, cuda or cuda:N, and a CUDA device only where one is visible."""
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", device)
+    need(m is not None, "model.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        need(n > 0, "model.device", f"{device} was asked for but no CUDA device is visible "
+                                    "(torch.cuda.is_available() is False); use model.device=cpu or auto")
+        need(m.group(1) is None or int(m.group(1)) < n, "model.device", f"{device}: only {n} CUDA device(s) visible")
+
+
+def _check_backend(key: str, backend: str, need) -> None:
+    """A backend of mars.backends() that this install has, or auto."""
+    if backend == "auto":
+        return
+    import mars
+
+    known = mars.backends()
+    need(backend in known, key, f"unknown backend {backend!r}; one of auto, {', '.join(known)}")
+    need(known[backend].available, key, f"backend {backend!r} is not available here: {known[backend].reason}")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -26,7 +26,7 @@ import threading
 
 import torch
 
-__all__ = ["Interrupted", "StopSignals", "oom_hint", "oom_message", "kill_point", "KILL_ENV"]
+__all__ = ["Diverged", "Interrupted", "StopSignals", "oom_hint", "oom_message", "kill_point", "KILL_ENV"]
 
 KILL_ENV = "MARS_TRAIN_KILL_AT"
 
@@ -35,6 +35,19 @@ def resume_command(output_dir: str) -> str:
     import shlex
 
     return f"mars train --resume {shlex.quote(str(output_dir))}"
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm at RL step ``step`` (optim.on_nonfinite=stop): the
+    optimizer step was not taken, no checkpoint of the state is written."""
+
+    def __init__(self, step: int, metric: str, value: float, cfg):
+        self.step, self.metric, self.value = step, metric, value
+        super().__init__(
+            f"the update diverged at RL step {step}: {metric} = {value}; that optimizer step was not taken and no "
+            f"checkpoint was written after it (the newest checkpoint is the last good state). Lower optim.lr (now {cfg.optim.lr}) or optim.max_grad_norm "
+            f"(now {cfg.optim.max_grad_norm}), or set loss.log_ratio_clamp (now {cfg.loss.log_ratio_clamp}); "
+            "optim.on_nonfinite=skip skips such steps instead")
 
 
 class Interrupted(Exception):

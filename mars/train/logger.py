@@ -11,16 +11,40 @@ import os
 __all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "rolling", "truncate_jsonl", "make_summary_writer"]
 
 
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
 def _clean(v):
-    """JSON-safe: tensors to numbers, NaN / inf to None."""
+    """Plain Python values: one-element tensors to numbers (NaN / inf kept: a non-finite
+    metric is a finding, unlike a missing one, which is None)."""
     if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
         v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
     if isinstance(v, dict):
         return {k: _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
+    return v
+
+
+def _to_json(v):
+    """For metrics.jsonl (strict JSON): a non-finite float as the string "nan", "inf" or "-inf"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {k: _to_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_to_json(x) for x in v]
+    return v
+
+
+def _from_json(v):
+    """The inverse of :func:`_to_json` on a record read back."""
+    if isinstance(v, str) and v in _NONFINITE:
+        return _NONFINITE[v]
+    if isinstance(v, dict):
+        return {k: _from_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_from_json(x) for x in v]
     return v
 
 
@@ -55,7 +79,7 @@ def truncate_jsonl(path: str, step: int) -> list[dict]:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return kept
+    return [_from_json(r) for r in kept]
 
 
 class MetricsLogger:
@@ -85,12 +109,12 @@ class MetricsLogger:
     def log(self, record: dict) -> dict:
         rec = _clean(record)
         self.records.append(rec)
-        self._f.write(json.dumps(rec) + "\n")
+        self._f.write(json.dumps(_to_json(rec), allow_nan=False) + "\n")
         self._f.flush()
         if self.tb is not None:
             step = rec.get("step", 0)
             for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
         return rec
@@ -117,8 +141,9 @@ class MetricsLogger:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl (non-finite values as floats again)."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [_from_json(json.loads(line)) for line in f if line.strip()]
 
 
 def rolling(xs, k: int = 5):

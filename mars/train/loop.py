@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                     if distributed.any_rank(bool(trained), info):
                         dummy = distributed.padding_row(trained, info)
                         upd = policy_update(train_model, optimizer, scheduler, trained, adv, old_logp, ref_logp,
-                                            cfg, encoder.pad_token_id, device, shuffle_gen, dummy=dummy)
+                                            cfg, encoder.pad_token_id, device, shuffle_gen, dummy=dummy, step=step)
                     distributed.sync_generation_copy(train_model, policy.model, info)  # FSDP2 only
                 engine.update_weights(policy.model)
                 times["time_update"] = time.perf_counter() - t
@@ -577,7 +577,7 @@ def loss_options(cfg: TrainConfig) -> dict:
 
 
 def policy_update(model, optimizer, scheduler, rows: list[Rollout], adv, old_logp, ref_logp, cfg: TrainConfig,
-                  pad_token_id: int, device, gen: torch.Generator, dummy=None) -> dict:
+                  pad_token_id: int, device, gen: torch.Generator, dummy=None, step: int = 0) -> dict:
     """optim.epochs x optim.mini_batches optimizer steps over ``rows`` (shuffled), each on
     the gradient :func:`accumulate_gradients` gives for its mini-batch.
     A data-parallel ``model`` (``distributed.wrap_model``): ``rows`` are this rank's,
@@ -585,12 +585,16 @@ def policy_update(model, optimizer, scheduler, rows: list[Rollout], adv, old_log
     some maybe empty, each padded with ``dummy``: ``distributed.padding_row``), and the
     gradients and metrics are the whole data-parallel batch's
     (``distributed.accumulate_gradients``, the identity of :func:`accumulate_gradients`
-    for a plain model)."""
+    for a plain model).
+    A non-finite loss or gradient norm never reaches the weights: optim.on_nonfinite=stop
+    raises ``faults.Diverged`` naming ``step``; skip drops that optimizer step and counts
+    it (``skipped_steps``)."""
     o = cfg.optim
     exact = distributed.is_wrapped(model)
     model.train()
     sums: dict[str, float] = {}
     losses, grad_norms = [], []
+    skipped = 0
     for _ in range(o.epochs):
         order = torch.randperm(len(rows), generator=gen).tolist()
         for mini in _split(order, o.mini_batches, exact=exact):
@@ -601,8 +605,19 @@ def policy_update(model, optimizer, scheduler, rows: list[Rollout], adv, old_log
             if res is None:
                 continue
             loss, metrics = res
+            # the total norm (all-reduced gradients: the same on every rank), clipped unless max_grad_norm is null
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm or math.inf))
+            # never let a non-finite update reach the weights. Under data parallelism only the norm decides (it
+            # is global, so every rank decides alike; a local loss could differ between ranks)
+            if not math.isfinite(norm) or (not exact and not math.isfinite(loss)):
+                if o.on_nonfinite == "stop":
+                    bad = ("loss", loss) if not math.isfinite(loss) else ("grad_norm", norm)
+                    raise faults.Diverged(step, *bad, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
             if o.max_grad_norm is not None:
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)))
+                grad_norms.append(norm)
             optimizer.step()
             scheduler.step()
             losses.append(loss)
@@ -612,7 +627,7 @@ def policy_update(model, optimizer, scheduler, rows: list[Rollout], adv, old_log
             sums["num_tokens"] = sums.get("num_tokens", 0.0) + n
     n = max(sums.pop("num_tokens", 0.0), 1.0)
     out = {k: v / n for k, v in sums.items()}
-    out.update(loss=sum(losses) / max(len(losses), 1), optimizer_steps=len(losses),
+    out.update(loss=sum(losses) / max(len(losses), 1), optimizer_steps=len(losses), skipped_steps=skipped,
                grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None,
                lr=optimizer.param_groups[0]["lr"])
     return out
