@@ -457,6 +457,18 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
     f.write_text("x")
     assert mars_main(["train", f"output_dir={f}", *FAST]) == 2
     assert "output_dir: " in capsys.readouterr().err and f.read_text() == "x"
+    assert mars_main(["train", f"output_dir={f}/below", *FAST]) == 2  # under a file: cannot be created
+    assert "cannot be created" in capsys.readouterr().err
+
+
+def test_divergence_crosses_compare_workers():
+    import pickle
+
+    from mars.train.config import load_config
+    from mars.train.faults import Diverged
+
+    exc = pickle.loads(pickle.dumps(Diverged(3, "grad_norm", float("nan"), load_config(None, []))))
+    assert isinstance(exc, Diverged) and exc.step == 3 and "RL step 3: grad_norm = nan" in str(exc)
 
 
 def test_compare_refuses_an_earlier_compare_without_overwrite(tmp_path, capsys):

@@ -110,7 +110,7 @@ def cli_main(argv) -> int:
         from mars.data import DataFormatError
 
         from .compare import run_compare
-        from .faults import Interrupted
+        from .faults import Diverged, Interrupted
 
         explicit_dir = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
         try:
@@ -123,6 +123,9 @@ def cli_main(argv) -> int:
         except (ConfigError, DataFormatError) as exc:
             print(f"mars train: error: {exc}", file=sys.stderr)
             return 2
+        except Diverged as exc:
+            print(f"mars train --compare: error: {exc}", file=sys.stderr)
+            return 1
         print(res.table)
         print(f"\nplot:    {res.plot_path}\nsummary: {res.summary_path}")
         return 0

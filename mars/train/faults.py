@@ -49,6 +49,16 @@ class Diverged(RuntimeError):
             f"(now {cfg.optim.max_grad_norm}), or set loss.log_ratio_clamp (now {cfg.loss.log_ratio_clamp}); "
             "optim.on_nonfinite=skip skips such steps instead")
 
+    def __reduce__(self):  # crosses process boundaries (mars train --compare workers) whole
+        return _rebuild_diverged, (str(self), self.step, self.metric, self.value)
+
+
+def _rebuild_diverged(message: str, step: int, metric: str, value: float) -> Diverged:
+    exc = Diverged.__new__(Diverged)
+    RuntimeError.__init__(exc, message)
+    exc.step, exc.metric, exc.value = step, metric, value
+    return exc
+
 
 class Interrupted(Exception):
     """The run stopped on SIGINT / SIGTERM. signum: the signal; step: the last finished

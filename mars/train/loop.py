@@ -338,6 +338,13 @@ def _start_point(cfg: TrainConfig, resume: bool, overwrite: bool) -> str | None:
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"output_dir: {out} is a file, not a directory; choose another output_dir")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {out} cannot be created ({parent} is "
+                          f"{'not a directory' if not os.path.isdir(parent) else 'not writable'}); choose another "
+                          "output_dir")
     if resume:
         first = None
         try:
