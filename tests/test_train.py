@@ -483,3 +483,12 @@ def test_compare_refuses_an_earlier_compare_without_overwrite(tmp_path, capsys):
     assert "holds runs of an earlier --compare (grpo_seed0)" in err and "--overwrite" in err
     assert _tree(out) == before
     assert mars_main([*args, "--overwrite"]) == 0
+
+
+def test_unreadable_model_path_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    assert mars_main(["train", f"output_dir={tmp_path / 'run'}", *FAST, f"model.path={empty}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mars train: error: model.path: cannot load") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -765,13 +765,33 @@ E2E_ARGS = ["max_steps=3", "save_every=1", "warmup.steps=3", "optim.prompts_per_
             "log.progress=false", "log.plot_every=0"]
 
 
-def _mars_train_torchrun(*args):
+def _mars_train_torchrun(*args, returncode=0):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("WORLD_SIZE", None)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "mars", "train", *args], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    assert p.returncode == returncode, p.stdout[-3000:] + p.stderr[-6000:]
     return p
+
+
+def test_torchrun_every_rank_stops_together(tmp_path):
+    """Under torchrun a diverging update stops every rank at the same step (the decision is
+    on the all-reduced gradient norm): torchrun exits 1, rank 0 says why once, no rank hangs
+    and no checkpoint is written; a fresh run into that directory's earlier checkpoints is
+    refused on every rank (their exit status 2) and nothing is deleted."""
+    pytest.importorskip("transformers")
+    a = str(tmp_path / "a")
+    p = _mars_train_torchrun(f"output_dir={a}", *E2E_ARGS, "optim.lr=1e6", returncode=1)
+    assert p.stderr.count("mars train: error: the update diverged at RL step 1") == 1, p.stderr[-3000:]
+    assert not os.path.isdir(os.path.join(a, "checkpoints")) or not any(
+        d.startswith("step_") for d in os.listdir(os.path.join(a, "checkpoints")))
+    b = str(tmp_path / "b")
+    _mars_train_torchrun(f"output_dir={b}", *E2E_ARGS, "max_steps=1")
+    before = sorted(os.listdir(os.path.join(b, "checkpoints")))
+    p = _mars_train_torchrun(f"output_dir={b}", *E2E_ARGS, "max_steps=1", returncode=1)  # torchrun: 1 if a rank failed
+    assert p.stderr.count("holds checkpoints of an earlier run") == 1, p.stderr[-3000:]
+    assert "exitcode  : 2" in p.stderr  # the ranks' own status
+    assert sorted(os.listdir(os.path.join(b, "checkpoints"))) == before
 
 
 def _records(d):

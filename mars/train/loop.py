@@ -948,9 +948,13 @@ def build_policy(cfg: TrainConfig, device) -> Policy:
 
         from mars.rollout.hf import load_processor
 
-        model = AutoModelForImageTextToText.from_pretrained(cfg.model.path, **model_load_kwargs(cfg, device))
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(cfg.model.path, **model_load_kwargs(cfg, device))
+            processor, tok, improc = load_processor(cfg.model.path)
+        except (OSError, ValueError) as exc:  # not a model directory / hub name, unreadable files, unknown config
+            raise ConfigError(f"model.path: cannot load a model and processor from {cfg.model.path!r}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         model = model.to(device)
-        processor, tok, improc = load_processor(cfg.model.path)
         policy = Policy(model, tok if processor is None else processor.tokenizer, processor, improc)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
