@@ -326,6 +326,10 @@ def format_table(summary: dict) -> str:
     lines = [f"seeds {summary.get('seeds')}, {summary.get('max_steps')} RL steps per run, G = {summary.get('G')}, "
              f"held-out accuracy evaluated every {summary.get('eval_every')} steps (greedy); "
              f"{len(summary.get('seeds') or [])} paired seeds per comparison", ""]
+    if len(summary.get("seeds") or []) < 10:
+        lines += [f"Only {len(summary.get('seeds') or [])} seed(s): the intervals below are wide and a verdict is "
+                  "unlikely (the default keeps --compare short); compare.seeds with 10 or more answers the question "
+                  "(bench/results/train_compare.md ran 10).", ""]
     if summary["pairs"]:
         lines += ["## Paired differences (with anchors minus without, same seeds)", "",
                   "| comparison | metric | mean difference | 95% CI (t) | 95% CI (paired bootstrap) | "

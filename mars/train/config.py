@@ -225,7 +225,8 @@ COMPARE_METHODS = ("grpo", "grpo_mars", "dapo", "dapo_mars")  # mars train --com
 
 @dataclass
 class CompareConfig:
-    seeds: list = F([0, 1, 2], "mars train --compare: seeds run for each method (each seed pairs the methods)",
+    seeds: list = F([0, 1], "mars train --compare: seeds run for each method (each seed pairs the methods; 2 keep "
+                            "the default under 25 minutes on 2 CPU cores, 10 or more give intervals worth reading)",
                     value_type=int)
     methods: list = F(list(COMPARE_METHODS), "mars train --compare: the methods run on every "
                       "seed (grpo, grpo_mars, dapo, dapo_mars; docs/train.md)", value_type=str)
