@@ -90,3 +90,14 @@ def test_nonfinite_metrics_stay_distinguishable_from_missing(tmp_path):
     back = read_metrics(str(tmp_path / "metrics.jsonl"))[0]
     assert math.isnan(back["loss"]) and back["lr"] == math.inf and back["adv_min"] == -math.inf
     assert back["gain"] is None and back["grad_norm"] == 0.5
+
+
+def test_outputs_made_nonfinite_by_an_update_are_named_not_a_traceback(tmp_path, capsys):
+    """One optimizer step per RL step at a huge learning rate: that step's gradients are
+    finite, but the next generation samples from NaN probabilities (torch.multinomial would
+    raise); the run stops naming the step instead."""
+    assert mars_main(["train", f"output_dir={tmp_path / 'run'}", *FAST, "max_steps=4", "optim.lr=1e6",
+                      "optim.mini_batches=1"]) == 1
+    err = capsys.readouterr().err
+    assert "diverged at RL step 2: sampling probabilities = nan" in err and "Traceback" not in err
+    assert "resume from a checkpoint older than that" in err and "on_nonfinite" not in err

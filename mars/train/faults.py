@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -48,6 +49,18 @@ class Diverged(RuntimeError):
             f"checkpoint was written after it (the newest checkpoint is the last good state). Lower optim.lr (now {cfg.optim.lr}) or optim.max_grad_norm "
             f"(now {cfg.optim.max_grad_norm}), or set loss.log_ratio_clamp (now {cfg.loss.log_ratio_clamp}); "
             "optim.on_nonfinite=skip skips such steps instead")
+
+    @classmethod
+    def in_outputs(cls, step: int, what: str, cfg) -> "Diverged":
+        """The policy's outputs became non-finite at RL step ``step`` (the updates before it
+        left weights so large that its logits overflow)."""
+        exc = cls(step, what, math.nan, cfg)
+        exc.args = (str(exc).replace("that optimizer step was not taken and no checkpoint was written after it "
+                                     "(the newest checkpoint is the last good state)",
+                                     f"the updates before step {step} made the policy's outputs non-finite (resume "
+                                     "from a checkpoint older than that)")
+                         .replace("; optim.on_nonfinite=skip skips such steps instead", ""),)
+        return exc
 
     def __reduce__(self):  # crosses process boundaries (mars train --compare workers) whole
         return _rebuild_diverged, (str(self), self.step, self.metric, self.value)
@@ -126,6 +139,18 @@ class StopSignals:
 
 
 # ----------------------------------------------------------------------------- out of memory
+@contextlib.contextmanager
+def nonfinite_outputs(step: int, what: str, cfg):
+    """Turn torch's sampling error on NaN / inf probabilities (``torch.multinomial``) into
+    :class:`Diverged` naming the step (a diverged policy, not a bug)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "probability tensor contains either" in str(exc):
+            raise Diverged.in_outputs(step, what, cfg) from None
+        raise
+
+
 def oom_message(phase: str, cfg) -> str:
     """What to lower when ``phase`` ("generation", "evaluation", "old_logp", "update")
     runs out of memory, with the config's current values."""

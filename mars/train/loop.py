@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                 times: dict[str, float] = {}
 
                 # 1-3. rollouts, rewards, advantages (+ dynamic sampling); this rank's shard of the prompts
-                with faults.oom_hint("generation", cfg):
+                with faults.oom_hint("generation", cfg), faults.nonfinite_outputs(step, "sampling probabilities", cfg):
                     batch, adv, stats, gen_info = collect_batch(engine, encoder, prompts, cfg, times, errors_path,
                                                                 step, info=info)
                 faults.kill_point("rollout", step)  # tests: killed mid-step
@@ -267,6 +267,8 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
                 t = time.perf_counter()
                 with faults.oom_hint("old_logp", cfg):
                     old_logp = response_logprobs(policy.model, trained, encoder, cfg, device)
+                    if any(not torch.isfinite(lp).all() for lp in old_logp):
+                        raise faults.Diverged.in_outputs(step, "old log-probs", cfg)
                     # [] for a rank without rows (its padding micro-batches then carry a zero ref_logp too)
                     ref_logp = response_logprobs(reference, trained, encoder, cfg, device) \
                         if reference is not None else None
