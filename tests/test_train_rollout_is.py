@@ -20,7 +20,8 @@ from mars.train.loop import rollout_is_weights  # noqa: E402
 
 FAST = ["max_steps=1", "warmup.steps=1", "warmup.batch_size=2", "rollout.n=3", "optim.prompts_per_step=2",
         "rollout.max_new_tokens=8", "log.progress=false", "optim.micro_batch_size=2", "data.eval=null",
-        "log.plot_every=0", "log.samples_every=0", "rollout.mono=single"]
+        "log.plot_every=0", "log.samples_every=0", "rollout.mono=single",
+        "optim.mini_batches=1"]  # every micro-batch then holds a row with a non-zero advantage
 
 
 # --------------------------------------------------------------------------- the weights
