@@ -48,7 +48,9 @@ AGGS = ("token-mean", "seq-mean-token-mean", "token-sum")
 def _cfg(*overrides):
     from mars.train.config import load_config
 
-    return load_config(None, ["warmup.steps=0", "threads=1", "loss.kl_coef=0.0", *overrides])
+    # the update tests compare one AdamW step (one mini-batch) at the learning rate their bounds assume
+    return load_config(None, ["warmup.steps=0", "threads=1", "loss.kl_coef=0.0", "optim.mini_batches=1",
+                              "optim.lr=1e-4", *overrides])
 
 
 def _setup(cfg):
