@@ -272,3 +272,17 @@ def test_a_config_that_cannot_learn_is_warned_about(capsys):
     assert "nothing can be learned" in capsys.readouterr().err
     load_config(None, ["rollout.n=1"])  # anchors: the pool has a signal
     assert "nothing can be learned" not in capsys.readouterr().err
+
+
+def test_lr_schedules():
+    from mars.train.loop import lr_factor
+
+    c = load_config(None, ["max_steps=10", "optim.mini_batches=2", "optim.warmup_steps=4"])
+    assert [lr_factor(k, c) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # constant after the warm-up
+    lin = load_config(None, ["max_steps=10", "optim.mini_batches=2", "optim.warmup_steps=4", "optim.lr_schedule=linear"])
+    assert lr_factor(3, lin) == 1.0 and lr_factor(4, lin) == 1.0 and lr_factor(12, lin) == pytest.approx(0.5)
+    assert lr_factor(20, lin) == 0.0 and lr_factor(25, lin) == 0.0
+    cos = load_config(None, ["max_steps=10", "optim.mini_batches=2", "optim.lr_schedule=cosine"])
+    assert lr_factor(0, cos) == 1.0 and lr_factor(10, cos) == pytest.approx(0.5) and lr_factor(20, cos) == pytest.approx(0)
+    with pytest.raises(ConfigError, match="optim.lr_schedule"):
+        load_config(None, ["optim.lr_schedule=step"])

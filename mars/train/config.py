@@ -165,6 +165,10 @@ class OptimConfig:
     weight_decay: float = F(0.0, "AdamW weight decay")
     betas: list = F([0.9, 0.999], "AdamW betas", value_type=float, length=2)
     warmup_steps: int = F(0, "linear learning-rate warm-up (optimizer steps)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = F("constant", "learning rate after the warm-up: constant, "
+                                                                       "or decayed to 0 at the last optimizer step "
+                                                                       "(max_steps x mini_batches x epochs) linearly "
+                                                                       "or along a half cosine")
     max_grad_norm: Optional[float] = F(1.0, "gradient clipping (null: off)")
     on_nonfinite: Literal["stop", "skip"] = F("stop", "a non-finite loss or gradient norm: stop the run before the "
                                                       "weights change (exit 1, the last checkpoint intact), or skip "

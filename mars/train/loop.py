@@ -188,8 +188,7 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
         train_model = _wrap(policy.model, info, cfg)
         optimizer = torch.optim.AdamW(train_model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       weight_decay=cfg.optim.weight_decay)
-        warm = cfg.optim.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, cfg))
         shuffle_gen = torch.Generator().manual_seed(cfg.seed)
         start, saved = 1, {}
         sharded = info.distributed and cfg.dist.strategy == "fsdp2"
@@ -331,6 +330,21 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     if main:
         _write_summary(cfg, result)
     return result
+
+
+def lr_factor(k: int, cfg: TrainConfig) -> float:
+    """Multiplier of optim.lr for optimizer step k (0-based): linear warm-up over
+    optim.warmup_steps, then optim.lr_schedule (constant, or linear / cosine decay to 0 at
+    the run's last optimizer step, max_steps x mini_batches x epochs)."""
+    o = cfg.optim
+    warm = o.warmup_steps
+    if warm and k < warm:
+        return (k + 1) / warm
+    if o.lr_schedule == "constant":
+        return 1.0
+    total = cfg.max_steps * o.mini_batches * o.epochs
+    progress = min(1.0, max(0.0, (k - warm) / max(total - warm, 1)))
+    return 1.0 - progress if o.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _start_point(cfg: TrainConfig, resume: bool, overwrite: bool) -> str | None:
