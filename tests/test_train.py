@@ -312,6 +312,15 @@ def test_compare_workers_give_the_same_numbers(tmp_path, capsys):
     for m in a["methods"]:
         assert a["methods"][m]["final_eval_per_seed"] == b["methods"][m]["final_eval_per_seed"]
     assert a["pairs"]["grpo_mars_vs_grpo"]["final_acc"] == b["pairs"]["grpo_mars_vs_grpo"]["final_acc"]
+    # the report written again from the run directories alone has the same numbers
+    from mars.train.compare import load_runs, write_report
+
+    cfg = load_config(str(tmp_path / "one" / "config.yaml"))
+    again = write_report(cfg, load_runs(cfg, str(tmp_path / "one")), str(tmp_path / "one")).summary
+    assert again["pairs"] == a["pairs"] and again["methods"].keys() == a["methods"].keys()
+    for m in a["methods"]:
+        assert again["methods"][m]["final_eval_per_seed"] == a["methods"][m]["final_eval_per_seed"]
+        assert again["methods"][m]["area_per_seed"] == a["methods"][m]["area_per_seed"]
 
 
 @pytest.mark.parametrize("bad, msg", [("compare.methods=[grpo, ppo]", "compare.methods"),

@@ -36,12 +36,14 @@ import os
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 from . import stats
 from .config import COMPARE_METHODS, TrainConfig, save_config
 
-__all__ = ["run_compare", "CompareResult", "METHODS", "PAIRS", "method_config", "summarise", "format_table"]
+__all__ = ["run_compare", "CompareResult", "METHODS", "PAIRS", "method_config", "summarise", "format_table",
+           "load_runs", "write_report"]
 
 METHODS = COMPARE_METHODS
 PAIRS = (("grpo", "grpo_mars"), ("dapo", "dapo_mars"))
@@ -222,10 +224,38 @@ def run_compare(cfg: TrainConfig, output_dir: str | None = None, overwrite: bool
         finally:
             bar.close()
     bar.close()
-    runs.sort(key=lambda r: (seeds.index(r["seed"]), methods.index(r["method"])))
+    return write_report(cfg, runs, out_dir, wall_time_s=time.perf_counter() - t0, workers=workers)
+
+
+def load_runs(cfg: TrainConfig, out_dir: str) -> list[dict]:
+    """The summaries of the finished runs of a --compare directory, read back from each run's
+    metrics.jsonl and summary.json (a run without summary.json is left out): a report can be
+    written again, e.g. after an interrupted compare, with :func:`write_report`."""
+    from .logger import read_metrics
+
+    runs = []
+    for seed in cfg.compare.seeds:
+        for method in [m for m in METHODS if m in cfg.compare.methods]:
+            d = os.path.join(out_dir, f"{method}_seed{seed}")
+            if not os.path.isfile(os.path.join(d, "summary.json")):
+                continue
+            with open(os.path.join(d, "summary.json"), encoding="utf-8") as f:
+                s = json.load(f)
+            res = types.SimpleNamespace(records=read_metrics(os.path.join(d, "metrics.jsonl")),
+                                        final_eval=s["final_eval"], output_dir=d)
+            runs.append(_run_summary(method, seed, res, s["wall_time_s"]))
+    return runs
+
+
+def write_report(cfg: TrainConfig, runs: list[dict], out_dir: str, *, wall_time_s: float | None = None,
+                 workers: int | None = None) -> CompareResult:
+    """compare.json, compare.md and compare.png of ``runs`` in ``out_dir``."""
+    seeds = list(cfg.compare.seeds)
+    methods = [m for m in METHODS if m in cfg.compare.methods]
+    runs = sorted(runs, key=lambda r: (seeds.index(r["seed"]), methods.index(r["method"])))
     summary = summarise(runs, target=cfg.compare.target)
-    summary.update(seeds=seeds, max_steps=cfg.max_steps, eval_every=cfg.eval.every, G=cfg.rollout.n,
-                   wall_time_s=time.perf_counter() - t0, workers=workers)
+    summary.update(seeds=sorted({r["seed"] for r in runs}, key=seeds.index), max_steps=cfg.max_steps,
+                   eval_every=cfg.eval.every, G=cfg.rollout.n, wall_time_s=wall_time_s, workers=workers)
     if cfg.data.train == "embedded":
         from .task import SOURCES
 
@@ -270,6 +300,7 @@ def summarise(runs: list[dict], target: float = 0.95) -> dict:
             "area_per_seed": [_area(r) for r in rs],
             "steps_to_target_per_seed": reach,
             "reached_target": sum(x is not None for x in reach),
+            "final_at_target": sum((r["final_eval"].get("eval_acc_multi") or 0) >= target for r in rs),
             "frac_zero_signal": _mean(_mean(x["frac_zero_std"] for x in r["steps"]) for r in rs),
             "frac_zero_std_multi": _mean(_mean(x["frac_zero_std_multi"] for x in r["steps"]) for r in rs),
             "groups_drawn_per_step": _mean(_mean(x["groups_drawn"] for x in r["steps"]) for r in rs),
@@ -367,8 +398,10 @@ def format_table(summary: dict) -> str:
     for c in cats:
         row(f"final accuracy, multi, {c}", lambda m, c=c: m["final_eval"].get(f"eval_acc_multi/{c}"))
     row("area under the accuracy curve", lambda m: m["area"])
-    lines.append(f"| seeds reaching {summary['target']} | " + " | ".join(
+    lines.append(f"| seeds reaching {summary['target']} at an evaluation | " + " | ".join(
         f"{ms[m]['reached_target']}/{len(ms[m]['seeds'])}" for m in cols) + " |")
+    lines.append(f"| seeds at {summary['target']} or above at the end | " + " | ".join(
+        f"{ms[m]['final_at_target']}/{len(ms[m]['seeds'])}" for m in cols) + " |")
     row("groups with zero advantage signal (per step)", lambda m: m["frac_zero_signal"])
     row("groups with equal multi rewards (per step)", lambda m: m["frac_zero_std_multi"])
     row("prompts generated per step", lambda m: m["groups_drawn_per_step"], "{:.1f}")
