@@ -142,19 +142,13 @@ def _run_parallel(cfg: TrainConfig, seeds, methods, out_dir: str, workers: int, 
                              initializer=_worker_init) as pool:
         futures = [pool.submit(_run_seed, cfg, s, methods, out_dir, True, overwrite) for s in seeds]
 
-        signalled: list[int] = []
-
-        def term_workers():
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-
         def stop(signum, frame):
-            signalled.append(signum)
             for f in futures:
                 f.cancel()
             if signum == signal.SIGTERM:
-                term_workers()
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGTERM)
 
         old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -213,17 +207,16 @@ def run_compare(cfg: TrainConfig, output_dir: str | None = None, overwrite: bool
     t0 = time.perf_counter()
     runs: list[dict] = []
     bar = _tqdm(cfg, total=len(seeds) * len(methods), desc="mars train --compare", unit="run")
-    if workers <= 1:
-        for seed in seeds:
-            for r in _run_seed(cfg, seed, methods, out_dir, quiet=False, overwrite=overwrite):
-                runs.append(r)
-                bar.update(1)
-    else:  # seeds in worker processes; their bars would interleave, so only this one is drawn
-        try:
+    try:
+        if workers <= 1:
+            for seed in seeds:
+                for r in _run_seed(cfg, seed, methods, out_dir, quiet=False, overwrite=overwrite):
+                    runs.append(r)
+                    bar.update(1)
+        else:  # seeds in worker processes; their bars would interleave, so only this one is drawn
             runs = _run_parallel(cfg, seeds, methods, out_dir, workers, bar, overwrite)
-        finally:
-            bar.close()
-    bar.close()
+    finally:
+        bar.close()
     return write_report(cfg, runs, out_dir, wall_time_s=time.perf_counter() - t0, workers=workers)
 
 
