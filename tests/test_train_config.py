@@ -67,6 +67,7 @@ def test_yaml_file_and_overrides_on_top(tmp_path):
     (["algorithm.overlong_buffer=16"], r"algorithm.overlong_buffer: must be in \[0, rollout.max_new_tokens = 16\)"),
     (["task.mix={dusk: 1}"], r"task.mix: unknown categories \['dusk'\]"),
     (["warmup.single_share=1.5"], r"warmup.single_share: must be in \[0, 1\], got 1.5"),
+    (["warmup.unsure=[day_heater, dusk]"], r"warmup.unsure: unknown categories \['dusk'\]; known: day_person"),
     (["reward.name=no_such_reward"], r"reward.name: 'no_such_reward' is not registered; registered: .*vqa"),
     (["model.tiny.hidden_size=36"], r"model.tiny.hidden_size: / model.tiny.num_heads must be a multiple of 8"),
     (["max_steps"], r"override 'max_steps' is not key=value"),
@@ -276,7 +277,7 @@ def test_a_config_that_cannot_learn_is_warned_about(capsys):
 def test_lr_schedules():
     from mars.train.loop import lr_factor
 
-    c = load_config(None, ["max_steps=10", "optim.mini_batches=2", "optim.warmup_steps=4"])
+    c = load_config(None, ["max_steps=10", "optim.mini_batches=2", "optim.warmup_steps=4", "optim.lr_schedule=constant"])
     assert [lr_factor(k, c) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # constant after the warm-up
     lin = load_config(None, ["max_steps=10", "optim.mini_batches=2", "optim.warmup_steps=4", "optim.lr_schedule=linear"])
     assert lr_factor(3, lin) == 1.0 and lr_factor(4, lin) == 1.0 and lr_factor(12, lin) == pytest.approx(0.5)

@@ -770,8 +770,8 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
     ``<think> ... </think> <answer> ANSWER </answer>`` + end of turn, token-mean
     cross-entropy, AdamW at warmup.lr. Embedded task: a warmup.single_share of the prompts
     show one source alone (answered with what it shows), the others both sources of a
-    scene of warmup.categories (answered with the truth); warmup.label_noise of the
-    answers flipped. File data: the training prompts with their ground truth.
+    scene of warmup.categories (answered with the truth) or of warmup.unsure (answered
+    yes or no at random); warmup.label_noise of the other answers flipped. File data: the training prompts with their ground truth.
     stop: a faults.StopSignals; after a signal the warm start raises faults.Interrupted.
     progress: the run's :class:`RunProgress` (None: a bar of its own)."""
     w = cfg.warmup
@@ -779,7 +779,7 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr)
     rng = random.Random(cfg.seed + 1)
     eos = encoder.tokenizer.eos_token_id
-    cats = w.categories or [c for c, v in cfg.task.mix.items() if v > 0]
+    cats = (w.categories or [c for c, v in cfg.task.mix.items() if v > 0]) + list(w.unsure)
     model.train()
     own = progress is None
     if own:
@@ -795,7 +795,8 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
             else:
                 samples.append(task.sample(step * w.batch_size + i, "warmup",
                                            category=cats[rng.randrange(len(cats))]))
-        targets = [warmup_target(s, rng, w.label_noise) for s in samples]
+        targets = [warmup_target(s, rng, 0.5 if (s.extra_info or {}).get("category") in w.unsure and
+                                 "source" not in s.extra_info else w.label_noise) for s in samples]
         ids = [encoder.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in targets]
         inputs, rid, mask = collate_rows([encoder.encode(s) for s in samples], ids, encoder.pad_token_id, device)
         x = response_inputs(model, inputs, rid.shape[1])

@@ -1,0 +1,59 @@
+"""The warm start's answers (the cold start RL begins from): which prompts it shows and how
+their answers are chosen (warmup.categories, warmup.unsure, warmup.label_noise)."""
+
+import random
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from mars.cli import main as mars_main  # noqa: E402
+from mars.train import task as embedded  # noqa: E402
+from mars.train.config import TrainConfig  # noqa: E402
+
+FAST = ["task.eval_per_category=1", "rollout.n=2", "optim.prompts_per_step=2", "rollout.max_new_tokens=8",
+        "log.progress=false", "log.plot_every=0", "data.eval=null", "max_steps=0", "warmup.batch_size=8"]
+
+
+def _warm_start_calls(tmp_path, monkeypatch, *overrides):
+    """(category, shows one source, label noise) of every warm-start answer of a run."""
+    import mars.train.loop as loop
+
+    real, calls = loop.warmup_target, []
+
+    def target(sample, rng, label_noise=0.0):
+        calls.append((sample.extra_info["category"], "source" in sample.extra_info, label_noise))
+        return real(sample, rng, label_noise)
+
+    monkeypatch.setattr(loop, "warmup_target", target)
+    assert mars_main(["train", f"output_dir={tmp_path / 'w'}", *FAST, *overrides]) == 0
+    return calls
+
+
+def test_unsure_categories_are_shown_with_both_sources_and_a_coin_flip_answer(tmp_path, monkeypatch):
+    calls = _warm_start_calls(tmp_path, monkeypatch, "warmup.steps=6", "warmup.label_noise=0.1",
+                              "warmup.unsure=[day_heater]", "warmup.categories=[day_empty]")
+    two = [(c, noise) for c, single, noise in calls if not single]
+    assert {c for c, _ in two} == {"day_heater", "day_empty"}  # categories + unsure, nothing else
+    assert all(noise == 0.5 for c, noise in two if c == "day_heater")
+    assert all(noise == 0.1 for c, noise in two if c == "day_empty")
+    # one-source prompts keep the label noise whatever their scene (they answer what that source shows)
+    assert {noise for c, single, noise in calls if single} == {0.1}
+
+
+def test_by_default_no_scene_where_the_sources_disagree_is_shown_with_both(tmp_path, monkeypatch):
+    calls = _warm_start_calls(tmp_path, monkeypatch, "warmup.steps=4")
+    assert len(calls) == 4 * 8
+    assert {c for c, single, _ in calls if not single} <= {"day_person", "day_empty", "night_empty"}
+    assert {noise for *_, noise in calls} == {TrainConfig().warmup.label_noise}
+
+
+def test_label_noise_one_half_is_a_fair_coin():
+    task = embedded.EmbeddedTask({"day_heater": 1.0})
+    rng = random.Random(0)
+    from mars.train.loop import warmup_target
+
+    answers = [warmup_target(task.sample(i), rng, 0.5) for i in range(2000)]
+    share_no = sum(a == embedded.response_text("no") for a in answers) / len(answers)
+    assert set(answers) == {embedded.response_text("yes"), embedded.response_text("no")}
+    assert abs(share_no - 0.5) < 0.05  # binomial sd 0.011
