@@ -12,6 +12,8 @@
   extra must bring what verl's ray_trainer imports without declaring: cachetools, fastapi,
   uvicorn), and its ``mars/*`` metrics are logged through verl's own ``fit`` in every
   reward mode (agent-loop scores, colocated reward model) with and without balance_batch;
+- multi-output agent sessions through verl's own ``compute_advantage_for_multi_trajectories``
+  get GRPO's session grouping.
 verl's trainer modules run in subprocesses (their import is slow and sets global state).
 """
 
@@ -715,6 +717,90 @@ def test_recipe_metrics_logged_in_every_reward_mode_through_verls_fit():
             assert got["rm_calls"] == 4, "two steps: the sampled rows, then the pending mono rows"
         first = first or got["steps"]
         assert got["steps"] == first, f"{mode}: the metrics must not depend on the reward mode"
+
+
+# transfer_queue (TransferQueue) is what verl's v1 trainers run on; verl does not declare
+# it and the recipe (legacy trainer) never imports it. verl/trainer/ppo/v1/__init__.py
+# imports it, so where it is absent a stand-in lets the package import: the function
+# tested here does not touch it.
+_TRANSFER_QUEUE_STAND_IN = """
+import importlib.util, sys, types
+if importlib.util.find_spec("transfer_queue") is None:
+    _m = types.ModuleType("transfer_queue"); _m.__path__ = []
+    def _stand_in(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return type(attr, (), {})
+    _m.__getattr__ = _stand_in
+    sys.modules["transfer_queue"] = _m
+"""
+
+
+def test_multi_output_sessions_get_grpos_grouping():
+    """verl's own compute_advantage_for_multi_trajectories (v1 trainers, agent sessions of
+    several outputs keyed {uid}_{session}_{index}): adv_estimator=mars gives GRPO's numbers
+    without anchors (a session counts once, by its final output; all its outputs get that
+    advantage; an empty final response gives 0) and, with anchors, the pooled MARS numbers
+    of the final outputs."""
+    r = _run(_TRANSFER_QUEUE_STAND_IN + textwrap.dedent("""
+        import json
+        import numpy as np, torch
+        from omegaconf import OmegaConf
+        from verl import DataProto
+        from verl.trainer.ppo.core_algos import AdvantageEstimator
+        from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+        import mars, mars.integrations.verl.plugin  # noqa: F401
+
+        keys = ["a_0_0", "a_0_1", "a_1_0", "a_2_1", "a_2_0", "a_2_2", "b_0_0", "b_1_0", "b_1_1", "c_0_0"]
+        uids = np.array([k.split("_")[0] for k in keys], dtype=object)
+        final = {"a_0": 1.0, "a_1": 0.0, "a_2": 3.0, "b_0": 2.0, "b_1": 0.5, "c_0": 1.5}
+        rm, mask = torch.zeros(len(keys), 4), torch.ones(len(keys), 4)
+        for i, k in enumerate(keys):   # intermediate outputs carry other rewards than the final one
+            rm[i, -1] = final[k.rsplit("_", 1)[0]] if k in ("a_0_1", "a_1_0", "a_2_2", "b_0_0", "b_1_1",
+                                                             "c_0_0") else 7.0 + i
+        mask[2] = 0                   # a_1's only output: empty response
+        mask[6, :2] = 0
+        cfg = OmegaConf.create({"norm_adv_by_std_in_grpo": True})
+
+        def run(est, baselines=None):
+            d = DataProto.from_dict(tensors={"token_level_rewards": rm.clone(), "response_mask": mask.clone(),
+                                             **({"reward_baselines": baselines} if baselines is not None else {})},
+                                    non_tensors={"uid": uids.copy()})
+            return compute_advantage_for_multi_trajectories(d, batch_keys=keys, adv_estimator=est,
+                                                            num_repeat=3, config=cfg).batch["advantages"]
+        grpo = run(AdvantageEstimator.GRPO)
+        ours = run("mars")
+        anchors = {"a": [0.5, 2.0], "b": [1.0, float("nan")], "c": [float("nan"), float("nan")]}
+        rb = torch.tensor([anchors[u] for u in uids])
+        anchored = run("mars", rb)
+        # expected with anchors: the final outputs' pooled advantages, spread over sessions
+        fin = {}
+        for i, k in enumerate(keys):
+            s, idx = k.rsplit("_", 1)
+            if s not in fin or fin[s][0] < int(idx):
+                fin[s] = (int(idx), i)
+        rows = [i for _, i in fin.values()]
+        a_lab = [u for u in ("a", "b") for v in anchors[u] if v == v]
+        a_val = [v for u in ("a", "b") for v in anchors[u] if v == v]
+        adv = mars.mono_anchored_advantage(rm[rows].sum(-1), uids[rows], torch.tensor(a_val),
+                                           np.array(a_lab, dtype=object), singleton="raw")
+        lone = torch.tensor([u == "c" for u in uids[rows]])
+        adv = torch.where(lone, rm[rows].sum(-1) / (1 + 1e-6), adv)
+        adv = adv * mask[rows].bool().any(-1)
+        by_session = {s: adv[j] for j, s in enumerate(fin)}
+        want = torch.stack([by_session[k.rsplit("_", 1)[0]] for k in keys])[:, None] * mask
+        print(json.dumps({"grpo_err": float((grpo - ours).abs().max()),
+                          "anchored_err": float((anchored - want).abs().max()),
+                          "anchors_matter": float((anchored - ours).abs().max()),
+                          "grpo_col": (grpo.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()}))
+    """), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["grpo_err"] < 1e-6, res
+    assert res["anchored_err"] < 1e-6 and res["anchors_matter"] > 0.1, res
+    # a session's outputs share one advantage: a_2's three rows, b_1's two
+    col = res["grpo_col"]
+    assert col[3] == col[4] == col[5] and col[7] == col[8] and col[2] == 0.0
 
 
 # ---------------------------------------------------------------------------- recipe config
