@@ -32,7 +32,9 @@ TORCH_LIBRARY(mars, m) {
   // mean local (loss_scale: T). kl_type: 0 k1, 1 k2, 2 k3, 3 k3_ratio; agg: index in
   // mars.reference.LOSS_AGGS. NaN options, clip_low outside [0, 1), clip_high < 0, a
   // dual_clip in (0, 1] or inf, kl_coef < 0 or inf, an infinite clamp or normaliser raise
-  // ValueError (mars.loss validates the full ranges before calling).
+  // ValueError (mars.loss validates the full ranges before calling). kl_clamp: k3 (and
+  // k3_ratio's k3) clamped to [-kl_clamp, kl_clamp] with d = ref - logp to +-20 (verl's
+  // low_var_kl, default 10); <= 0 or inf: neither clamp (TRL's k3); NaN raises.
   // Returns (loss 0-dim, metrics [6] (mars.reference.LOSS_METRICS), grad [B, T] =
   // d(row loss sum)/d(logp) unscaled, row_scale [B]: d(loss)/d(logp) = grad * row_scale[:, None]);
   // float32 outputs (float64 for float64 inputs).
@@ -41,5 +43,5 @@ TORCH_LIBRARY(mars, m) {
       "Tensor? ref_logp, Tensor? is_weights, float clip_low, float clip_high, float dual_clip, "
       "float kl_coef, "
       "int kl_type, int agg, float num_tokens, float num_seqs, float loss_scale, bool seq_ratio, "
-      "float log_ratio_clamp) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float log_ratio_clamp, float kl_clamp=10.0) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -21,6 +21,9 @@ enum Col { kS = 0, kL = 1, kHigh = 2, kLow = 3, kDual = 4, kAkl = 5, kRkl = 6, k
 
 struct Params {
   double clip_low, clip_high, dual_clip, kl_coef, clamp;
+  // k3's clamps (verl's low_var_kl): d = ref - logp to [-kl_dmax, kl_dmax], k3 to
+  // [-kl_kmax, kl_kmax]; 20 and the kl_clamp option (10) when on, +inf both when off (TRL).
+  double kl_dmax, kl_kmax;
   int kl_type;  // 0 k1, 1 k2, 2 k3, 3 k3_ratio (k3 times the policy ratio)
   bool has_ref, has_dual, has_clamp, has_kl, seq;
   bool has_is, is_2d;  // importance-sampling weights given; [B, T] (else [B])
@@ -116,11 +119,11 @@ MARS_HD void k3_expm1(T d, ExpF expf, T& k3, T& em1) {
   }
 }
 
-// KL estimate to the reference and its derivative in logp x (verl's k3 clamps: d to +-20,
-// k3 to [-10, 10]; d/dx k3 = -expm1(d)). kl_type 3 gives k3 here; kl_ratio then
-// multiplies it by the ratio.
+// KL estimate to the reference and its derivative in logp x (k3 clamps: d to +-dmax, k3 to
+// [-kmax, kmax], verl's 20 and 10; +inf both: no clamp, TRL; d/dx k3 = -expm1(d), 0 where
+// a clamp bites). kl_type 3 gives k3 here; kl_ratio then multiplies it by the ratio.
 template <typename T, typename ExpF>
-MARS_HD void kl_term(T x, T ref, int kl_type, ExpF expf, T& kl, T& dkl) {
+MARS_HD void kl_term(T x, T ref, int kl_type, T dmax, T kmax, ExpF expf, T& kl, T& dkl) {
   const T d = ref - x;
   if (kl_type == 0) {
     kl = -d;
@@ -130,11 +133,11 @@ MARS_HD void kl_term(T x, T ref, int kl_type, ExpF expf, T& kl, T& dkl) {
     dkl = -d;
   } else {
     T inside;
-    const T dc = clamp_lr(d, T(20), true, inside);
+    const T dc = clamp_lr(d, dmax, true, inside);
     T k, em1;
     k3_expm1(dc, expf, k, em1);
-    if (k < T(-10)) { kl = T(-10); dkl = T(0); }
-    else if (k > T(10)) { kl = T(10); dkl = T(0); }
+    if (k < -kmax) { kl = -kmax; dkl = T(0); }
+    else if (k > kmax) { kl = kmax; dkl = T(0); }
     else { kl = k; dkl = -em1 * inside; }
   }
 }

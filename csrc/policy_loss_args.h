@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -22,7 +23,7 @@ inline Params check_args(const at::Tensor& logp, const at::Tensor& old_logp,
                          const std::optional<at::Tensor>& is_weights, double clip_low,
                          double clip_high, double dual_clip, double kl_coef, int64_t kl_type,
                          int64_t agg, double num_tokens, double num_seqs, double loss_scale,
-                         bool seq_ratio, double log_ratio_clamp) {
+                         bool seq_ratio, double log_ratio_clamp, double kl_clamp) {
   TORCH_CHECK_VALUE(clip_low >= 0 && clip_low < 1, "clip_low must be in [0, 1), got ", clip_low);
   TORCH_CHECK_VALUE(clip_high >= 0, "clip_high must be >= 0, got ", clip_high);
   TORCH_CHECK_VALUE(dual_clip <= 0 || (dual_clip > 1 && std::isfinite(dual_clip)),
@@ -32,6 +33,8 @@ inline Params check_args(const at::Tensor& logp, const at::Tensor& old_logp,
   TORCH_CHECK_VALUE(log_ratio_clamp <= 0 || std::isfinite(log_ratio_clamp),
                     "log_ratio_clamp must be <= 0 (off) or a finite number > 0, got ",
                     log_ratio_clamp);
+  TORCH_CHECK_VALUE(!std::isnan(kl_clamp),
+                    "kl_clamp must be <= 0 or inf (off) or a number > 0, got ", kl_clamp);
   TORCH_CHECK_VALUE(std::isfinite(num_tokens) && std::isfinite(num_seqs) &&
                         std::isfinite(loss_scale),
                     "num_tokens, num_seqs and loss_scale must be finite (<= 0: local), got ",
@@ -79,7 +82,10 @@ inline Params check_args(const at::Tensor& logp, const at::Tensor& old_logp,
     TORCH_CHECK_VALUE(is_weights->scalar_type() == logp.scalar_type(),
                       "is_weights must have logp's dtype");
   }
-  return Params{clip_low, clip_high, dual_clip, kl_coef, log_ratio_clamp, static_cast<int>(kl_type),
+  const bool kl_clamped = kl_clamp > 0 && std::isfinite(kl_clamp);
+  const double inf = std::numeric_limits<double>::infinity();
+  return Params{clip_low, clip_high, dual_clip, kl_coef, log_ratio_clamp,
+                kl_clamped ? 20.0 : inf, kl_clamped ? kl_clamp : inf, static_cast<int>(kl_type),
                 has_ref, dual_clip > 0, log_ratio_clamp > 0, kl_coef > 0 && has_ref, seq_ratio,
                 has_is, is_2d};
 }
@@ -106,10 +112,11 @@ Outputs entry(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tens
               const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
               const std::optional<at::Tensor>& is_weights, double clip_low, double clip_high,
               double dual_clip, double kl_coef, int64_t kl_type, int64_t agg, double num_tokens,
-              double num_seqs, double loss_scale, bool seq_ratio, double log_ratio_clamp) {
+              double num_seqs, double loss_scale, bool seq_ratio, double log_ratio_clamp,
+              double kl_clamp) {
   const Params p = check_args(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low,
                               clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs,
-                              loss_scale, seq_ratio, log_ratio_clamp);
+                              loss_scale, seq_ratio, log_ratio_clamp, kl_clamp);
   const at::Tensor x = logp.contiguous();
   const at::ScalarType acc = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return Run(Inputs{p, logp.size(0), logp.size(1), advantages.dim() == 2, acc,

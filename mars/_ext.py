@@ -173,14 +173,14 @@ def _policy_loss_backward(ctx, grad_loss, *_unused):
         with torch.no_grad():
             dlogp = (grad * (row_scale * grad_loss)[:, None]).to(ctx.logp_dtype)
     (dlogp,) = first_order_only((dlogp,), "the policy_loss kernel (backend cpu / cuda / triton)")
-    return (dlogp,) + (None,) * 16
+    return (dlogp,) + (None,) * 17  # old_logp .. kl_clamp: data and options
 
 
 if HAS_C:
     @torch.library.register_fake("mars::policy_loss")
     def _policy_loss_fake(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low,
                           clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs,
-                          loss_scale, seq_ratio, log_ratio_clamp):
+                          loss_scale, seq_ratio, log_ratio_clamp, kl_clamp=10.0):
         return _policy_loss_fake_impl(logp)
 
     torch.library.register_autograd("mars::policy_loss", _policy_loss_backward,
@@ -194,17 +194,18 @@ if HAS_TRITON:
                            is_weights: torch.Tensor | None, clip_low: float,
                            clip_high: float, dual_clip: float, kl_coef: float, kl_type: int,
                            agg: int, num_tokens: float, num_seqs: float, loss_scale: float,
-                           seq_ratio: bool, log_ratio_clamp: float
+                           seq_ratio: bool, log_ratio_clamp: float, kl_clamp: float = 10.0
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         from mars_kernels.policy_loss import policy_loss
         return policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low,
                            clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs,
-                           loss_scale, seq_ratio, log_ratio_clamp)
+                           loss_scale, seq_ratio, log_ratio_clamp, kl_clamp)
 
     @policy_loss_triton.register_fake
     def _policy_loss_triton_fake(logp, old_logp, advantages, mask, ref_logp, is_weights,
                                  clip_low, clip_high, dual_clip, kl_coef, kl_type, agg,
-                                 num_tokens, num_seqs, loss_scale, seq_ratio, log_ratio_clamp):
+                                 num_tokens, num_seqs, loss_scale, seq_ratio, log_ratio_clamp,
+                                 kl_clamp=10.0):
         return _policy_loss_fake_impl(logp)
 
     @torch.library.custom_op("mars::policy_loss_triton_backward", mutates_args=())
@@ -228,7 +229,7 @@ if HAS_TRITON:
                 dlogp = torch.ops.mars.policy_loss_triton_backward(grad, row_scale, grad_loss,
                                                                    ctx.logp_dtype)
         (dlogp,) = first_order_only((dlogp,), "the policy_loss kernel (backend triton)")
-        return (dlogp,) + (None,) * 16
+        return (dlogp,) + (None,) * 17  # old_logp .. kl_clamp: data and options
 
     torch.library.register_autograd("mars::policy_loss_triton", _policy_loss_triton_backward,
                                     setup_context=_policy_loss_setup_context)

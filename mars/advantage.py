@@ -80,7 +80,9 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
         anchor_group_ids: [K] labels of the same kind; each must occur in group_ids.
         norm_by_std: divide by (std + eps); False gives Dr.GRPO's r - mu.
         eps: added to the std (not a max). unbiased: sample std (N - 1) or population (N).
-        singleton: a group whose pool has one value: "zero" (TRL) or "raw" (verl: reward).
+        singleton: a group whose pool has one value: "zero" (TRL: 0) or "raw" (the
+            reward r; verl's GRPO gives r / (1 + eps) with norm_by_std, mean 0 and std 1,
+            which the verl plug-in's estimator applies itself).
         backend: "auto" | "reference" | "triton" | "cuda" | "cpu".
         return_stats: return an AdvantageOutput (advantages, mean, std, count, gain,
             group_index) instead of the [B] advantages.

@@ -54,7 +54,8 @@ __all__ = ["fused_linear_policy_loss", "FusedLinearMarsLoss", "token_logprobs",
 
 POLICY_LOSS_OPTIONS = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0,
                            kl_type="k3", agg="token-mean", num_tokens=None, num_seqs=None,
-                           loss_scale=None, ratio_level="token", log_ratio_clamp=20.0)
+                           loss_scale=None, ratio_level="token", log_ratio_clamp=20.0,
+                           kl_clamp=reference.KL_CLAMP)
 _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # chunk_size=None: the most tokens whose [chunk, V] logits block fits these bytes, but at
 # least MIN_CHUNK tokens (on the 2-core CPU at H 256, V 32k, chunks of 256..1024 tokens
@@ -474,7 +475,7 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
         epilogue = (dict(advantages=adv_v, agg_weights=w, old_logp=old_v, ref_logp=ref_v,
                          is_weights=isw_v),
                     {k: opts[k] for k in ("clip_low", "clip_high", "dual_clip", "kl_coef",
-                                          "kl_type", "log_ratio_clamp")})
+                                          "kl_type", "log_ratio_clamp", "kl_clamp")})
         g_of_chunk = None
     logp_v, lse_v = head.logprobs(g_of_chunk, epilogue)
     logp = torch.zeros(B * T, dtype=acc, device=hidden.device)
@@ -531,7 +532,7 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
                              clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
                              agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
                              ratio_level="token", log_ratio_clamp=20.0,
-                             backend="auto") -> LossOutput:
+                             kl_clamp=reference.KL_CLAMP, backend="auto") -> LossOutput:
     """Policy loss of the lm head's log-probs, never holding [B*T, V] logits (docs/loss.md,
     "Fused path").
 
@@ -569,7 +570,8 @@ def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *,
     """
     opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                 kl_type=kl_type, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                loss_scale=loss_scale, ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp)
+                loss_scale=loss_scale, ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
+                kl_clamp=kl_clamp)
     _check_head(hidden, weight, ids, bias, temperature, chunk_size, backend)
     if backend == "reference":
         return reference.fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask,
@@ -625,13 +627,14 @@ class FusedLinearMarsLoss(nn.Module):
 
     def __init__(self, *, temperature=1.0, chunk_size=None, clip_low=0.2, clip_high=0.2,
                  dual_clip=None, kl_coef=0.0, kl_type="k3", agg="token-mean", loss_scale=None,
-                 ratio_level="token", log_ratio_clamp=20.0, backend="auto"):
+                 ratio_level="token", log_ratio_clamp=20.0, kl_clamp=reference.KL_CLAMP,
+                 backend="auto"):
         super().__init__()
         self.options = dict(temperature=temperature, chunk_size=chunk_size, clip_low=clip_low,
                             clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                             kl_type=kl_type, agg=agg, loss_scale=loss_scale,
                             ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
-                            backend=backend)
+                            kl_clamp=kl_clamp, backend=backend)
         pl = {k: v for k, v in self.options.items()
               if k not in ("temperature", "chunk_size", "backend")}
         reference.check_policy_loss_options(**pl)

@@ -14,8 +14,8 @@ from torch import nn
 
 from . import _ext, reference
 from .backends import NAMES, resolve
-from .reference import (KL_TYPES, LOSS_AGGS, LOSS_METRICS, LossOutput, check_policy_loss_args,
-                        check_policy_loss_options)
+from .reference import (KL_CLAMP, KL_TYPES, LOSS_AGGS, LOSS_METRICS, LossOutput,
+                        check_policy_loss_args, check_policy_loss_options)
 
 __all__ = ["policy_loss", "MarsLoss", "LossOutput", "LOSS_AGGS", "KL_TYPES", "policy_loss_parts",
            "fused_linear_policy_loss", "FusedLinearMarsLoss", "token_logprobs"]
@@ -69,7 +69,8 @@ def _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts, is_weights=No
             opts["clip_high"],
             -1.0 if dual is None else dual, opts["kl_coef"], KL_TYPES.index(opts["kl_type"]),
             LOSS_AGGS.index(opts["agg"]), nt, ns, ls, opts["ratio_level"] == "sequence",
-            -1.0 if clamp is None else clamp)
+            -1.0 if clamp is None else clamp,
+            -1.0 if opts["kl_clamp"] is None else opts["kl_clamp"])
     agg = opts["agg"]
     divisors = [d for d, used in ((nt_t, agg == "token-mean"),
                                   (ns_t, agg.startswith("seq-mean")),
@@ -80,7 +81,8 @@ def _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts, is_weights=No
 def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=None,
                       clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
                       agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
-                      ratio_level="token", log_ratio_clamp=20.0, backend="auto"):
+                      ratio_level="token", log_ratio_clamp=20.0, kl_clamp=KL_CLAMP,
+                      backend="auto"):
     """Building block for fused losses: the loss, metrics and d(loss)/d(logp) from one kernel,
     without autograd.
 
@@ -94,7 +96,8 @@ def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, is_wei
             logp, old_logp, advantages, mask, ref_logp, clip_low=clip_low, clip_high=clip_high,
             dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
             num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
-            ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp, is_weights=is_weights)
+            ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp, is_weights=is_weights,
+            kl_clamp=kl_clamp)
         name = resolve(backend, logp.device)
         if name == "reference":
             raise ValueError("policy_loss_parts needs a kernel backend (cpu, cuda or triton)")
@@ -111,7 +114,8 @@ def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, is_wei
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=None,
                 clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
                 agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
-                ratio_level="token", log_ratio_clamp=20.0, backend="auto") -> LossOutput:
+                ratio_level="token", log_ratio_clamp=20.0, kl_clamp=KL_CLAMP,
+                backend="auto") -> LossOutput:
     """Clipped-ratio token loss with its metrics (docs/loss.md: formulas, options, ranges).
 
     Args:
@@ -132,6 +136,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=N
             per token (k3 with verl's clamps, computed without cancellation near 0;
             k3_ratio: k3 times the policy ratio, not detached, TRL's default
             use_bias_correction_kl; docs/loss.md, "KL estimators").
+        kl_clamp: k3 (also inside k3_ratio) clamped to [-kl_clamp, kl_clamp], its
+            d = ref_logp - logp to +-20, no gradient where a clamp bites: verl's low_var_kl
+            (10, the default). None (or inf): no clamp, TRL's k3 = exp(d) - d - 1 (inf
+            where exp(d) overflows the dtype). Any number > 0.
         agg: one of LOSS_AGGS (see mars.reference.aggregate_loss).
         num_tokens, num_seqs, loss_scale: global normalisers, numbers or one-element tensors
             (e.g. all-reduced), finite and > 0 (0 only when this micro-batch has no valid
@@ -158,7 +166,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=N
         logp, old_logp, advantages, mask, ref_logp, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type, agg=agg, num_tokens=num_tokens,
         num_seqs=num_seqs, loss_scale=loss_scale, ratio_level=ratio_level,
-        log_ratio_clamp=log_ratio_clamp, is_weights=is_weights)
+        log_ratio_clamp=log_ratio_clamp, is_weights=is_weights, kl_clamp=kl_clamp)
     return policy_loss_checked(name, logp, old_logp, advantages, mask, ref_logp, opts,
                                is_weights)
 
@@ -191,12 +199,12 @@ class MarsLoss(nn.Module):
 
     def __init__(self, *, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0,
                  kl_type="k3", agg="token-mean", loss_scale=None, ratio_level="token",
-                 log_ratio_clamp=20.0, backend="auto"):
+                 log_ratio_clamp=20.0, kl_clamp=KL_CLAMP, backend="auto"):
         super().__init__()
         self.options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                             kl_coef=kl_coef, kl_type=kl_type, agg=agg, loss_scale=loss_scale,
                             ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
-                            backend=backend)
+                            kl_clamp=kl_clamp, backend=backend)
         check_policy_loss_options(**{k: v for k, v in self.options.items() if k != "backend"})
         if backend not in ("auto",) + NAMES:
             raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")

@@ -101,6 +101,10 @@ _KL_COEF_RANGE = f"a finite number in [0, {F32_MAX:.7g}] (float32's largest)"
 # polynomial in the same order. Truncation error < 1e-17 relative at |d| = 0.5.
 K3_SERIES_BELOW = 0.5
 K3_COEFS = tuple(1.0 / math.factorial(n) for n in range(15, 1, -1))
+# k3's clamp (verl's low_var_kl): the estimate to [-KL_CLAMP, KL_CLAMP], with d to
+# +-K3_D_CLAMP; the `kl_clamp` option of policy_loss (None: neither clamp, TRL's k3).
+KL_CLAMP = 10.0
+K3_D_CLAMP = 20.0
 
 
 class LossOutput(NamedTuple):
@@ -145,7 +149,7 @@ def _real(name: str, v, expect: str) -> float:
 
 def check_policy_loss_options(*, clip_low, clip_high, dual_clip, kl_coef, kl_type, agg,
                               ratio_level, log_ratio_clamp, num_tokens=None, num_seqs=None,
-                              loss_scale=None) -> dict:
+                              loss_scale=None, kl_clamp=KL_CLAMP) -> dict:
     """The options of policy_loss validated against the ranges of docs/loss.md ("Options"),
     as Python floats (or None / the strings). Raises ValueError naming the option and its
     valid range (NaN, inf, a negative value, a bool, a tensor of more than one element...).
@@ -166,8 +170,12 @@ def check_policy_loss_options(*, clip_low, clip_high, dual_clip, kl_coef, kl_typ
     lc = None if log_ratio_clamp is None else _option(
         "log_ratio_clamp", log_ratio_clamp, "None (no clamp) or a finite number > 0 (verl: 20)",
         lambda x: 0.0 < x < math.inf)
+    kcl = None if kl_clamp is None else _option(
+        "kl_clamp", kl_clamp, "None or inf (no clamp: TRL's k3) or a number > 0 (verl: 10)",
+        lambda x: x > 0.0)
+    kcl = None if kcl is None or kcl == math.inf else kcl
     out = dict(clip_low=cl, clip_high=ch, dual_clip=dc, kl_coef=kc, kl_type=kl_type, agg=agg,
-               ratio_level=ratio_level, log_ratio_clamp=lc)
+               ratio_level=ratio_level, log_ratio_clamp=lc, kl_clamp=kcl)
     for name, v in (("num_tokens", num_tokens), ("num_seqs", num_seqs),
                     ("loss_scale", loss_scale)):
         out[name] = v if v is None else _normaliser_kind(name, v)
@@ -298,7 +306,8 @@ def _check_normalisers(opts: dict, mask, device, acc, is_weights=None) -> None:
 
 def check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, *, clip_low, clip_high,
                            dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs, loss_scale,
-                           ratio_level, log_ratio_clamp, is_weights=None) -> dict:
+                           ratio_level, log_ratio_clamp, is_weights=None,
+                           kl_clamp=KL_CLAMP) -> dict:
     """Raises ValueError naming the argument for a bad shape, dtype, device, value or option
     (the ranges of docs/loss.md). Returns the options validated: floats / None, and each
     given normaliser as a number > 0 or a 0-dim tensor of the loss's dtype (a 0 allowed by
@@ -308,7 +317,7 @@ def check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp, *, clip_l
     opts = check_policy_loss_options(
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
         kl_type=kl_type, agg=agg, ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
-        num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
+        num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale, kl_clamp=kl_clamp)
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2:
         raise ValueError(f"logp must be a [B, T] tensor, got "
                          f"{tuple(logp.shape) if isinstance(logp, torch.Tensor) else type(logp)}")
@@ -353,10 +362,11 @@ def k3_series(d):
     return p * d * d
 
 
-def kl_estimate(logp, ref_logp, kl_type: str, log_ratio=None):
+def kl_estimate(logp, ref_logp, kl_type: str, log_ratio=None, kl_clamp=KL_CLAMP):
     """KL(pi || pi_ref) per token with d = ref_logp - logp (docs/loss.md, "KL estimators"):
     k1 = -d, k2 = d^2 / 2, k3 = e^d - 1 - d with d clamped to +-20 and the result to
-    [-10, 10] (verl's clamps), computed without cancellation near d = 0: the series
+    [-kl_clamp, kl_clamp] (verl's clamps, kl_clamp 10; None: neither clamp, TRL's k3 =
+    exp(d) - d - 1, inf past fp range), computed without cancellation near d = 0: the series
     `k3_series` for |d| < 0.5, expm1(d) - d above. d/d(logp) k3 = -expm1(d) (autograd of
     either branch; the unused branch is finite, so no NaN leaks through torch.where).
     k3_ratio = k3 * exp(log_ratio), the policy ratio of the loss (token or sequence level,
@@ -364,7 +374,7 @@ def kl_estimate(logp, ref_logp, kl_type: str, log_ratio=None):
     (the ratio is not detached, as in TRL); where k3 == 0 it is 0 with gradient 0, also
     for an infinite ratio (never 0 * inf)."""
     if kl_type == "k3_ratio":
-        k3 = kl_estimate(logp, ref_logp, "k3")
+        k3 = kl_estimate(logp, ref_logp, "k3", kl_clamp=kl_clamp)
         zero = k3 == 0
         ratio = torch.where(zero, torch.zeros_like(log_ratio), log_ratio).exp()
         return torch.where(zero, torch.zeros_like(k3), k3 * ratio)
@@ -373,14 +383,19 @@ def kl_estimate(logp, ref_logp, kl_type: str, log_ratio=None):
         return -d
     if kl_type == "k2":
         return 0.5 * d * d
-    d = d.clamp(-20.0, 20.0)
-    k3 = torch.where(d.abs() < K3_SERIES_BELOW, k3_series(d), torch.expm1(d) - d)
-    return k3.clamp(-10.0, 10.0)
+    if kl_clamp is not None:
+        d = d.clamp(-K3_D_CLAMP, K3_D_CLAMP)
+    small = d.abs() < K3_SERIES_BELOW
+    # the series only where it is used: an inf / huge d never reaches its powers
+    k3 = torch.where(small, k3_series(torch.where(small, d, torch.zeros_like(d))),
+                     torch.expm1(d) - d)
+    return k3 if kl_clamp is None else k3.clamp(-kl_clamp, kl_clamp)
 
 
 def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2,
                           clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
-                          ratio_level="token", log_ratio_clamp=20.0, is_weights=None):
+                          ratio_level="token", log_ratio_clamp=20.0, is_weights=None,
+                          kl_clamp=KL_CLAMP):
     """The per-token loss of docs/loss.md. Returns (loss_tok [B, T], valid [B, T] bool, stats)
     where loss_tok is 0 under the mask, and stats holds [B, T] tensors clip_high, clip_low,
     dual (bool), approx_kl (old - logp, clamped), ref_kl (or None). Computed in float32
@@ -452,7 +467,7 @@ def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, cl
     loss = torch.where(live, pg, const)
     if ref_logp is not None:
         ref = torch.where(valid, ref_logp.detach().to(acc), zero)
-        kl = kl_estimate(x, ref, kl_type, lr)
+        kl = kl_estimate(x, ref, kl_type, lr, kl_clamp)
         stats["ref_kl"] = kl.detach()
         if kl_coef:
             loss = loss + kl_coef * kl
@@ -487,7 +502,8 @@ def aggregate_loss(loss_tok, valid, agg: str, num_tokens=None, num_seqs=None, lo
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=None,
                 clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
                 agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
-                ratio_level="token", log_ratio_clamp=20.0, backend="reference"):
+                ratio_level="token", log_ratio_clamp=20.0, kl_clamp=KL_CLAMP,
+                backend="reference"):
     """Reference of `mars.loss.policy_loss` (same signature; `backend` is ignored): the
     per-token loss of `per_token_policy_loss`, aggregated by `aggregate_loss`, with the
     metrics of LossOutput as masked means over this micro-batch's valid tokens
@@ -499,7 +515,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=N
                                   kl_type=kl_type, agg=agg, num_tokens=num_tokens,
                                   num_seqs=num_seqs, loss_scale=loss_scale,
                                   ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp,
-                                  is_weights=is_weights)
+                                  is_weights=is_weights, kl_clamp=kl_clamp)
     return policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts, is_weights)
 
 
@@ -508,7 +524,7 @@ def policy_loss_checked(logp, old_logp, advantages, mask, ref_logp, opts: dict,
     """`policy_loss` on arguments already validated: `opts` as check_policy_loss_args
     returns them (old_logp not None)."""
     tok = {k: opts[k] for k in ("clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type",
-                                "ratio_level", "log_ratio_clamp")}
+                                "ratio_level", "log_ratio_clamp", "kl_clamp")}
     loss_tok, valid, st = per_token_policy_loss(logp, old_logp, advantages, mask,
                                                 ref_logp=ref_logp, is_weights=is_weights, **tok)
     loss = aggregate_loss(loss_tok, valid, opts["agg"], opts["num_tokens"], opts["num_seqs"],

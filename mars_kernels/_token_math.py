@@ -65,12 +65,13 @@ def clipped_ratio_loss(A, r, w, lo, hi, dual_c, zero, HAS_DUAL: tl.constexpr,
 
 
 @triton.jit
-def kl_term(ref, x, r, zero, DT: tl.constexpr, KL_TYPE: tl.constexpr,
+def kl_term(ref, x, r, dmax, kmax, zero, DT: tl.constexpr, KL_TYPE: tl.constexpr,
             K3_TOP: tl.constexpr, K3_BELOW: tl.constexpr):
     """(kl, dkl = d kl / d logp) of d = ref - x (mars.reference.kl_estimate), KL_TYPE
     0 k1, 1 k2, 2 k3, 3 k3_ratio (k3 r; the ratio's own share of the gradient is the
-    caller's). k3 = e^d - 1 - d with d clamped to [-20, 20] and k3 to [-10, 10] (no
-    gradient where either clamp bites): below |d| < K3_BELOW the reference's series
+    caller's). k3 = e^d - 1 - d with d clamped to [-dmax, dmax] and k3 to [-kmax, kmax]
+    (no gradient where either clamp bites; verl: 20 and 10; +inf both: no clamp, TRL's
+    k3; dmax, kmax: scalars of the compute dtype): below |d| < K3_BELOW the reference's series
     (coefficients 1/n!, n = 15 .. 2, K3_TOP = 15!: n! is exact in float64, 1 / n! is
     correctly rounded to DT and folded at compile time), exp(d) - 1 - d above."""
     d = ref - x
@@ -81,8 +82,8 @@ def kl_term(ref, x, r, zero, DT: tl.constexpr, KL_TYPE: tl.constexpr,
         kl = 0.5 * d * d
         dkl = -d
     else:
-        d_in = (d >= -20.0) & (d <= 20.0)
-        dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
+        d_in = (d >= -dmax) & (d <= dmax)
+        dc = tl.minimum(tl.maximum(d, -dmax), dmax)
         fact = tl.full([], K3_TOP, tl.float64)
         q = zero + (1.0 / fact).to(DT)
         for n in tl.static_range(14, 1, -1):
@@ -93,8 +94,8 @@ def kl_term(ref, x, r, zero, DT: tl.constexpr, KL_TYPE: tl.constexpr,
         eb = tl.exp(dc) - 1.0
         em1 = tl.where(small, dc + ks, eb)  # e^d - 1
         k3 = tl.where(small, ks, eb - dc)
-        k_in = (k3 >= -10.0) & (k3 <= 10.0)
-        kl = tl.minimum(tl.maximum(k3, -10.0), 10.0)
+        k_in = (k3 >= -kmax) & (k3 <= kmax)
+        kl = tl.minimum(tl.maximum(k3, -kmax), kmax)
         dkl = tl.where(d_in & k_in, -em1, zero)
     if KL_TYPE == 3:  # k3 r, 0 where k3 (or dk3) is 0 (never 0 * inf)
         k0 = kl == 0.0

@@ -57,6 +57,8 @@ host-side work between the matmuls, and the second [chunk, V] buffer. Estimates 
 GPU was lent to time it; the CPU path is the same algorithm with torch's in-place
 log_softmax as the epilogue and the chunk's policy loss through autograd.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -137,7 +139,7 @@ def _dlogits_kernel(x_ptr, stride_x, out_ptr, stride_out, ids_ptr, lse_ptr, g_pt
 
 
 @triton.jit
-def _token_loss(x, o, A, w, ref, lo, hi, dual_c, kl_coef, c, HAS_IS: tl.constexpr,
+def _token_loss(x, o, A, w, ref, lo, hi, dual_c, kl_coef, c, kd, kk, HAS_IS: tl.constexpr,
                 HAS_KL: tl.constexpr, KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr,
                 HAS_CLAMP: tl.constexpr, K3_TOP: tl.constexpr, K3_BELOW: tl.constexpr):
     """(loss, d loss / d logp) of one valid token, fp32: mars.reference.per_token_policy_loss
@@ -148,7 +150,7 @@ def _token_loss(x, o, A, w, ref, lo, hi, dual_c, kl_coef, c, HAS_IS: tl.constexp
     loss, dl, _ = clipped_ratio_loss(A, r, w, lo, hi, dual_c, zero, HAS_DUAL, HAS_IS)
     gt = dl * inside
     if HAS_KL:
-        kl, dkl = kl_term(ref, x, r, zero, tl.float32, KL_TYPE, K3_TOP, K3_BELOW)
+        kl, dkl = kl_term(ref, x, r, kd, kk, zero, tl.float32, KL_TYPE, K3_TOP, K3_BELOW)
         loss = loss + kl_coef * kl
         gt = gt + kl_coef * dkl
         if KL_TYPE == 3:  # the ratio's share, through the clamped log-ratio
@@ -159,7 +161,7 @@ def _token_loss(x, o, A, w, ref, lo, hi, dual_c, kl_coef, c, HAS_IS: tl.constexp
 @triton.jit
 def _policy_epilogue_kernel(x_ptr, stride_x, out_ptr, stride_out, ids_ptr, lse_ptr, logp_ptr,
                             g_ptr, loss_ptr, old_ptr, adv_ptr, wagg_ptr, is_ptr, ref_ptr, V,
-                            inv_temp, lo, hi, dual_c, kl_coef, c,
+                            inv_temp, lo, hi, dual_c, kl_coef, c, kd, kk,
                             HAS_OLD: tl.constexpr, HAS_IS: tl.constexpr, HAS_KL: tl.constexpr,
                             KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr,
                             HAS_CLAMP: tl.constexpr, K3_TOP: tl.constexpr,
@@ -179,7 +181,8 @@ def _policy_epilogue_kernel(x_ptr, stride_x, out_ptr, stride_out, ids_ptr, lse_p
     ref = x
     if HAS_KL:
         ref = tl.load(ref_ptr + row).to(tl.float32)
-    loss, gt = _token_loss(x, o, A, w, ref, lo, hi, dual_c, kl_coef, c, HAS_IS, HAS_KL,
+    loss, gt = _token_loss(x, o, A, w, ref, lo, hi, dual_c, kl_coef, c, kd, kk, HAS_IS,
+                           HAS_KL,
                            KL_TYPE, HAS_DUAL, HAS_CLAMP, K3_TOP, K3_BELOW)
     g = gt * tl.load(wagg_ptr + row).to(tl.float32)
     tl.store(lse_ptr + row, lse)
@@ -239,14 +242,16 @@ def dlogits(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g: torch
 
 def policy_epilogue(logits, ids, advantages, agg_weights, *, old_logp=None, ref_logp=None,
                     is_weights=None, inv_temp=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                    kl_coef=0.0, kl_type="k3", log_ratio_clamp=20.0, out_dtype=None,
+                    kl_coef=0.0, kl_type="k3", log_ratio_clamp=20.0, kl_clamp=10.0,
+                    out_dtype=None,
                     lse=None, logp=None, block_v=None):
     """The whole epilogue of one chunk of valid tokens, one launch (token-level ratio).
 
     logits [n, V] fp32, row stride >= V (overwritten by dlogits); ids [n] int64 in [0, V);
     advantages, agg_weights (d aggregated loss / d token loss), old_logp (None: on-policy),
     ref_logp (read when kl_coef > 0), is_weights: [n] float, per token (row values already
-    broadcast). Options validated as by mars.reference.check_policy_loss_args.
+    broadcast). Options validated as by mars.reference.check_policy_loss_args
+    (kl_clamp None: no k3 clamp).
     out_dtype None / fp32: dlogits in place over logits; bf16 / fp16: in the first half of
     each row (module docstring). lse, logp: optional [n] fp32 outputs to write into.
     Returns (dlogits [n, V], lse [n], logp [n], g [n], loss [n]) with g = agg_weights *
@@ -272,6 +277,8 @@ def policy_epilogue(logits, ids, advantages, agg_weights, *, old_logp=None, ref_
             logits, logits.stride(0), out, out.stride(0), ids, lse, logp, g, loss, old, adv,
             wagg, isw, ref, V, float(inv_temp), 1.0 - clip_low, 1.0 + clip_high,
             float(dual_clip or 0.0), float(kl_coef), float(log_ratio_clamp or 0.0),
+            *((20.0, float(kl_clamp)) if kl_clamp is not None and kl_clamp < math.inf
+              else (math.inf, math.inf)),
             HAS_OLD=old_logp is not None, HAS_IS=is_weights is not None, HAS_KL=has_kl,
             KL_TYPE=KL_CODES[kl_type], HAS_DUAL=dual_clip is not None,
             HAS_CLAMP=log_ratio_clamp is not None, K3_TOP=K3_TOP_FACTORIAL,

@@ -25,6 +25,7 @@ for an infinite ratio (clamp off), and k3 is e^d - 1 - d by the reference's seri
 bodies (csrc/policy_loss.h).
 """
 import functools
+import math
 
 import numpy as np
 import torch
@@ -51,9 +52,11 @@ def _f64(bits):
 
 
 # do_not_specialize: a bit pattern that happens to equal 1 must not become a constexpr.
-@triton.jit(do_not_specialize=["lo_bits", "hi_bits", "dual_bits", "kl_bits", "clamp_bits"])
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits", "dual_bits", "kl_bits", "clamp_bits",
+                               "kd_bits", "kk_bits"])
 def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_ptr, part_ptr,
-                     B, T, NT, TPS, lo_bits, hi_bits, dual_bits, kl_bits, clamp_bits,
+                     B, T, NT, TPS, lo_bits, hi_bits, dual_bits, kl_bits, clamp_bits, kd_bits,
+                     kk_bits,
                      ADV_2D: tl.constexpr, HAS_IS: tl.constexpr,
                      IS_2D: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
                      HAS_KL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_CLAMP: tl.constexpr,
@@ -82,6 +85,8 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
     dual_c = _f64(dual_bits).to(DT)
     kl_coef = _f64(kl_bits).to(DT)
     c = _f64(clamp_bits).to(DT)
+    kd = _f64(kd_bits).to(DT)  # k3's clamps (inf: off)
+    kk = _f64(kk_bits).to(DT)
     zero = tl.zeros([BLOCK], dtype=DT)
     if not ADV_2D:
         a_row = tl.load(adv_ptr + i).to(DT)
@@ -141,7 +146,7 @@ def _policy_loss_fwd(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, is_ptr, grad_p
         rkl = zero
         if HAS_REF:
             ref = tl.load(ref_ptr + base + idx, mask=m, other=0.0).to(DT)
-            kl, dkl = kl_term(ref, x, r, zero, DT, KL_TYPE, K3_TOP, K3_BELOW)
+            kl, dkl = kl_term(ref, x, r, kd, kk, zero, DT, KL_TYPE, K3_TOP, K3_BELOW)
             rkl = tl.where(m, kl, zero)
             if HAS_KL:
                 loss = loss + kl_coef * kl
@@ -341,7 +346,7 @@ def tiling(B: int, T: int, device: torch.device, splits: int | None = None):
 def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low: float,
                 clip_high: float, dual_clip: float, kl_coef: float, kl_type: int, agg: int,
                 num_tokens: float, num_seqs: float, loss_scale: float, seq_ratio: bool,
-                log_ratio_clamp: float, splits: int | None = None):
+                log_ratio_clamp: float, kl_clamp: float = 10.0, splits: int | None = None):
     """Launcher, same contract as the C++ op mars::policy_loss (csrc/ops.cpp): returns
     (loss 0-dim, metrics [6], grad [B, T] unscaled, row_scale [B]), fp32 (fp64 for fp64).
 
@@ -359,6 +364,7 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low
     w = is_weights.contiguous() if has_is else x  # not read without weights
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high), ("dual_clip", dual_clip),
                     ("kl_coef", kl_coef), ("log_ratio_clamp", log_ratio_clamp),
+                    ("kl_clamp", kl_clamp),
                     ("num_tokens", num_tokens), ("num_seqs", num_seqs), ("loss_scale", loss_scale)):
         if v != v:  # the op's own contract (mars.reference.check_policy_loss_args checks all)
             raise ValueError(f"{name} must not be NaN")
@@ -367,6 +373,8 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low
     if not 0 <= agg < len(AGGS):
         raise ValueError(f"agg must be 0 .. {len(AGGS) - 1}, got {agg}")
     seq = bool(seq_ratio)
+    kl_on = 0 < kl_clamp < math.inf  # k3's clamps: d to +-20, k3 to +-kl_clamp (else none)
+    kd, kk = (20.0, float(kl_clamp)) if kl_on else (math.inf, math.inf)
     block, nt, tps, n_split = tiling(B, T, x.device, splits)
     dev = x.device
     grad = torch.empty((B, T), dtype=acc, device=dev)
@@ -380,7 +388,8 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low
     if B > 0:
         _policy_loss_fwd[(B, n_split)](
             x, o, a, m, r, w, grad, part, B, T, nt, tps,
-            *_bits(1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, log_ratio_clamp),
+            *_bits(1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, log_ratio_clamp, kd,
+                   kk),
             ADV_2D=a.dim() == 2, HAS_IS=has_is, IS_2D=has_is and w.dim() == 2,
             HAS_REF=has_ref, KL_TYPE=int(kl_type), HAS_KL=bool(kl_coef > 0 and has_ref),
             HAS_DUAL=bool(dual_clip > 0), HAS_CLAMP=bool(log_ratio_clamp > 0), SEQ=seq,

@@ -324,7 +324,8 @@ def _compile_all():
                        ids_ptr="*i64", lse_ptr="*fp32", logp_ptr="*fp32", g_ptr="*fp32",
                        loss_ptr="*fp32", old_ptr="*bf16", adv_ptr="*fp32", wagg_ptr="*fp32",
                        is_ptr="*fp32", ref_ptr="*fp32", V="i32", inv_temp="fp32", lo="fp32",
-                       hi="fp32", dual_c="fp32", kl_coef="fp32", c="fp32")
+                       hi="fp32", dual_c="fp32", kl_coef="fp32", c="fp32", kd="fp32",
+                       kk="fp32")  # k3's clamps, runtime (+inf: kl_clamp=None)
             cx = dict(zip(("HAS_OLD", "HAS_IS", "HAS_KL", "KL_TYPE", "HAS_DUAL", "HAS_CLAMP"),
                           flags), K3_TOP=K.K3_TOP_FACTORIAL, K3_BELOW=K.K3_SERIES_BELOW,
                       BLOCK_V=2048)

@@ -347,6 +347,39 @@ def test_train_steps_equal_trl(text_model, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_kl_far_past_verls_clamp_equals_trl(text_model, tmp_path, bias_correction, fused):
+    """beta > 0 with the reference far from the policy on some tokens (d = ref - logp about
+    3.5, 6, -6: k3 ~ 29, 400, 5, where verl's clamp would stop at 10): MarsGRPOTrainer's
+    loss, gradients and kl metric equal TRL's (the plug-in passes kl_clamp=None). In
+    float32; tests/test_loss_kl_unclamped.py goes to d = 12 in float64."""
+    path, tok = text_model
+    args = dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=bias_correction, reward_weights=[1.0, 0.5])
+    stock = make(GRPOTrainer, path, tok, config(tmp_path, **args))
+    ours = make(MarsGRPOTrainer, path, tok, config(tmp_path, **args),
+                **({"fused_lm_head": True} if fused else {}))
+    assert ours.mars_loss_plan.fallback is None and ours.mars_loss_plan.options["kl_clamp"] is None
+    for t in (stock, ours):
+        t.model.train()
+        t.current_gradient_accumulation_steps = 2
+    inputs = [r for r in text_rows()[:2] for _ in range(G)]
+    torch.manual_seed(1)
+    batch = stock._generate_and_score_completions(copy.deepcopy(inputs))
+    ref = batch["ref_per_token_logps"].clone()
+    shift = torch.tensor([3.5, 6.0, -6.0, 2.5, 0.0, 0.5])[: ref.shape[1]]
+    batch["ref_per_token_logps"] = ref + shift          # every row: tokens far past the clamp
+    perturb([stock.model, ours.model])
+    l_stock, g_stock = loss_and_grads(stock, batch)
+    l_ours, g_ours = loss_and_grads(ours, batch)
+    assert l_ours.item() == pytest.approx(l_stock.item(), rel=1e-5)
+    assert_grads_close(g_stock, g_ours, 1e-4 if fused else 1e-5)
+    assert ours._metrics["train"]["kl"][-1] == pytest.approx(stock._metrics["train"]["kl"][-1], rel=1e-5)
+    ours.mars_loss_plan.options["kl_clamp"] = 10.0       # verl's clamp: not TRL's numbers here
+    l_clamped, _ = loss_and_grads(ours, batch)
+    assert abs(l_clamped.item() - l_stock.item()) > 0.05 * abs(l_stock.item())
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_fused_lm_head_equals_unfused(text_model, tmp_path, level):
     path, tok = text_model

@@ -7,8 +7,14 @@
 - the mono batch on a DataProto with several images per row, the combined generation batch
   (``__do_sample__``, padding to the workers' divisor), slicing back, anchors by uid;
 - the anchors survive verl's ``_balance_batch`` and reach the estimator through verl's own
-  ``compute_advantage`` (subprocess: verl's ray_trainer module imports its HTTP server
-  stack, see _RAY_TRAINER_STUBS).
+  ``compute_advantage``;
+- the recipe's trainer imports and builds on the real verl, nothing stubbed (the ``verl``
+  extra must bring what verl's ray_trainer imports without declaring: cachetools, fastapi,
+  uvicorn), and its ``mars/*`` metrics are logged through verl's own ``fit`` in every
+  reward mode (agent-loop scores, colocated reward model) with and without balance_batch;
+- multi-output agent sessions through verl's own ``compute_advantage_for_multi_trajectories``
+  get GRPO's session grouping.
+verl's trainer modules run in subprocesses (their import is slow and sets global state).
 """
 
 import json
@@ -452,30 +458,12 @@ def test_rollout_wrapper_colocated_reward_scores_later():
 
 # ------------------------------------------------- verl's _balance_batch + compute_advantage
 
-# verl 0.9.1's ray_trainer imports its rollout HTTP stack at module level
-# (workers/rollout/llm_server.py -> router.py: cachetools; rollout/utils.py: uvicorn,
-# fastapi), which vllm brings and verl does not declare. Where they are absent, stand-ins
-# let the module import; nothing here calls them.
-_RAY_TRAINER_STUBS = """
-import importlib.util, sys, types
-for _name in ("cachetools", "uvicorn", "fastapi"):
-    if importlib.util.find_spec(_name) is None:
-        _m = types.ModuleType(_name); _m.__path__ = []
-        def _stand_in(attr):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-            return type(attr, (), {"__init__": lambda self, *a, **k: None})
-        _m.__getattr__ = _stand_in
-        sys.modules[_name] = _m
-"""
-
-
 def test_anchor_handover_survives_balance_batch_and_reaches_estimator():
     """fit's data path (ray_trainer.py L1470-1667) with verl's own _get_gen_batch,
     _balance_batch (through the recipe trainer's override) and compute_advantage; only the
     engine is the stand-in above. Both reward paths: scored in the agent loop, and a
     colocated reward model scoring after the replicas sleep."""
-    r = _run(_RAY_TRAINER_STUBS + textwrap.dedent("""
+    r = _run(textwrap.dedent("""
         import json, sys
         import numpy as np, torch
         from omegaconf import OmegaConf
@@ -547,7 +535,7 @@ def test_anchor_handover_survives_balance_batch_and_reaches_estimator():
             plain = mars.mono_anchored_advantage(r, uids)       # GRPO: would differ
             differs = float((got.sum(-1) / batch.batch["response_mask"].sum(-1) - plain).abs().max())
             res[str(colocated)] = {"moved": moved, "err": err, "differs": differs,
-                                   "calls": len(fake.calls), "metrics": sorted(metrics)}
+                                   "calls": len(fake.calls)}
         print(json.dumps(res))
     """), timeout=170)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -558,7 +546,261 @@ def test_anchor_handover_survives_balance_batch_and_reaches_estimator():
         assert res[key]["err"] < 1e-6, res
         assert res[key]["differs"] > 0.05, "anchors had no effect"
         assert res[key]["calls"] == 1, "sampled and greedy rows must share one generate call"
-    assert "mars/anchor_reward/mean" in res["False"]["metrics"]
+
+
+# ---------------------------------------------------------------------------- the recipe's trainer
+
+def _recipe_trainer_code(overrides):
+    """Python source (for _run) that composes the recipe's config with `overrides` and
+    builds RayMARSTrainer as MarsTaskRunner.run does, on the real verl with nothing
+    stubbed; datasets are RLHFDataset-like rows, ray and the worker groups are not
+    started (verl's init_workers is replaced by one that sets the agent-loop manager)."""
+    return textwrap.dedent("""
+        import json, os, sys
+        from types import SimpleNamespace
+        import numpy as np, torch
+        sys.path.insert(0, "tests")
+        from test_integration_verl import _FakeAgentLoopManager, _img, _score
+        from hydra import compose, initialize_config_dir
+        from verl import DataProto
+        from verl.trainer.ppo.ray_trainer import RayPPOTrainer, Role
+        from verl.utils.dataset.rl_dataset import collate_fn
+        import mars.integrations.verl.plugin  # noqa: F401
+        from mars.integrations.verl.rollout import MonoAnchorRollout
+        from mars.integrations.verl.trainer import RayMARSTrainer
+
+        PROMPTS = [
+            [{"role": "user", "content": [_img("rgb0.png"), _img("ir0.png"), {"type": "text", "text": "Where?"}]}],
+            [{"role": "user", "content": "text only"}],
+            [{"role": "user", "content": [_img("v0.png"), {"type": "text", "text": "and"}, _img("v1.png"),
+                                          _img("v2.png")]}],
+            [{"role": "user", "content": [_img("only.png"), {"type": "text", "text": "?"}]}],
+        ]
+
+        class Rows(torch.utils.data.Dataset):   # the RLHFDataset fields fit reads
+            def __len__(self):
+                return len(PROMPTS)
+            def __getitem__(self, i):
+                return {"raw_prompt": PROMPTS[i], "dummy_tensor": torch.zeros(1, dtype=torch.uint8),
+                        "data_source": "d", "reward_model": {"ground_truth": "g"},
+                        "extra_info": {"index": i}, "agent_name": "single_turn_agent",
+                        "multi_modal_inputs": {}}
+
+        MANAGER = {"with_scores": True}
+        def parent_init_workers(self):          # verl's: starts ray workers, sets the manager
+            self.async_rollout_manager = _FakeAgentLoopManager(8, _score, **MANAGER)
+        RayPPOTrainer.init_workers = parent_init_workers
+
+        def build(overrides):
+            cfg_dir = os.path.join(os.getcwd(), "mars", "integrations", "verl", "config")
+            with initialize_config_dir(config_dir=cfg_dir, version_base=None):
+                cfg = compose("mars_trainer", overrides=["trainer.device=cpu"] + overrides)
+            t = RayMARSTrainer(config=cfg, tokenizer=None, role_worker_mapping={Role.ActorRollout: object},
+                               resource_pool_manager=SimpleNamespace(get_n_gpus=lambda: 1),
+                               train_dataset=Rows(), val_dataset=Rows(), collate_fn=collate_fn)
+            t.init_workers()
+            return t
+    """) + textwrap.dedent(overrides)
+
+
+def test_recipe_trainer_imports_and_builds_on_real_verl():
+    """The recipe's trainer module imports with the installed verl and its undeclared
+    imports (the verl extra), and RayMARSTrainer builds from the recipe's config: a
+    RayPPOTrainer with the mars options, verl's dataloaders, and after init_workers the
+    anchor rollout wrapped around verl's manager with the config's worker count."""
+    r = _run(_recipe_trainer_code("""
+        import importlib.util
+        t = build(["actor_rollout_ref.rollout.agent.num_workers=3", "data.train_batch_size=2",
+                   "mars.mono_mode=single", "mars.min_sources=2"])
+        roll = t.async_rollout_manager
+        print(json.dumps({
+            "stubbed": [m for m in ("cachetools", "fastapi", "uvicorn")
+                        if not getattr(sys.modules.get(m), "__file__", None)],
+            "issub": isinstance(t, RayPPOTrainer), "opts": t.mars_opts, "steps": t.total_training_steps,
+            "epochs": t.config.trainer.total_epochs,
+            "estimator": t.config.algorithm.adv_estimator,
+            "loss": t.config.actor_rollout_ref.actor.policy_loss.loss_mode,
+            "wrapped": isinstance(roll, MonoAnchorRollout), "inner": type(roll._manager).__name__,
+            "workers": roll.num_workers, "mode": roll.mono_mode, "min": roll.min_sources,
+            "hooks": [m for m in ("init_workers", "_compute_reward_colocate", "_update_actor")
+                      if m in RayMARSTrainer.__dict__]}))
+    """), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["stubbed"] == [], "verl's trainer imports must come from real packages"
+    assert res["issub"] and res["estimator"] == "mars" and res["loss"] == "mars"
+    assert res["opts"] == {"anchors": True, "mono_mode": "single", "min_sources": 2}
+    assert res["steps"] == 2 * res["epochs"]        # verl's dataloader: 4 rows, batches of 2
+    assert res["wrapped"] and res["inner"] == "_FakeAgentLoopManager"
+    assert (res["workers"], res["mode"], res["min"]) == (3, "single", 2)
+    assert res["hooks"] == ["init_workers", "_compute_reward_colocate", "_update_actor"]
+
+
+def test_recipe_metrics_logged_in_every_reward_mode_through_verls_fit():
+    """verl 0.9.1's own RayPPOTrainer.fit, two steps, on RayMARSTrainer: rewards scored in
+    the agent loop or by a colocated reward model (which fit calls after _balance_batch),
+    trainer.balance_batch true and false. Every step logs the mars/* metrics, the same in
+    every mode, with the anchors' count and rewards of the step's prompts. Stand-ins: the
+    agent-loop manager, the worker calls (old log-probs, the actor update's worker call
+    under the recipe's _update_actor) and the colocated reward model."""
+    r = _run(_recipe_trainer_code("""
+        from verl.utils import tracking
+        from mars.integrations.verl.batch import count_sources, mono_messages
+
+        logged = []
+        tracking.Tracking.log = lambda self, data, step, backend=None: logged.append(dict(data))
+        def parent_update_actor(self, batch):   # verl's: the worker update's reduced metrics
+            return DataProto.from_single_dict(data={}, meta_info={"metrics": {"actor/pg_loss": [0.5, 0.25]}})
+        RayPPOTrainer._update_actor = parent_update_actor
+
+        res = {}
+        for colocated in (False, True):
+            for balance in (True, False):
+                MANAGER["with_scores"] = not colocated
+                t = build(["actor_rollout_ref.rollout.agent.num_workers=8", "actor_rollout_ref.rollout.n=3",
+                           "actor_rollout_ref.actor.ppo_mini_batch_size=2", "data.train_batch_size=2",
+                           "trainer.total_epochs=1", "trainer.logger=[console]", "trainer.val_before_train=false",
+                           "trainer.test_freq=-1", "trainer.save_freq=-1",
+                           f"trainer.balance_batch={str(balance).lower()}"])
+                t.actor_rollout_wg, t.use_reference_policy, t.use_critic = None, False, False
+                t._get_dp_size = lambda wg, role: 2
+                t._load_checkpoint = lambda: None
+                t.checkpoint_manager = SimpleNamespace(update_weights=lambda step: None,
+                                                       sleep_replicas=lambda: None)
+                def old_log_prob(batch):
+                    z = torch.zeros_like(batch.batch["response_mask"], dtype=torch.float32)
+                    return DataProto.from_dict(tensors={"old_log_probs": z, "entropys": z}), 0.0
+                t._compute_old_log_prob = old_log_prob
+                seen = []
+                if colocated:
+                    t.use_rm = True
+                    def compute_rm_score(data):   # per step: the sampled rows, then the mono rows
+                        greedy = len(seen) % 2 == 1
+                        seen.append(len(data))
+                        rm = torch.zeros(len(data), 4)
+                        last = data.batch["response_mask"].sum(-1) - 1
+                        rm[torch.arange(len(data)), last] = torch.tensor(
+                            [_score(m, greedy) for m in data.non_tensor_batch["raw_prompt"]])
+                        return DataProto.from_dict(tensors={"rm_scores": rm})
+                    t.reward_loop_manager = SimpleNamespace(compute_rm_score=compute_rm_score)
+                logged.clear()
+                t.fit()
+                res[f"colocated={colocated},balance={balance}"] = {
+                    "steps": [{k: float(v) for k, v in d.items() if k.startswith("mars/")} for d in logged],
+                    "actor": [d.get("actor/pg_loss") for d in logged], "rm_calls": len(seen)}
+        # what the anchors of all prompts add up to (one epoch sees each prompt once)
+        want = {"n": 0, "sum": 0.0, "prompts": 0}
+        for p in PROMPTS:
+            k = count_sources(p)
+            want["n"] += k
+            want["prompts"] += k > 0
+            want["sum"] += sum(_score(mono_messages(p, j), True) for j in range(k))
+        print(json.dumps({"res": res, "want": want}))
+    """), timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    res, want = out["res"], out["want"]
+    assert len(res) == 4
+    keys = {"mars/anchor_rollouts", "mars/anchored_prompts", "mars/pad_rollouts",
+            "mars/anchor_reward/mean", "mars/gain/mean"}
+    first = None
+    for mode, got in res.items():
+        assert len(got["steps"]) == 2, mode
+        for step in got["steps"]:
+            assert set(step) == keys, (mode, step)
+        assert got["actor"] == [0.375, 0.375], mode     # the worker's metrics still reduced as before
+        n = sum(s["mars/anchor_rollouts"] for s in got["steps"])
+        total = sum(s["mars/anchor_reward/mean"] * s["mars/anchor_rollouts"] for s in got["steps"])
+        assert n == want["n"] and sum(s["mars/anchored_prompts"] for s in got["steps"]) == want["prompts"]
+        assert total == pytest.approx(want["sum"], rel=1e-6), mode
+        if mode.startswith("colocated=True"):
+            assert got["rm_calls"] == 4, "two steps: the sampled rows, then the pending mono rows"
+        first = first or got["steps"]
+        assert got["steps"] == first, f"{mode}: the metrics must not depend on the reward mode"
+
+
+# transfer_queue (TransferQueue) is what verl's v1 trainers run on; verl does not declare
+# it and the recipe (legacy trainer) never imports it. verl/trainer/ppo/v1/__init__.py
+# imports it, so where it is absent a stand-in lets the package import: the function
+# tested here does not touch it.
+_TRANSFER_QUEUE_STAND_IN = """
+import importlib.util, sys, types
+if importlib.util.find_spec("transfer_queue") is None:
+    _m = types.ModuleType("transfer_queue"); _m.__path__ = []
+    def _stand_in(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return type(attr, (), {})
+    _m.__getattr__ = _stand_in
+    sys.modules["transfer_queue"] = _m
+"""
+
+
+def test_multi_output_sessions_get_grpos_grouping():
+    """verl's own compute_advantage_for_multi_trajectories (v1 trainers, agent sessions of
+    several outputs keyed {uid}_{session}_{index}): adv_estimator=mars gives GRPO's numbers
+    without anchors (a session counts once, by its final output; all its outputs get that
+    advantage; an empty final response gives 0) and, with anchors, the pooled MARS numbers
+    of the final outputs."""
+    r = _run(_TRANSFER_QUEUE_STAND_IN + textwrap.dedent("""
+        import json
+        import numpy as np, torch
+        from omegaconf import OmegaConf
+        from verl import DataProto
+        from verl.trainer.ppo.core_algos import AdvantageEstimator
+        from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+        import mars, mars.integrations.verl.plugin  # noqa: F401
+
+        keys = ["a_0_0", "a_0_1", "a_1_0", "a_2_1", "a_2_0", "a_2_2", "b_0_0", "b_1_0", "b_1_1", "c_0_0"]
+        uids = np.array([k.split("_")[0] for k in keys], dtype=object)
+        final = {"a_0": 1.0, "a_1": 0.0, "a_2": 3.0, "b_0": 2.0, "b_1": 0.5, "c_0": 1.5}
+        rm, mask = torch.zeros(len(keys), 4), torch.ones(len(keys), 4)
+        for i, k in enumerate(keys):   # intermediate outputs carry other rewards than the final one
+            rm[i, -1] = final[k.rsplit("_", 1)[0]] if k in ("a_0_1", "a_1_0", "a_2_2", "b_0_0", "b_1_1",
+                                                             "c_0_0") else 7.0 + i
+        mask[2] = 0                   # a_1's only output: empty response
+        mask[6, :2] = 0
+        cfg = OmegaConf.create({"norm_adv_by_std_in_grpo": True})
+
+        def run(est, baselines=None):
+            d = DataProto.from_dict(tensors={"token_level_rewards": rm.clone(), "response_mask": mask.clone(),
+                                             **({"reward_baselines": baselines} if baselines is not None else {})},
+                                    non_tensors={"uid": uids.copy()})
+            return compute_advantage_for_multi_trajectories(d, batch_keys=keys, adv_estimator=est,
+                                                            num_repeat=3, config=cfg).batch["advantages"]
+        grpo = run(AdvantageEstimator.GRPO)
+        ours = run("mars")
+        anchors = {"a": [0.5, 2.0], "b": [1.0, float("nan")], "c": [float("nan"), float("nan")]}
+        rb = torch.tensor([anchors[u] for u in uids])
+        anchored = run("mars", rb)
+        # expected with anchors: the final outputs' pooled advantages, spread over sessions
+        fin = {}
+        for i, k in enumerate(keys):
+            s, idx = k.rsplit("_", 1)
+            if s not in fin or fin[s][0] < int(idx):
+                fin[s] = (int(idx), i)
+        rows = [i for _, i in fin.values()]
+        a_lab = [u for u in ("a", "b") for v in anchors[u] if v == v]
+        a_val = [v for u in ("a", "b") for v in anchors[u] if v == v]
+        adv = mars.mono_anchored_advantage(rm[rows].sum(-1), uids[rows], torch.tensor(a_val),
+                                           np.array(a_lab, dtype=object), singleton="raw")
+        lone = torch.tensor([u == "c" for u in uids[rows]])
+        adv = torch.where(lone, rm[rows].sum(-1) / (1 + 1e-6), adv)
+        adv = adv * mask[rows].bool().any(-1)
+        by_session = {s: adv[j] for j, s in enumerate(fin)}
+        want = torch.stack([by_session[k.rsplit("_", 1)[0]] for k in keys])[:, None] * mask
+        print(json.dumps({"grpo_err": float((grpo - ours).abs().max()),
+                          "anchored_err": float((anchored - want).abs().max()),
+                          "anchors_matter": float((anchored - ours).abs().max()),
+                          "grpo_col": (grpo.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()}))
+    """), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["grpo_err"] < 1e-6, res
+    assert res["anchored_err"] < 1e-6 and res["anchors_matter"] > 0.1, res
+    # a session's outputs share one advantage: a_2's three rows, b_1's two
+    col = res["grpo_col"]
+    assert col[3] == col[4] == col[5] and col[7] == col[8] and col[2] == 0.0
 
 
 # ---------------------------------------------------------------------------- recipe config

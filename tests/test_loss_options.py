@@ -41,7 +41,7 @@ def _real(v):
 def valid(name, v):
     """docs/loss.md's table of valid values, written independently of mars."""
     if v is None:
-        return name in ("dual_clip", "log_ratio_clamp")
+        return name in ("dual_clip", "log_ratio_clamp", "kl_clamp")
     x = _real(v)
     if x is None:
         return False
@@ -49,7 +49,8 @@ def valid(name, v):
             "clip_high": x >= 0,
             "dual_clip": 1 < x < math.inf,
             "kl_coef": 0 <= x <= F32_MAX,
-            "log_ratio_clamp": 0 < x < math.inf}[name]
+            "log_ratio_clamp": 0 < x < math.inf,
+            "kl_clamp": x > 0}[name]  # inf: no clamp, like None
 
 
 SPECIAL = [math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, -1e-30, 1e-30, 0.2, 0.5, 0.999999,
@@ -142,7 +143,7 @@ def fused_inputs(mask, H=4, V=7):
 # ------------------------------------------------------------------------ the properties
 
 @pytest.mark.parametrize("name", ["clip_low", "clip_high", "dual_clip", "kl_coef",
-                                  "log_ratio_clamp"])
+                                  "log_ratio_clamp", "kl_clamp"])
 @SETTINGS
 @given(value=option_values())
 def test_option_rejected_or_matches_reference(name, value):
@@ -151,6 +152,8 @@ def test_option_rejected_or_matches_reference(name, value):
     kw = {name: value}
     if name == "kl_coef":
         kw["kl_type"] = "k3"
+    if name == "kl_clamp":  # a KL term for the clamp to act on
+        kw.update(kl_coef=0.5, kl_type="k3")
     if valid(name, value):
         assert_matches_reference(kw)
         mars.loss.MarsLoss(**kw)  # accepted at construction too

@@ -37,7 +37,8 @@ def _compile_all():
                        ref_ptr="*bf16", is_ptr="*bf16", grad_ptr=ptr, part_ptr="*fp64", B="i32",
                        T="i32", NT="i32", TPS="i32", lo_bits="i64", hi_bits="i64",
                        dual_bits="i64", kl_bits="i64",
-                       clamp_bits="i32")  # a bit pattern that fits in 32 bits is typed i32
+                       clamp_bits="i32",  # a bit pattern that fits in 32 bits is typed i32
+                       kd_bits="i64", kk_bits="i64")  # k3's clamps (20 and 10; +inf: off)
             cx = dict(ADV_2D=adv_2d, HAS_IS=has_is, IS_2D=is_2d, HAS_REF=True,
                       KL_TYPE=kl_type, HAS_KL=True, HAS_DUAL=has_dual, HAS_CLAMP=has_clamp,
                       SEQ=seq, DT=tl.float32 if dt == "fp32" else tl.float64, BLOCK=256,

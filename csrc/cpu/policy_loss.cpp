@@ -95,7 +95,8 @@ void policy_loss_rows(const scalar_t* __restrict__ lp, const scalar_t* __restric
         }
         if (p.has_ref) {
           T kl, dkl, dkl_dlr = T(0);
-          pl::kl_term(x, static_cast<T>(ref[o + t]), p.kl_type, StdExp<T>(), kl, dkl);
+          pl::kl_term(x, static_cast<T>(ref[o + t]), p.kl_type, static_cast<T>(p.kl_dmax),
+                      static_cast<T>(p.kl_kmax), StdExp<T>(), kl, dkl);
           if (p.kl_type == 3) pl::kl_ratio(r, kl, dkl, dkl_dlr);
           rkl += static_cast<double>(kl);
           if (p.has_kl) {
@@ -451,8 +452,9 @@ MARS_PL_INLINE void vec_tokens(const In* lp, const In* old, const In* adv, float
       kl = V::splat(0.5f) * d * d;
       dkl = -d;
     } else {
-      const I below = d < V::splat(-20.0f), above = d > V::splat(20.0f);
-      const F dc = V::sel(below, V::splat(-20.0f), V::sel(above, V::splat(20.0f), d));
+      const float dmax = static_cast<float>(p.kl_dmax), kmax = static_cast<float>(p.kl_kmax);
+      const I below = d < V::splat(-dmax), above = d > V::splat(dmax);
+      const F dc = V::sel(below, V::splat(-dmax), V::sel(above, V::splat(dmax), d));
       const F ins = V::sel(below | above, zero, V::splat(1.0f));
       // pl::k3_expm1: the series below |d| < 0.5, exp(d) - 1 above (same order of ops)
       F q = V::splat(static_cast<float>(7.647163731819816e-13));
@@ -475,8 +477,8 @@ MARS_PL_INLINE void vec_tokens(const In* lp, const In* old, const In* adv, float
       const F eb = V::exp(dc) - V::splat(1.0f);
       const F em1 = V::sel(small, dc + ks, eb);
       const F k = V::sel(small, ks, eb - dc);
-      const I klo = k < V::splat(-10.0f), khi = k > V::splat(10.0f);
-      kl = V::sel(klo, V::splat(-10.0f), V::sel(khi, V::splat(10.0f), k));
+      const I klo = k < V::splat(-kmax), khi = k > V::splat(kmax);
+      kl = V::sel(klo, V::splat(-kmax), V::sel(khi, V::splat(kmax), k));
       dkl = V::sel(klo | khi, zero, -em1 * ins);
     }
     F dkl_dlr = zero;

@@ -89,7 +89,8 @@ __device__ __forceinline__ T token(T x, T o, T A, T ref, T w, T r_seq, const pl:
   }
   if (p.has_ref) {
     T kl, dkl, dkl_dlr = T(0);
-    pl::kl_term(x, ref, p.kl_type, DevExp(), kl, dkl);
+    pl::kl_term(x, ref, p.kl_type, static_cast<T>(p.kl_dmax), static_cast<T>(p.kl_kmax), DevExp(),
+                kl, dkl);
     if (p.kl_type == 3) pl::kl_ratio(r, kl, dkl, dkl_dlr);
     acc.rkl += static_cast<double>(kl);
     if (p.has_kl) {

@@ -4,7 +4,8 @@
 per token, ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` with r = exp(logp - old)
 (no log-ratio clamp; GSPO's row-mean log-ratio for importance_sampling_level="sequence"),
 multiplies it by the off-policy mask, the high-entropy mask and vLLM's importance-sampling
-ratio, adds ``beta * k3`` (k3 times r with use_bias_correction_kl, the default) and
+ratio, adds ``beta * k3`` (k3 = exp(ref - logp) - (ref - logp) - 1, unclamped:
+``kl_clamp=None``; times r with use_bias_correction_kl, the default) and
 aggregates with a normaliser that depends on the loss type:
 
 =========  =========================================  ======================================
@@ -79,7 +80,7 @@ def loss_plan(loss_type: str, *, epsilon_low: float, epsilon_high: float, beta: 
         return LossPlan(loss_type, fallback=f"importance_sampling_level={importance_sampling_level!r}")
     opts = dict(clip_low=float(epsilon_low), clip_high=float(epsilon_high), dual_clip=dual_clip,
                 kl_coef=float(beta), kl_type="k3_ratio" if use_bias_correction_kl else "k3", agg=agg,
-                ratio_level=importance_sampling_level, log_ratio_clamp=None)
+                ratio_level=importance_sampling_level, log_ratio_clamp=None, kl_clamp=None)
     try:
         check_policy_loss_options(**opts)
     except ValueError as e:

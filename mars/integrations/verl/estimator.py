@@ -14,10 +14,19 @@ per source, NaN where the prompt has fewer sources than the widest prompt of the
 Every row of a uid carries the same values, so verl's row re-ordering (``_balance_batch``)
 and padding cannot move an anchor to another prompt: anchors are matched by uid, never by
 position (the reference implementation's bug, ../shared/SPEC.md section 6).
+
+Multi-output agent sessions (verl's v1 trainers): ``compute_advantage_for_multi_trajectories``
+(verl/trainer/ppo/v1/utils.py L148-220) groups a session's outputs (rows keyed
+``{uid}_{session_id}_{index}``) as one group member only for GRPO and hands every other
+estimator the whole batch, keys dropped. The keys reach no estimator, so this one reads
+them from that caller's frame (:func:`_session_keys`) and does what verl does for GRPO:
+the pool of a uid is the *final* output of each session (plus the uid's anchors), and every
+output of a session gets its final output's advantage.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -63,6 +72,45 @@ def _labels(index, n: int) -> np.ndarray:
         raise ValueError(f"index must be a 1-D array of {n} group labels (one per row), "
                          f"got shape {index.shape}")
     return index
+
+
+def _session_keys(bs: int) -> Optional[list]:
+    """The rows' ``{uid}_{session_id}_{index}`` keys when this estimator is called (through
+    ``compute_advantage``) from verl's ``compute_advantage_for_multi_trajectories``, else
+    None. Raises ValueError when that caller's keys do not match the rows."""
+    frame = sys._getframe(1)
+    for _ in range(8):  # estimator <- compute_advantage <- compute_advantage_for_multi_trajectories
+        if frame is None:
+            return None
+        if (frame.f_code.co_name == "compute_advantage_for_multi_trajectories"
+                and str(frame.f_globals.get("__name__", "")).startswith("verl.")):
+            keys = frame.f_locals.get("batch_keys")
+            if keys is None or len(keys) != bs:
+                raise ValueError(
+                    "adv_estimator=mars under verl's compute_advantage_for_multi_trajectories: "
+                    f"expected one {{uid}}_{{session_id}}_{{index}} key per row ({bs} rows), got "
+                    f"{None if keys is None else len(keys)}")
+            return list(keys)
+        frame = frame.f_back
+    return None
+
+
+def _final_outputs(keys: list) -> tuple[np.ndarray, np.ndarray]:
+    """(final [S] row of each session, session [bs] position of each row's session in final),
+    sessions in order of first appearance; the final output is the highest index (verl)."""
+    best: dict[str, tuple[int, int]] = {}
+    row_session = []
+    for i, key in enumerate(keys):
+        fields = str(key).rsplit("_", 2)
+        if len(fields) != 3 or not fields[2].lstrip("-").isdigit():
+            raise ValueError(f"multi-output batch key {key!r} is not {{uid}}_{{session_id}}_{{index}}")
+        session, index = f"{fields[0]}_{fields[1]}", int(fields[2])
+        row_session.append(session)
+        if session not in best or best[session][0] < index:
+            best[session] = (index, i)
+    pos = {s: j for j, s in enumerate(best)}
+    final = np.array([row for _, row in best.values()], dtype=np.int64)
+    return final, np.array([pos[s] for s in row_session], dtype=np.int64)
 
 
 def anchors_from_baselines(index, reward_baselines) -> tuple[torch.Tensor, np.ndarray]:
@@ -146,7 +194,10 @@ def compute_mars_advantage(
         (advantages, returns), both [bs, L] in token_level_rewards' dtype: the per-row
         advantage times response_mask. The pool of a uid is its rows' rewards plus its
         anchors; sample std (N - 1). A uid with one row and no anchor gets verl's value
-        (mean 0, std 1: r / (1 + eps), or r without the std).
+        (mean 0, std 1: r / (1 + eps), or r without the std). Called from verl's
+        ``compute_advantage_for_multi_trajectories`` (v1 agent sessions), a session counts
+        once, by its final output, whose advantage all its outputs get (verl's GRPO
+        grouping; module docstring).
 
     Raises:
         ValueError naming the argument: missing index, wrong shapes, non-finite rewards,
@@ -175,14 +226,32 @@ def compute_mars_advantage(
     if bs == 0:
         out = token_level_rewards.new_zeros(token_level_rewards.shape)
         return out, out
+    keys = _session_keys(bs)
     with torch.no_grad():
-        stats = mars.mono_anchored_advantage(
-            scores, labels, anchors, anchor_labels, norm_by_std=bool(norm_adv_by_std_in_grpo),
-            eps=float(epsilon), unbiased=True, singleton="raw", return_stats=True)
-        adv = stats.advantages
-        # verl's GRPO gives a one-value pool mean 0 and std 1: r / (1 + eps) with the std.
-        if norm_adv_by_std_in_grpo:
-            lone = stats.count[stats.group_index] == 1
-            adv = torch.where(lone, scores.to(adv.dtype) / (1.0 + float(epsilon)), adv)
+        if keys is not None:  # one pool member per session: its final output
+            final, session = _final_outputs(keys)
+            final_t = torch.as_tensor(final, device=scores.device)
+            adv = _row_advantages(mars, scores[final_t], labels[final], anchors, anchor_labels,
+                                  norm_adv_by_std_in_grpo, epsilon)
+            # verl reads the final row's advantage at its first response token: 0 if none
+            adv = adv * response_mask[final_t].detach().bool().any(dim=-1).to(adv.dtype)
+            adv = adv[torch.as_tensor(session, device=scores.device)]
+        else:
+            adv = _row_advantages(mars, scores, labels, anchors, anchor_labels,
+                                  norm_adv_by_std_in_grpo, epsilon)
         adv = adv.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask
     return adv, adv
+
+
+def _row_advantages(mars, scores, labels, anchors, anchor_labels, norm_by_std, epsilon):
+    """[n] float32 advantages of n rows' scores [n] with labels [n] (verl's GRPO numbers
+    without anchors)."""
+    stats = mars.mono_anchored_advantage(
+        scores, labels, anchors, anchor_labels, norm_by_std=bool(norm_by_std),
+        eps=float(epsilon), unbiased=True, singleton="raw", return_stats=True)
+    adv = stats.advantages
+    # verl's GRPO gives a one-value pool mean 0 and std 1: r / (1 + eps) with the std.
+    if norm_by_std:
+        lone = stats.count[stats.group_index] == 1
+        adv = torch.where(lone, scores.to(adv.dtype) / (1.0 + float(epsilon)), adv)
+    return adv

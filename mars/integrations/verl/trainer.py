@@ -14,9 +14,12 @@ What this subclass changes, and nothing else of ``fit``:
   ``fit``'s own ``generate_sequences`` call and handed over as ``reward_baselines``).
 - ``_compute_reward_colocate``: with a colocated reward model (no ``rm_scores`` from the
   agent loop), also scores the pending mono outputs with the same reward manager.
-- ``_balance_batch``: adds the step's ``mars/*`` anchor metrics to ``fit``'s metrics dict
-  (the one hook ``fit`` hands that dict to; so only with ``trainer.balance_batch=true``,
-  verl's default).
+- ``_update_actor``: adds the step's ``mars/*`` anchor metrics to the actor's output
+  metrics, which ``fit`` merges into the step's metrics (ray_trainer.py L1718-1719). It
+  runs after the rewards in every reward mode of 0.9.1 (scored in the agent loop, or by a
+  colocated reward model in ``_compute_reward_colocate``, L1563-1565, which comes after
+  ``_balance_batch``, L1550) and whatever ``trainer.balance_batch`` is. Steps that do not
+  update the actor (``trainer.critic_warmup``) log no ``mars/*`` metrics.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ class RayMARSTrainer(RayPPOTrainer):
             rollout.finish_pending(super()._compute_reward_colocate, batch, result)
         return result
 
-    def _balance_batch(self, batch, metrics, *args, **kwargs):
-        out = super()._balance_batch(batch, metrics, *args, **kwargs)
+    def _update_actor(self, batch):
+        out = super()._update_actor(batch)
         rollout = self.async_rollout_manager
         if isinstance(rollout, MonoAnchorRollout):
-            metrics.update(rollout.pop_metrics())
+            # fit: metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
+            out.meta_info.setdefault("metrics", {}).update(
+                {k: [v] for k, v in rollout.pop_metrics().items()})
         return out
