@@ -528,8 +528,12 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     need(v.sleep_level in (1, 2), "rollout.vllm.sleep_level", f"must be 1 or 2, got {v.sleep_level}")
     need(v.max_model_len is None or v.max_model_len >= 1, "rollout.vllm.max_model_len", "must be >= 1 or null")
     need(v.max_images >= 1, "rollout.vllm.max_images", f"must be >= 1, got {v.max_images}")
-    need(r.engine != "vllm" or cfg.model.device not in ("cpu",), "rollout.engine",
-         "vllm needs a CUDA device (model.device is cpu)")
+    t = cfg.model.tiny
+    need(r.engine != "vllm" or cfg.model.path != TINY or t.num_heads < 1 or t.hidden_size // t.num_heads >= 32,
+         "model.tiny.num_heads", f"rollout.engine=vllm needs a text head size of 32 or more (vLLM's CPU attention "
+         f"runs 32, 64, 80, ...; kept on every device so both engines train the same model), and "
+         f"model.tiny.hidden_size {t.hidden_size} / num_heads {t.num_heads} gives "
+         f"{t.hidden_size // max(t.num_heads, 1)}: set model.tiny.num_heads={max(1, t.hidden_size // 32)}")
     need(o.prompts_per_step >= 1, "optim.prompts_per_step", f"must be >= 1, got {o.prompts_per_step}")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
