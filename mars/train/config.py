@@ -89,10 +89,11 @@ class DataConfig:
 @dataclass
 class VLLMConfig:
     gpu_memory_utilization: float = F(0.3, "fraction of the whole GPU the colocated vLLM takes (weights + KV cache)")
-    enable_sleep_mode: bool = F(True, "free vLLM's GPU memory during the old log-probs and the update (sleep/wake_up)")
+    enable_sleep_mode: bool = F(True, "free vLLM's GPU memory during the old log-probs and the update (sleep/wake_up; "
+                                      "ignored, with a notice, where vLLM has no sleep mode: its CPU build)")
     sleep_level: int = F(1, "1: offload vLLM's weights to CPU while asleep; 2: discard them (they are re-pushed)")
     max_model_len: Optional[int] = F(None, "tokens per sequence (null: rollout.max_prompt_length + "
-                                           "rollout.max_new_tokens)")
+                                           "rollout.max_new_tokens, at most the model's max_position_embeddings)")
     max_images: int = F(6, "images per prompt (vLLM's limit_mm_per_prompt)")
     enforce_eager: bool = F(False, "no CUDA graphs (less memory, slower)")
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = F(
