@@ -667,12 +667,18 @@ def test_cpu_platform_drops_sleep_mode_and_refuses_small_heads(samples, capsys):
     class CPULLM(StandInLLM):
         platform = StandInPlatform("cpu", sleep_mode=False, attention_head_sizes=(32, 64, 80))
 
+        def __init__(self, model, **kw):
+            super().__init__(model, **kw)
+            torch.set_num_threads = lambda n: None  # what vLLM's CPU worker does (a no-op that warns)
+
     model, tok, improc = build_tiny(WORDS, num_heads=2, image_size=56)
+    set_threads = torch.set_num_threads
     engine = VLLMEngine.colocated(model, tokenizer=tok, image_processor=improc, llm_cls=CPULLM,
                                   sampling_params_cls=StandInSamplingParams)
     notice = [ln for ln in capsys.readouterr().err.splitlines() if "sleep mode" in ln]
     assert len(notice) == 1 and "cpu" in notice[0] and "rollout.vllm.enable_sleep_mode" in notice[0]
     assert engine.llm.kwargs["enable_sleep_mode"] is False and not engine.enable_sleep_mode
+    assert torch.set_num_threads is set_threads  # the trainer's `threads` setting still applies
     engine.sleep()  # a no-op now
     assert engine.asleep is None and not any(c[0] == "sleep" for c in engine.llm.calls)
     assert engine.generate_ids([GenerationRequest(samples[0], SamplingConfig(max_new_tokens=2))])

@@ -133,6 +133,10 @@ def test_push_must_cover_every_vllm_parameter(samples):
     model, tok, improc = tiny()
     engine = VLLMEngine.colocated(model, tokenizer=tok, image_processor=improc, **ENGINE)
     try:
+        threads = torch.get_num_threads()  # vLLM's no-op set_num_threads was undone: the trainer's `threads` apply
+        torch.set_num_threads(threads + 1)
+        assert torch.get_num_threads() == threads + 1
+        torch.set_num_threads(threads)
         params = [(n, p) for n, p in model.named_parameters() if not n.startswith("lm_head.")]
         with pytest.raises(RuntimeError, match=r"not loaded from the pushed weights: \['language_model.lm_head"):
             engine.update_weights(SimpleNamespace(named_parameters=lambda: iter(params)))

@@ -330,6 +330,7 @@ class VLLMEngine(RolloutEngine):
             if v is not None:
                 kwargs[k] = v
         kwargs.update(llm_kwargs)
+        set_threads = torch.set_num_threads
         try:
             with _oom_guard("creating the engine"):
                 llm = llm_cls(model=path, **kwargs)
@@ -337,6 +338,11 @@ class VLLMEngine(RolloutEngine):
             if tmpdir is not None:
                 tmpdir.cleanup()
             raise
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op that warns on every
+            # call (to keep its OpenMP binding). Its in-process executor binds nothing (the
+            # thread count is unchanged), so the trainer keeps its own `threads` setting.
+            torch.set_num_threads = set_threads
         stop = None
         if hf_model is not None:
             from .hf import _eos_ids
