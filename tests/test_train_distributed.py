@@ -984,6 +984,25 @@ def test_single_process_fallback_without_env(monkeypatch):
     assert any(g is not None for g in ga.values())
 
 
+def test_shutdown_leaves_a_process_group_it_did_not_create(tmp_path, monkeypatch):
+    """An in-process vLLM creates its own group (world 1) and destroys it at its shutdown:
+    mars's shutdown must not destroy it first (vLLM then failed at exit with "Invalid
+    process group specified")."""
+    import torch.distributed as dist
+
+    from mars.train import distributed as D
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert D.init_distributed(device_kind="cpu").world_size == 1  # joins the existing group
+        D.shutdown()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_bad_environment_and_arguments_are_named():
     from mars.train import distributed as D
 

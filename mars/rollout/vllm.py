@@ -11,7 +11,7 @@ Training builds it colocated with the trained policy and sends token prompts:
     out = engine.generate_ids([GenerationRequest(s, SamplingConfig(temperature=1, top_p=0.9, n=8)),
                                GenerationRequest(s.mono(0), SamplingConfig())])   # one llm.generate
     engine.sleep()                  # frees the engine's GPU memory for the policy update
-    engine.update_weights(model)    # wake_up(weights) -> load_weights -> wake_up(kv_cache) -> reset caches
+    engine.update_weights(model)    # wake_up(weights) -> layerwise reload -> wake_up(kv_cache) -> reset caches
 
 ``generate_ids`` sends every request in **one** ``llm.generate`` call, each as a token
 prompt ``{"prompt_token_ids": ids, "multi_modal_data": {"image": [PIL images]}}`` with
@@ -38,15 +38,26 @@ are at temperature 1).
 
 Weights (``update_weights``): the HF parameters (transformers 5 names
 ``model.language_model.*``, ``model.visual.*``, ``lm_head.*``; torch.compile / DDP
-wrapper prefixes stripped) go unchanged to the vLLM model's ``load_weights`` through
-``LLM.apply_model``: vLLM's ``Qwen2_5_VLForConditionalGeneration`` /
+wrapper prefixes stripped) go unchanged to the vLLM model's ``load_weights`` inside
+vLLM's layerwise reload (``LLM.collective_rpc`` runs initialize_layerwise_reload ->
+load_weights -> finalize_layerwise_reload in the worker, as vLLM's ``reload_weights``
+does): kernels that post-process weights after loading (the CPU kernels repack every
+linear weight and leave an empty parameter; quantized / FP8 layouts) need that, a plain
+``load_weights`` fails on them. vLLM's ``Qwen2_5_VLForConditionalGeneration`` /
 ``Qwen2VLForConditionalGeneration`` map those names with their ``hf_to_vllm_mapper`` and
 fuse q/k/v and gate/up themselves. Every vLLM parameter must be loaded (as vLLM's own
-checkpoint loader checks). ``apply_model`` runs in the engine's process only without
-vLLM's V1 multiprocessing, which ``colocated`` turns off
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as TRL's colocate mode needs it too). After a push
+checkpoint loader checks). The weights are passed by reference only without vLLM's V1
+multiprocessing, which ``colocated`` turns off (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+as TRL's colocate mode needs it too). After a push
 the prefix cache, the multimodal cache and the **encoder cache** are reset (else a
 repeated image reuses vision-tower outputs of the old weights, vllm#44910).
+
+Platform: where vLLM has no sleep mode (its CPU build; it has one on CUDA, ROCm, XPU)
+``colocated`` runs without it and says so in one line; a text head size vLLM's CPU
+attention does not run (it takes 32, 64, 80, ...) is refused before vLLM starts.
+``generate_ids`` refuses a request whose prompt + max_new_tokens exceeds the engine's
+``max_model_len``. ``close()`` shuts vLLM down (its in-process engine destroys the
+process group it created).
 
 Memory: vLLM's ``torch.OutOfMemoryError`` / out-of-memory ``RuntimeError`` / KV-cache
 ``ValueError`` for too little memory, at engine creation or in ``generate``, is re-raised
@@ -54,7 +65,8 @@ as :class:`RolloutOutOfMemoryError` (a ``torch.OutOfMemoryError``) naming ``roll
 ``rollout.max_batch_rows`` (the original exception chained).
 
 vLLM sources (0.31.0): vllm/entrypoints/llm.py (LLM, generate, sleep, wake_up,
-reset_prefix_cache, reset_mm_cache, apply_model), vllm/v1/engine/llm_engine.py
+reset_prefix_cache, reset_mm_cache, collective_rpc), vllm/v1/worker/gpu_model_runner.py
+(reload_weights), vllm/model_executor/model_loader/reload/, vllm/v1/engine/llm_engine.py
 (reset_encoder_cache, model_executor only without multiprocessing),
 vllm/sampling_params.py, vllm/outputs.py, vllm/logprobs.py, vllm/inputs/llm.py
 (TokensPrompt), vllm/model_executor/models/qwen2_5_vl.py (hf_to_vllm_mapper,
@@ -65,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import warnings
 from typing import Callable, Iterator, Sequence
@@ -91,6 +104,18 @@ OOM_HINT = ("vLLM ran out of GPU memory ({what}). The engine shares the GPU with
             "weights + KV cache (raise it if the KV cache does not fit, lower it if the policy update "
             "runs out of memory), and rollout.max_batch_rows caps the sequences vLLM runs at once "
             "(max_num_seqs; lower it); rollout.vllm.max_model_len bounds the KV cache one sequence needs.")
+
+
+def _vllm():
+    """The vllm module (ImportError naming the ``mars[vllm]`` extra without it)."""
+    vllm = require("vllm", "vllm")
+    from .. import _compat
+
+    if _compat.torchvision_fixed():  # vLLM's model-inspection subprocess needs the same fix
+        from vllm.model_executor.models import registry
+
+        registry._SUBPROCESS_COMMAND = _compat.vllm_subprocess_command()
+    return vllm
 
 
 class RolloutOutOfMemoryError(torch.OutOfMemoryError):
@@ -211,13 +236,20 @@ class VLLMEngine(RolloutEngine):
         self.asleep: int | None = None  # the level the engine sleeps at, None when awake
         self.weight_version = 0  # pushes so far
         self._tmpdir = None  # a checkpoint colocated() wrote, removed by close()
+        self.max_model_len: int | None = None  # prompt + response tokens vLLM takes per sequence (when known)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str, *, max_images: int = 6, batch_size: int = 64, **llm_kwargs):
         """``vllm.LLM(model=path, limit_mm_per_prompt={"image": max_images}, **llm_kwargs)``
-        (the engine ``mars eval`` uses)."""
-        vllm = require("vllm", "vllm")
+        (the engine ``mars eval`` uses). Beside a torchvision that needed mars's import fix
+        (mars/_compat.py) vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+        unless set): an engine process it spawned would not have the fix."""
+        vllm = _vllm()
+        from .. import _compat
+
+        if _compat.torchvision_fixed():
+            os.environ.setdefault(MULTIPROCESSING_ENV, "0")
         llm_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images})
         with _oom_guard("creating the engine"):
             llm = vllm.LLM(model=path, **llm_kwargs)
@@ -265,7 +297,14 @@ class VLLMEngine(RolloutEngine):
         elif not isinstance(limit_mm_per_prompt, dict):
             raise TypeError(f"limit_mm_per_prompt must be an int or a dict, got {type(limit_mm_per_prompt).__name__}")
         if llm_cls is None:
-            llm_cls = require("vllm", "vllm").LLM
+            llm_cls = _vllm().LLM
+        platform = _platform(llm_cls)
+        if not isinstance(model, (str, os.PathLike)):
+            _check_head_size(model, platform)
+        if enable_sleep_mode and not platform.is_sleep_mode_available():
+            print(f"mars: vLLM has no sleep mode on this platform ({platform.device_name}): the engine keeps its "
+                  "weights and KV cache resident (rollout.vllm.enable_sleep_mode ignored)", file=sys.stderr)
+            enable_sleep_mode = False
         hf_model, tmpdir = None, None
         if isinstance(model, (str, os.PathLike)):
             path = os.fspath(model)
@@ -281,7 +320,7 @@ class VLLMEngine(RolloutEngine):
         prev = os.environ.get(MULTIPROCESSING_ENV)
         if prev not in (None, "0"):
             warnings.warn(f"{MULTIPROCESSING_ENV}={prev} set to 0: weights are pushed into the engine in this "
-                          "process (LLM.apply_model), which needs vLLM's V1 multiprocessing off", stacklevel=2)
+                          "process (LLM.collective_rpc), which needs vLLM's V1 multiprocessing off", stacklevel=2)
         os.environ[MULTIPROCESSING_ENV] = "0"
         kwargs = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
                       limit_mm_per_prompt=limit_mm_per_prompt, seed=seed, dtype=dtype,
@@ -291,6 +330,7 @@ class VLLMEngine(RolloutEngine):
             if v is not None:
                 kwargs[k] = v
         kwargs.update(llm_kwargs)
+        set_threads = torch.set_num_threads
         try:
             with _oom_guard("creating the engine"):
                 llm = llm_cls(model=path, **kwargs)
@@ -298,6 +338,11 @@ class VLLMEngine(RolloutEngine):
             if tmpdir is not None:
                 tmpdir.cleanup()
             raise
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op that warns on every
+            # call (to keep its OpenMP binding). Its in-process executor binds nothing (the
+            # thread count is unchanged), so the trainer keeps its own `threads` setting.
+            torch.set_num_threads = set_threads
         stop = None
         if hf_model is not None:
             from .hf import _eos_ids
@@ -313,13 +358,23 @@ class VLLMEngine(RolloutEngine):
                      enable_sleep_mode=enable_sleep_mode, sleep_level=sleep_level, model=hf_model,
                      stop_token_ids=stop)
         engine._tmpdir = tmpdir
+        engine.max_model_len = _engine_max_model_len(llm, max_model_len)
         if hf_model is not None and tmpdir is None:  # loaded from disk: make it the object's weights
             engine.update_weights(hf_model)
         return engine
 
     def close(self) -> None:
-        """Drop the LLM and the temporary checkpoint ``colocated`` wrote (if any)."""
-        self.llm = None
+        """Shut the engine down (vLLM's engine core: its workers, and the process group an
+        in-process vLLM created) and remove the temporary checkpoint ``colocated`` wrote.
+        Idempotent."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
@@ -378,8 +433,22 @@ class VLLMEngine(RolloutEngine):
             prompt["multi_modal_data"] = {"image": images}
         return prompt, (runs if request.prompt is not None else None)
 
+    def _check_fits(self, request: GenerationRequest, index: int, runs, n_collapsed: int) -> None:
+        """ValueError when the request's prompt (image tokens expanded, where known) plus
+        its max_new_tokens exceeds the engine's max_model_len."""
+        if self.max_model_len is None:
+            return
+        n = n_collapsed + (sum(runs) - len(runs) if runs else 0)
+        need = n + request.config.max_new_tokens
+        if need > self.max_model_len:
+            raise ValueError(
+                f"requests[{index}] (sample {getattr(request.sample, 'id', '?')!r}): {n} prompt tokens + "
+                f"{request.config.max_new_tokens} new tokens = {need} > the engine's max_model_len "
+                f"{self.max_model_len} (rollout.vllm.max_model_len; at most the model's max_position_embeddings): "
+                "lower rollout.max_prompt_length so that such prompts are skipped, or rollout.max_new_tokens")
+
     def _params(self, config: SamplingConfig, logprobs: bool, train: bool = False):
-        params_cls = self._params_cls or require("vllm", "vllm").SamplingParams
+        params_cls = self._params_cls or _vllm().SamplingParams
         kw = dict(n=config.n, temperature=config.temperature, top_p=config.top_p,
                   max_tokens=config.max_new_tokens, seed=config.seed)
         if logprobs:
@@ -414,6 +483,7 @@ class VLLMEngine(RolloutEngine):
             if not isinstance(r, GenerationRequest):
                 raise TypeError(f"requests[{i}] is a {type(r).__name__}, expected a GenerationRequest")
             p, rn = self.token_prompt(r, i)
+            self._check_fits(r, i, rn, len(p["prompt_token_ids"]))
             prompts.append(p)
             runs.append(rn)
             params.append(self._params(r.config, True, train=True))
@@ -457,7 +527,8 @@ class VLLMEngine(RolloutEngine):
 
     def update_weights(self, model) -> None:
         """Load ``model``'s weights into the engine (after each optimizer step): wake the
-        weights if asleep, ``LLM.apply_model(load_weights)``, wake the KV cache, reset the
+        weights if asleep, vLLM's layerwise reload (``LLM.collective_rpc``: initialize ->
+        load_weights -> finalize), wake the KV cache, reset the
         prefix / multimodal / encoder caches. Raises RuntimeError when the engine runs
         its model in another process or a vLLM parameter was not loaded, ValueError for a
         parameter name vLLM cannot map."""
@@ -477,14 +548,7 @@ class VLLMEngine(RolloutEngine):
         weights = list(self.named_weights(model))
         if self.asleep is not None:
             self.llm.wake_up(tags=["weights"])
-
-        def load(vllm_model):
-            loaded = vllm_model.load_weights(iter(weights))
-            if loaded is None:
-                return None
-            return sorted({n for n, _ in vllm_model.named_parameters()} - set(loaded))
-
-        missing = self.llm.apply_model(load)
+        missing = self.llm.collective_rpc(_reload_weights, args=(weights,))
         if self.asleep is not None:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = None
@@ -525,6 +589,75 @@ class VLLMEngine(RolloutEngine):
         else:
             self.llm.wake_up()
             self.asleep = None
+
+
+def _reload_weights(worker, weights) -> list[str] | None:
+    """Runs in the vLLM worker (``LLM.collective_rpc``): vLLM 0.31's layerwise reload, as
+    its ``GPUModelRunner.reload_weights`` does it (initialize_layerwise_reload ->
+    ``model.load_weights`` -> finalize_layerwise_reload, which redoes the kernels'
+    post-processing: the CPU kernels' repacked linear weights, quantized / FP8 layouts).
+    Unlike ``reload_weights`` (which only logs them) it returns the vLLM parameters not
+    loaded, or None when ``load_weights`` does not report what it loaded."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    runner = worker.model_runner
+    model = runner.get_model()
+    expected = {n for n, _ in model.named_parameters()}
+    initialize_layerwise_reload(model)
+    loaded = model.load_weights(iter(weights))
+    finalize_layerwise_reload(model, runner.model_config)
+    if loaded is None:
+        return None
+    return sorted(expected - set(loaded))
+
+
+def _platform(llm_cls):
+    """vLLM's current platform (a stand-in LLM class may bring its own as ``platform``)."""
+    own = getattr(llm_cls, "platform", None)
+    if own is not None:
+        return own
+    _vllm()
+    from vllm.platforms import current_platform
+
+    return current_platform
+
+
+def _text_head_size(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    text = getattr(cfg, "text_config", None) or cfg
+    if text is None:
+        return None
+    hd = getattr(text, "head_dim", None)
+    if hd:
+        return int(hd)
+    h, n = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    return h // n if isinstance(h, int) and isinstance(n, int) and n else None
+
+
+def _check_head_size(model, platform) -> None:
+    """ValueError when vLLM's CPU attention cannot run ``model``'s text head size (it
+    takes 32, 64, 80, ...; the embedded default's tiny model has 64 / 4 heads = 16)."""
+    if not platform.is_cpu():
+        return
+    sizes = vars(platform).get("attention_head_sizes")  # a stand-in's (vLLM's platform warns on getattr)
+    if sizes is None:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+    hd = _text_head_size(model)
+    if hd is not None and hd not in sizes:
+        raise ValueError(
+            f"vLLM's CPU attention supports head sizes {list(sizes)}, this model's is {hd} (text hidden_size / "
+            f"num_attention_heads): it cannot run on vLLM here. For mars train's tiny model set "
+            f"model.tiny.num_heads so that model.tiny.hidden_size / num_heads is 32 or more (e.g. "
+            f"model.tiny.num_heads=2 with hidden_size 64), or use rollout.engine=hf")
+
+
+def _engine_max_model_len(llm, asked: int | None) -> int | None:
+    """The max_model_len vLLM settled on (its model config), else the one asked for."""
+    cfg = getattr(getattr(llm, "llm_engine", None), "model_config", None)
+    got = getattr(cfg, "max_model_len", None)
+    return int(got) if isinstance(got, int) else asked
 
 
 def _completion(c, i: int) -> Completion:

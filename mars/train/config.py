@@ -89,10 +89,11 @@ class DataConfig:
 @dataclass
 class VLLMConfig:
     gpu_memory_utilization: float = F(0.3, "fraction of the whole GPU the colocated vLLM takes (weights + KV cache)")
-    enable_sleep_mode: bool = F(True, "free vLLM's GPU memory during the old log-probs and the update (sleep/wake_up)")
+    enable_sleep_mode: bool = F(True, "free vLLM's GPU memory during the old log-probs and the update (sleep/wake_up; "
+                                      "ignored, with a notice, where vLLM has no sleep mode: its CPU build)")
     sleep_level: int = F(1, "1: offload vLLM's weights to CPU while asleep; 2: discard them (they are re-pushed)")
     max_model_len: Optional[int] = F(None, "tokens per sequence (null: rollout.max_prompt_length + "
-                                           "rollout.max_new_tokens)")
+                                           "rollout.max_new_tokens, at most the model's max_position_embeddings)")
     max_images: int = F(6, "images per prompt (vLLM's limit_mm_per_prompt)")
     enforce_eager: bool = F(False, "no CUDA graphs (less memory, slower)")
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = F(
@@ -531,8 +532,12 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     need(v.sleep_level in (1, 2), "rollout.vllm.sleep_level", f"must be 1 or 2, got {v.sleep_level}")
     need(v.max_model_len is None or v.max_model_len >= 1, "rollout.vllm.max_model_len", "must be >= 1 or null")
     need(v.max_images >= 1, "rollout.vllm.max_images", f"must be >= 1, got {v.max_images}")
-    need(r.engine != "vllm" or cfg.model.device not in ("cpu",), "rollout.engine",
-         "vllm needs a CUDA device (model.device is cpu)")
+    t = cfg.model.tiny
+    need(r.engine != "vllm" or cfg.model.path != TINY or t.num_heads < 1 or t.hidden_size // t.num_heads >= 32,
+         "model.tiny.num_heads", f"rollout.engine=vllm needs a text head size of 32 or more (vLLM's CPU attention "
+         f"runs 32, 64, 80, ...; kept on every device so both engines train the same model), and "
+         f"model.tiny.hidden_size {t.hidden_size} / num_heads {t.num_heads} gives "
+         f"{t.hidden_size // max(t.num_heads, 1)}: set model.tiny.num_heads={max(1, t.hidden_size // 32)}")
     need(o.prompts_per_step >= 1, "optim.prompts_per_step", f"must be >= 1, got {o.prompts_per_step}")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

@@ -63,6 +63,9 @@ class DistInfo:
         return self.world_size > 1
 
 
+_OWN_GROUP = False  # init_distributed created the current process group (shutdown destroys only that one)
+
+
 def _env_int(name: str, env) -> int:
     raw = env.get(name)
     if raw is None:
@@ -116,8 +119,10 @@ def init_distributed(backend: str | None = None, device_kind: str = "auto", *, t
         device = torch.device("cpu")
     backend = backend or ("nccl" if use_cuda else "gloo")
     kw = {"device_id": device} if backend == "nccl" else {}
+    global _OWN_GROUP
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
                             **kw)
+    _OWN_GROUP = True
     return DistInfo(rank, world, local, device, backend)
 
 
@@ -139,18 +144,22 @@ def current() -> DistInfo:
 
 
 def shutdown(barrier: bool = False) -> None:
-    """Leave the process group (a no-op without one). Garbage-collects first: a DDP module
-    left in a reference cycle holds the group's C++ object, and freed only at interpreter
+    """Leave the process group ``init_distributed`` created (a no-op without one; a group
+    someone else created, e.g. an in-process vLLM's, is left to its owner: destroying it
+    here made vLLM's own teardown fail with "Invalid process group specified").
+    Garbage-collects first: a DDP module left in a reference cycle holds the group's C++ object, and freed only at interpreter
     exit its gloo threads can abort the process ("terminate called without an active
     exception", seen once at the end of a finished 2-process run). barrier: wait for every
     rank first (the end of a successful run; not after an error, where a rank may be gone)."""
-    if dist.is_available() and dist.is_initialized():
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_available() and dist.is_initialized():
         import gc
 
         gc.collect()
         if barrier and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 # =============================================================================== data

@@ -105,7 +105,27 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     Raises ``faults.Interrupted`` after SIGINT / SIGTERM (the step finished and
     checkpointed), ``checkpoint.CheckpointError`` naming a corrupt or missing checkpoint
     file, ``ConfigError`` for a config the process count does not fit, and
-    ``torch.OutOfMemoryError`` with a note naming the config keys to lower."""
+    ``torch.OutOfMemoryError`` with a note naming the config keys to lower.
+    The rollout engine is closed on the way out (a vLLM engine shut down before the
+    caller's distributed teardown)."""
+    engines: list = []
+    try:
+        return _train(cfg, warm_start_cache, resume=resume, overwrite=overwrite, engines=engines)
+    finally:
+        for engine in engines:
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+
+
+def _train(cfg: TrainConfig, warm_start_cache: dict | None, *, resume: bool, overwrite: bool,
+           engines: list) -> TrainResult:
+    """``train``'s body; the rollout engine it builds goes into ``engines``."""
+    if cfg.rollout.engine == "vllm" and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        raise ConfigError(f"rollout.engine=vllm under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) is not "
+                          "supported: the colocated vLLM runs in the trainer's process and would join, and at its "
+                          "shutdown destroy, the trainer's process group (vLLM needs its external_launcher "
+                          "mode for that, not wired here); run one process, or use rollout.engine=hf")
     t_start = time.perf_counter()
     info = distributed.init_distributed(device_kind=distributed.device_kind(cfg.model.device),
                                         timeout_s=cfg.dist.timeout_s)
@@ -139,10 +159,11 @@ def train(cfg: TrainConfig, warm_start_cache: dict | None = None, *, resume: boo
     prompts = PromptSource(cfg, task)
     heldout = _heldout(cfg, task)
     policy = build_policy(cfg, device)
-    options = engine_options(cfg)
+    options = engine_options(cfg, policy.model)
     if "seed" in options:  # vLLM's sampling seed: each rank its own stream (rank 0: cfg.seed)
         options["seed"] = distributed.rank_seed(cfg.seed, info)
     engine = build_rollout_engine(cfg.rollout.engine, policy, **options)
+    engines.append(engine)
     encoder = engine.encoder
     if main:  # the inputs loaded: only now is OUTPUT_DIR written (an earlier run's checkpoints removed)
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -935,15 +956,32 @@ class Policy:
     image_processor: Any = None
 
 
-def engine_options(cfg: TrainConfig) -> dict:
-    """``build_rollout_engine``'s options for ``cfg.rollout.engine`` (docs/vllm.md)."""
+def max_positions(model) -> int | None:
+    """The text model's ``max_position_embeddings`` (None when the config has none)."""
+    cfg = getattr(model, "config", None)
+    for c in (getattr(cfg, "text_config", None), cfg):
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def engine_options(cfg: TrainConfig, model=None) -> dict:
+    """``build_rollout_engine``'s options for ``cfg.rollout.engine`` (docs/vllm.md).
+    vLLM's max_model_len: rollout.vllm.max_model_len, else rollout.max_prompt_length +
+    rollout.max_new_tokens capped at ``model``'s max_position_embeddings (vLLM refuses more)."""
     r = cfg.rollout
     if r.engine == "hf":
         return {"max_batch_rows": r.max_batch_rows}
     v = r.vllm
+    max_len = v.max_model_len
+    if max_len is None:
+        max_len = r.max_prompt_length + r.max_new_tokens
+        if (positions := max_positions(model)) is not None:
+            max_len = min(max_len, positions)
     return dict(max_batch_rows=r.max_batch_rows, gpu_memory_utilization=v.gpu_memory_utilization,
                 enable_sleep_mode=v.enable_sleep_mode, sleep_level=v.sleep_level,
-                max_model_len=v.max_model_len or r.max_prompt_length + r.max_new_tokens,
+                max_model_len=max_len,
                 limit_mm_per_prompt=v.max_images, seed=cfg.seed, enforce_eager=v.enforce_eager,
                 logprobs_mode=v.logprobs_mode, model_path=None if cfg.model.path == TINY else cfg.model.path)
 
