@@ -166,7 +166,7 @@ class OptimConfig:
     weight_decay: float = F(0.0, "AdamW weight decay")
     betas: list = F([0.9, 0.999], "AdamW betas", value_type=float, length=2)
     warmup_steps: int = F(0, "linear learning-rate warm-up (optimizer steps)")
-    lr_schedule: Literal["constant", "linear", "cosine"] = F("linear", "learning rate after the warm-up: constant, "
+    lr_schedule: Literal["constant", "linear", "cosine"] = F("constant", "learning rate after the warm-up: constant, "
                                                                        "or decayed to 0 at the last optimizer step "
                                                                        "(max_steps x mini_batches x epochs) linearly "
                                                                        "or along a half cosine")
@@ -190,7 +190,7 @@ class WarmupConfig:
                                    "embedded task: scene categories of the two-source warm-start prompts (null: "
                                    "all of task.mix); by default only scenes where the sources agree",
                                    value_type=str)
-    label_noise: float = F(0.3, "embedded task: share of warm-start answers flipped (a cold start that is not "
+    label_noise: float = F(0.2, "embedded task: share of warm-start answers flipped (a cold start that is not "
                                  "certain: p(answer) about 1 - label_noise)")
     unsure: list = F([], "embedded task: scene categories also shown with both sources in the warm start, "
                          "answered yes or no at random (a cold start unsure where the sources disagree)",
