@@ -1,7 +1,7 @@
 """The determinism contract of `mars train` (README, docs/train.md), first half: the same
 seed on the same machine and build gives identical metrics, samples and weights, in two
 fresh processes; another seed gives another run. (The second half, the same outcome
-within the stated spread across machines, is what bench/results/train_seeds.md measures.)"""
+within the stated spread across machines, is what bench/results/train_default.md measures.)"""
 
 import json
 import os
