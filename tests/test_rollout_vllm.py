@@ -921,8 +921,7 @@ def test_mars_train_with_the_vllm_engine(tmp_path, monkeypatch):
     # top_p 0.9 on a sure warm start: the two engines sample the same tokens, so their updates agree
     common = ["max_steps=2", "warmup.steps=10", "optim.prompts_per_step=2", "rollout.n=2",
               "task.eval_per_category=1", "log.plot_every=0", "log.samples_every=0", "eval.every=1",
-              "rollout.top_p=0.9", "warmup.label_noise=0.05", "optim.mini_batches=1", "optim.lr=1e-4",
-              "model.tiny.num_heads=2"]
+              "rollout.top_p=0.9", "warmup.label_noise=0.05", "optim.mini_batches=1", "optim.lr=1e-4"]
     orig = VLLMEngine.colocated.__func__
     built = []
 

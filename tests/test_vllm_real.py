@@ -194,11 +194,11 @@ def _records(out):
 
 TRAIN = ["max_steps=2", "warmup.steps=20", "optim.prompts_per_step=2", "rollout.n=2", "task.eval_per_category=2",
          "log.plot_every=0", "log.samples_every=0", "eval.every=1", "log.progress=false", "optim.mini_batches=1",
-         "model.tiny.num_heads=2", "rollout.max_new_tokens=12"]
+         "rollout.max_new_tokens=12"]
 
 
 def test_mars_train_and_eval_on_real_vllm(tmp_path):
-    """`mars train rollout.engine=vllm` (the tiny model with 2 heads, eager, 2 steps) exits 0
+    """`mars train rollout.engine=vllm` (the default tiny model, head size 32; eager, 2 steps) exits 0
     without a traceback, its metrics are finite, its held-out accuracy at step 0 (greedy,
     after the warm start pushed) equals the HF engine's, and `mars eval --backend vllm` on
     its checkpoint gives the trainer's final held-out accuracy."""
