@@ -47,6 +47,7 @@ from torch import nn
 
 from . import _ext, reference
 from .backends import resolve
+from .policy_loss import policy_loss_checked
 from .reference import LOSS_METRICS, LossOutput
 
 __all__ = ["fused_linear_policy_loss", "FusedLinearMarsLoss", "token_logprobs",
@@ -63,11 +64,6 @@ _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 CPU_BLOCK_BYTES = 32 << 20
 GPU_BLOCK_BYTES = 512 << 20
 MIN_CHUNK = 256
-
-
-def _loss_module():
-    from . import loss  # lazy: mars.loss re-exports this module
-    return loss
 
 
 # ----------------------------------------------------------------------------- checks
@@ -437,7 +433,7 @@ def _fused_run(hidden, weight, bias, ids, old_logp, advantages, mask, ref_logp, 
                chunk_size, backend, opts, need, is_weights=None):
     """(loss, metrics [6], grad_hidden, grad_weight, grad_bias); grads None where not needed.
     opts: validated by check_policy_loss_args (normalisers already checked)."""
-    run_loss = _loss_module().policy_loss_checked
+    run_loss = policy_loss_checked
     B, T, _ = hidden.shape
     pl_backend = resolve(backend if backend != "triton" or hidden.device.type == "cuda"
                          else "auto", hidden.device)
