@@ -177,7 +177,9 @@ def _train(cfg: TrainConfig, warm_start_cache: dict | None, *, resume: bool, ove
     if cfg.data.eval == EMBEDDED and heldout and main:  # the held-out set as a `mars eval` file
         embedded.write_eval_file(heldout, os.path.join(cfg.output_dir, "heldout"))
 
-    with faults.StopSignals(cfg.output_dir, quiet=not main) as stop:  # SIGINT / SIGTERM: finish, checkpoint, stop
+    # SIGINT / SIGTERM: finish the step, checkpoint, stop
+    with faults.StopSignals(cfg.output_dir, quiet=not main,
+                            newest=lambda: ckpt.find_resumable(cfg.output_dir)) as stop:
         # ---- supervised warm start (teaches the answer format; a resumed run has its result). Under
         # torchrun every rank runs the same one (same seed): the replicas start equal.
         t = time.perf_counter()
