@@ -12,6 +12,7 @@ import numbers
 from typing import NamedTuple
 
 import torch
+from mars_kernels.constants import K3_COEFS, K3_SERIES_BELOW  # noqa: F401 (re-exported)
 
 from .groups import check_options, prepare
 
@@ -95,12 +96,11 @@ NORMALISERS = ("num_tokens", "num_seqs", "loss_scale")
 F32_MAX = torch.finfo(torch.float32).max
 _KL_COEF_RANGE = f"a finite number in [0, {F32_MAX:.7g}] (float32's largest)"
 # k3 = e^d - 1 - d (docs/loss.md, "KL estimators"): for |d| < K3_SERIES_BELOW its Taylor
-# series sum_{n=2..15} d^n / n! by Horner's rule (K3_COEFS: 1/n!, highest n first), else
-# expm1(d) - d. exp(d) - d - 1 would lose every digit near d = 0 (fp32: d = 1e-4 gives
-# ~1000% error); expm1(d) - d still loses ~eps/|d|. Every kernel evaluates the same
-# polynomial in the same order. Truncation error < 1e-17 relative at |d| = 0.5.
-K3_SERIES_BELOW = 0.5
-K3_COEFS = tuple(1.0 / math.factorial(n) for n in range(15, 1, -1))
+# series sum_{n=2..15} d^n / n! by Horner's rule (K3_COEFS: 1/n!, highest n first, defined
+# once in mars_kernels.constants for the reference and the kernels), else expm1(d) - d.
+# exp(d) - d - 1 would lose every digit near d = 0 (fp32: d = 1e-4 gives ~1000% error);
+# expm1(d) - d still loses ~eps/|d|. Every kernel evaluates the same polynomial in the same
+# order. Truncation error < 1e-17 relative at |d| = 0.5.
 # k3's clamp (verl's low_var_kl): the estimate to [-KL_CLAMP, KL_CLAMP], with d to
 # +-K3_D_CLAMP; the `kl_clamp` option of policy_loss (None: neither clamp, TRL's k3).
 KL_CLAMP = 10.0
