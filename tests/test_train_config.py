@@ -163,7 +163,7 @@ def test_shipped_3b_configs_have_the_papers_hyper_parameters():
     assert (d.loss.kl_coef, d.optim.warmup_steps, d.algorithm.dynamic_sampling) == (0.0, 10, True)
     assert d.algorithm.overlong_buffer == 4096
     # without weights: the from_pretrained keywords the 3B run would use on this machine
-    from mars.train.loop import model_load_kwargs
+    from mars.train.policy import model_load_kwargs
     import torch
 
     kw = model_load_kwargs(g, "cpu")
@@ -275,7 +275,7 @@ def test_a_config_that_cannot_learn_is_warned_about(capsys):
 
 
 def test_lr_schedules():
-    from mars.train.loop import lr_factor
+    from mars.train.update import lr_factor
 
     c = load_config(None, ["max_steps=10", "optim.mini_batches=2", "optim.warmup_steps=4", "optim.lr_schedule=constant"])
     assert [lr_factor(k, c) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # constant after the warm-up

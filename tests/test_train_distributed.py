@@ -56,7 +56,7 @@ def _cfg(*overrides):
 def _setup(cfg):
     from mars.rollout.encode import PromptEncoder
     from mars.train import task as embedded
-    from mars.train.loop import build_policy
+    from mars.train.policy import build_policy
 
     policy = build_policy(cfg, torch.device("cpu"))
     enc = PromptEncoder(tokenizer=policy.tokenizer, image_processor=policy.image_processor)
@@ -70,7 +70,7 @@ def _batch(enc, task, vocab: int, step: int, text_only_from: int | None = None):
     text_only_from: prompts from this index on carry no image (the vision tower unused)."""
     from mars.rollout import Completion
     from mars.rollout.encode import EncodedPrompt
-    from mars.train.loop import Rollout
+    from mars.train.rollouts import Rollout
 
     g = torch.Generator().manual_seed(1000 + step)
     prompts = [(f"s{step}p{i}", task.sample(step * P + i)) for i in range(P)]
@@ -96,7 +96,7 @@ def _batch(enc, task, vocab: int, step: int, text_only_from: int | None = None):
 
 def _train_inputs(rows, cfg):
     """(trained rows, advantages, old log-probs, AdvantageOutput) of ``rows``."""
-    from mars.train.loop import compute_advantages
+    from mars.train.advantages import compute_advantages
 
     trained = [r for r in rows if not r.anchor]
     out, _ = compute_advantages(rows, cfg)
@@ -128,43 +128,20 @@ def _params(model) -> dict:
             for n, p in model.named_parameters()}
 
 
-class _Patched:
-    """loop.response_inputs -> distributed.response_forward (the one-line integration of
-    micro_batch_loss), and optionally loop.accumulate_gradients -> the distributed one."""
-
-    def __init__(self, accumulate: bool):
-        self.accumulate = accumulate
-
-    def __enter__(self):
-        from mars.train import distributed as D, loop
-
-        self.saved = loop.response_inputs, loop.accumulate_gradients
-        loop.response_inputs = D.response_forward
-        if self.accumulate:
-            loop.accumulate_gradients = D.accumulate_gradients
-
-    def __exit__(self, *exc):
-        from mars.train import loop
-
-        loop.response_inputs, loop.accumulate_gradients = self.saved
-
-
 def _ddp_vs_one_process(base, enc, task, V, cfg, c, pad, cpu, info, *, step, text_only_from):
-    """One step's batch: the whole batch's gradient in one process (loop.accumulate_gradients)
+    """One step's batch: the whole batch's gradient in one process (update.accumulate_gradients)
     vs this rank's shard through DDP (find_unused_parameters). Returns (_max_diff of the
     two, the one-process grads, the DDP model, this rank's (rows, adv, old_logp))."""
-    from mars.train import distributed as D, loop
+    from mars.train import distributed as D, update as U
     prompts, rows = _batch(enc, task, V, step=step, text_only_from=text_only_from)
     local = [r for r in rows if r.group in {g for g, _ in D.shard_prompts(prompts, info)}]
     tr_all, adv_all, old_all, _ = _train_inputs(rows, cfg)
     tr, adv, old, _ = _train_inputs(local, cfg)
     ref = copy.deepcopy(base)
-    with _Patched(False):
-        loop.accumulate_gradients(ref, tr_all, adv_all, old_all, None, c, pad, cpu)
+    U.accumulate_gradients(ref, tr_all, adv_all, old_all, None, c, pad, cpu)
     g_ref = _grads(ref)
     ddp = D.wrap_model(copy.deepcopy(base), info, "ddp", find_unused_parameters=True)
-    with _Patched(False):
-        D.accumulate_gradients(ddp, tr, adv, old, None, c, pad, cpu, info=info)
+    U.accumulate_gradients(ddp, tr, adv, old, None, c, pad, cpu, info=info)
     return _max_diff(_grads(D.unwrap(ddp)), g_ref), g_ref, ddp, (tr, adv, old)
 
 
@@ -177,7 +154,7 @@ def _optimizer(params, cfg):
 
 # =============================================================================== the worker
 def _worker(scenario: str, out_dir: str) -> None:
-    from mars.train import distributed as D, loop
+    from mars.train import distributed as D
 
     torch.set_num_threads(1)
     info = D.init_distributed(device_kind="cpu")
@@ -203,7 +180,8 @@ def _worker(scenario: str, out_dir: str) -> None:
 
 
 def _main(info, res, cpu, out_dir):
-    from mars.train import distributed as D, loop
+    from mars.train import distributed as D, metrics as M, update as U, advantages as A
+    from mars.train.logger import NullLogger
 
     cfg = _cfg()
     policy, enc, task = _setup(cfg)
@@ -228,16 +206,13 @@ def _main(info, res, cpu, out_dir):
         c_split = _cfg(f"loss.agg={agg}", f"optim.micro_batch_size={k}")
         ref = copy.deepcopy(base)
         ref.zero_grad(set_to_none=True)
-        with _Patched(False):
-            l_whole, m_whole = loop.accumulate_gradients(ref, tr_all, adv_all, old_all, None, c_whole, pad, cpu)
+        l_whole, m_whole = U.accumulate_gradients(ref, tr_all, adv_all, old_all, None, c_whole, pad, cpu)
         g_whole = _grads(ref)
         ref.zero_grad(set_to_none=True)
-        with _Patched(False):
-            l_split, _ = loop.accumulate_gradients(ref, tr_all, adv_all, old_all, None, c_split, pad, cpu)
+        l_split, _ = U.accumulate_gradients(ref, tr_all, adv_all, old_all, None, c_split, pad, cpu)
         g_same_mb = _grads(ref)
         ddp = D.wrap_model(copy.deepcopy(base), info, "ddp")
-        with _Patched(False):
-            l_dp, m_dp = D.accumulate_gradients(ddp, tr, adv, old, None, c_whole, pad, cpu, info=info)
+        l_dp, m_dp = U.accumulate_gradients(ddp, tr, adv, old, None, c_whole, pad, cpu, info=info)
         g_dp = _grads(D.unwrap(ddp))
         same = _max_diff(g_dp, g_same_mb)
         vs_whole = _max_diff(g_dp, g_whole)
@@ -256,28 +231,25 @@ def _main(info, res, cpu, out_dir):
             orig = D.loss_multiplier
             D.loss_multiplier = lambda model, info=None: 1.0
             try:
-                with _Patched(False):
-                    D.accumulate_gradients(ddp, tr, adv, old, None, c_whole, pad, cpu, info=info)
+                U.accumulate_gradients(ddp, tr, adv, old, None, c_whole, pad, cpu, info=info)
             finally:
                 D.loss_multiplier = orig
             w, s, _ = _max_diff(_grads(D.unwrap(ddp)), g_whole)
             res["grads"][agg]["without_multiplier_rel"] = w / s
 
-    # (2) one AdamW step through loop.policy_update: 2 ranks vs one process
+    # (2) one AdamW step through update.policy_update: 2 ranks vs one process
     c = _cfg("optim.micro_batch_size=64")
     ref = copy.deepcopy(base)
     opt, sched = _optimizer(ref.parameters(), c)
     t = time.perf_counter()
-    with _Patched(False):
-        upd_ref = loop.policy_update(ref, opt, sched, tr_all, adv_all, old_all, None, c, pad, cpu,
-                                     torch.Generator().manual_seed(0))
+    upd_ref = U.policy_update(ref, opt, sched, tr_all, adv_all, old_all, None, c, pad, cpu,
+                              torch.Generator().manual_seed(0))
     res["time_update_1proc_whole_batch"] = time.perf_counter() - t
     ddp = D.wrap_model(copy.deepcopy(base), info, "ddp")
     opt, sched = _optimizer(ddp.parameters(), c)
     t = time.perf_counter()
-    with _Patched(True):
-        upd_dp = loop.policy_update(ddp, opt, sched, tr, adv, old, None, c, pad, cpu,
-                                    torch.Generator().manual_seed(0))
+    upd_dp = U.policy_update(ddp, opt, sched, tr, adv, old, None, c, pad, cpu,
+                             torch.Generator().manual_seed(0))
     res["time_update_2proc_half_batch"] = time.perf_counter() - t
     w_ref, w_dp = _params(ref), _params(D.unwrap(ddp))
     w0 = _params(base)
@@ -294,14 +266,14 @@ def _main(info, res, cpu, out_dir):
     tr0, adv0, old0, _ = _train_inputs([r for r in rows if r.group in g0], cfg)
     ref = copy.deepcopy(base)
     opt, sched = _optimizer(ref.parameters(), c2)
-    upd_ref = loop.policy_update(ref, opt, sched, tr0, adv0, old0, None, c2, pad, cpu,
-                                 torch.Generator().manual_seed(0))
+    upd_ref = U.policy_update(ref, opt, sched, tr0, adv0, old0, None, c2, pad, cpu,
+                              torch.Generator().manual_seed(0))
     ddp = D.wrap_model(copy.deepcopy(base), info, "ddp")
     opt, sched = _optimizer(ddp.parameters(), c2)
     mine_rows = (tr0, adv0, old0) if info.is_main else ([], adv0[:0], [])
     dummy = D.padding_row(mine_rows[0], info)
-    upd_dp = loop.policy_update(ddp, opt, sched, *mine_rows, None, c2, pad, cpu, torch.Generator().manual_seed(0),
-                                dummy=dummy)
+    upd_dp = U.policy_update(ddp, opt, sched, *mine_rows, None, c2, pad, cpu, torch.Generator().manual_seed(0),
+                             dummy=dummy)
     w_ref, w_dp = _params(ref), _params(D.unwrap(ddp))
     res["empty_rank"] = {"max_diff": max(float((w_dp[n] - w_ref[n]).abs().max()) for n in w_ref),
                          "moved": max(float((w_ref[n] - w0[n]).abs().max()) for n in w_ref),
@@ -316,26 +288,23 @@ def _main(info, res, cpu, out_dir):
     c_f = _cfg("loss.agg=token-mean", "optim.micro_batch_size=3")  # unequal micro-batch counts are padded
     ref = copy.deepcopy(base)
     ref.zero_grad(set_to_none=True)
-    with _Patched(False):
-        loop.accumulate_gradients(ref, tr_all, adv_all, old_all, None, _cfg("optim.micro_batch_size=64"), pad,
-                                  cpu)
+    U.accumulate_gradients(ref, tr_all, adv_all, old_all, None, _cfg("optim.micro_batch_size=64"), pad,
+                           cpu)
     g_ref = _grads(ref)
     # rank 1 trains two rows fewer: 6 rows = 2 micro-batches of 3 against rank 0's 8 rows = 3; FSDP2's
     # forwards are collectives, so rank 1 runs one padding micro-batch (the dummy row, adding 0)
     sub = tr if info.rank == 0 else tr[:-2]
     sub_adv = adv if info.rank == 0 else adv[:-2]
     sub_old = old if info.rank == 0 else old[:-2]
-    with _Patched(False):
-        D.accumulate_gradients(fs, sub, sub_adv, sub_old, None, c_f, pad, cpu, info=info, dummy=tr[0])
+    U.accumulate_gradients(fs, sub, sub_adv, sub_old, None, c_f, pad, cpu, info=info, dummy=tr[0])
     g_fs = _grads(D.unwrap(fs))
     # one process on exactly those rows (rank 1's last two rollouts left out on both sides)
     dropped = set(D.all_gather_objects([r.uid for r in tr[-2:]], info)[1])
     keep = [i for i, r in enumerate(tr_all) if r.uid not in dropped]
     ref2 = copy.deepcopy(base)
     ref2.zero_grad(set_to_none=True)
-    with _Patched(False):
-        loop.accumulate_gradients(ref2, [tr_all[i] for i in keep], adv_all[keep], [old_all[i] for i in keep],
-                                  None, _cfg("optim.micro_batch_size=64"), pad, cpu)
+    U.accumulate_gradients(ref2, [tr_all[i] for i in keep], adv_all[keep], [old_all[i] for i in keep],
+                           None, _cfg("optim.micro_batch_size=64"), pad, cpu)
     g_ref2 = _grads(ref2)
     d2 = _max_diff(g_fs, g_ref2)
     res["fsdp2"] = {"max_diff_uneven": d2[0], "scale_uneven": d2[1], "none_mismatch": d2[2],
@@ -344,12 +313,10 @@ def _main(info, res, cpu, out_dir):
     opt, sched = _optimizer(fs2.parameters(), c)
     ref = copy.deepcopy(base)
     opt_r, sched_r = _optimizer(ref.parameters(), c)
-    with _Patched(False):
-        loop.policy_update(ref, opt_r, sched_r, tr_all, adv_all, old_all, None, c, pad, cpu,
-                           torch.Generator().manual_seed(0))
-    with _Patched(True):
-        upd_fs = loop.policy_update(fs2, opt, sched, tr, adv, old, None, c, pad, cpu,
-                                    torch.Generator().manual_seed(0))
+    U.policy_update(ref, opt_r, sched_r, tr_all, adv_all, old_all, None, c, pad, cpu,
+                    torch.Generator().manual_seed(0))
+    upd_fs = U.policy_update(fs2, opt, sched, tr, adv, old, None, c, pad, cpu,
+                             torch.Generator().manual_seed(0))
     w_fs = _params(D.unwrap(fs2))
     w_r = _params(ref)
     full = D.full_state_dict(fs2, info)
@@ -367,24 +334,24 @@ def _main(info, res, cpu, out_dir):
     local_k = [r for r in local if r.group in kept]
     tr_all_k, adv_all_k, old_all_k, st_all_k = _train_inputs(rows_k, cfg)
     tr_k, adv_k, old_k, st_k = _train_inputs(local_k, cfg)
-    m_all = loop.step_metrics(rows_k, tr_all_k, adv_all_k, st_all_k, old_all_k, cfg)
-    m_loc = loop.step_metrics(local_k, tr_k, adv_k, st_k, old_k, cfg)
+    m_all = M.step_metrics(rows_k, tr_all_k, adv_all_k, st_all_k, old_all_k, cfg)
+    m_loc = M.step_metrics(local_k, tr_k, adv_k, st_k, old_k, cfg)
     m_unweighted = D.all_gather_objects(m_loc["reward_multi"], info)
     m_loc.update(step=1, time_step=1.0 + info.rank, time_update=0.5 * (1 + info.rank), tokens_per_s=0.0)
     if info.is_main:
         m_loc["eval_acc_multi"] = 0.75
-    red = D.reduce_metrics(m_loc, info, D.local_weights(local_k, tr_k, st_k, old_k), check_same=True)
+    red = M.reduce_metrics(m_loc, info, M.local_weights(local_k, tr_k, st_k, old_k), check_same=True)
     res["metrics"] = {"reduced": red, "whole": m_all, "unweighted_reward_multi": sum(m_unweighted) / 2}
 
     # (3b) the small collectives the loop integration uses
     from mars.rollout import Completion
-    from mars.train.loop import Rollout
+    from mars.train.rollouts import Rollout
 
     bad = Rollout("g", "g/r0", task.sample(0), None, Completion([1], "x"), error="boom")
     errors_path = os.path.join(out_dir, "errors.jsonl")
     if info.is_main:
         open(errors_path, "w").close()
-    D.write_rank_errors([bad] if info.rank == 1 else [], _cfg(), 3, errors_path, info)
+    A.write_rank_errors([bad] if info.rank == 1 else [], _cfg(), 3, errors_path, info)
     gen = torch.Generator().manual_seed(100 + info.rank)
     files = D.gather_rng_files(info, {"shuffle": gen})
     expect = torch.rand(2, generator=gen).tolist()
@@ -394,7 +361,7 @@ def _main(info, res, cpu, out_dir):
     D.broadcast_object(None, info)  # the files are written
     gen2 = torch.Generator().manual_seed(0)
     D.load_rng_state(out_dir, info, {"shuffle": gen2})
-    nl = D.NullLogger(out_dir)
+    nl = NullLogger(out_dir)
     res["collectives"] = {
         "union": sorted(D.union_sets({info.rank, 10}, info)),
         "any_rank_1": D.any_rank(info.rank == 1, info), "any_rank_none": D.any_rank(False, info),
@@ -438,8 +405,7 @@ def _main(info, res, cpu, out_dir):
                          "vision_grads_none": sum(g is None for n, g in g_ref.items() if ".visual." in n),
                          "vision_params": sum(".visual." in n for n in g_ref)}
     ddp = D.wrap_model(copy.deepcopy(base), info, "ddp", find_unused_parameters=False)
-    with _Patched(False):
-        D.accumulate_gradients(ddp, tr_n, adv_n, old_n, None, c, pad, cpu, info=info)
+    U.accumulate_gradients(ddp, tr_n, adv_n, old_n, None, c, pad, cpu, info=info)
     res["unused_all"]["no_find_unused_replica_grad_diff"] = _replica_grad_diff(D.unwrap(ddp), info)
 
 
@@ -534,16 +500,15 @@ def _resume_state(info, cpu):
 def _rl_step(step, info, cfg, enc, task, V, model, opt, sched, shuffle, cpu) -> dict:
     """One step of the building blocks: the global prompts, this rank's shard, the
     advantage plus per-rank sampling noise (the rank's torch RNG: what generation
-    consumes), the update through loop.policy_update (mini-batches shuffled by the
+    consumes), the update through update.policy_update (mini-batches shuffled by the
     trainer's generator)."""
-    from mars.train import distributed as D, loop
+    from mars.train import distributed as D, update as U
 
     prompts, rows = _batch(enc, task, V, step)
     mine = {g for g, _ in D.shard_prompts(prompts, info)}
     tr, adv, old, _ = _train_inputs([r for r in rows if r.group in mine], cfg)
     adv = adv + 0.1 * torch.randn(adv.shape)
-    with _Patched(True):
-        return loop.policy_update(model, opt, sched, tr, adv, old, None, cfg, enc.pad_token_id, cpu, shuffle)
+    return U.policy_update(model, opt, sched, tr, adv, old, None, cfg, enc.pad_token_id, cpu, shuffle)
 
 
 def _resume_first(info, cpu, out_dir) -> dict:
@@ -954,7 +919,7 @@ def test_mars_train_fsdp2_equals_ddp(train_runs):
 # ------------------------------------------------------------------------------- one process
 def test_single_process_fallback_without_env(monkeypatch):
     pytest.importorskip("transformers")
-    from mars.train import distributed as D, loop
+    from mars.train import distributed as D, metrics as M, update as U
 
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
@@ -965,7 +930,7 @@ def test_single_process_fallback_without_env(monkeypatch):
     assert D.global_counts(7, 3, info) == (7, 3)
     assert D.broadcast_object({"a": 1}, info) == {"a": 1}
     rec = {"reward_multi": 0.5, "time_step": 1.0}
-    assert D.reduce_metrics(rec, info) == rec
+    assert M.reduce_metrics(rec, info) == rec
     cfg = _cfg("optim.micro_batch_size=5")
     policy, enc, task = _setup(cfg)
     assert D.wrap_model(policy.model, info, "ddp") is policy.model
@@ -974,10 +939,10 @@ def test_single_process_fallback_without_env(monkeypatch):
     _, rows = _batch(enc, task, len(policy.tokenizer), step=1)
     tr, adv, old, _ = _train_inputs(rows, cfg)
     policy.model.zero_grad(set_to_none=True)
-    a = loop.accumulate_gradients(policy.model, tr, adv, old, None, cfg, enc.pad_token_id, "cpu")
+    a = U.accumulate_gradients(policy.model, tr, adv, old, None, cfg, enc.pad_token_id, "cpu")
     ga = _grads(policy.model)
     policy.model.zero_grad(set_to_none=True)
-    b = D.accumulate_gradients(policy.model, tr, adv, old, None, cfg, enc.pad_token_id, "cpu", info=info)
+    b = U.accumulate_gradients(policy.model, tr, adv, old, None, cfg, enc.pad_token_id, "cpu", info=info)
     gb = _grads(policy.model)
     assert a == b  # loss and metrics, bit for bit
     assert all((ga[n] is None and gb[n] is None) or torch.equal(ga[n], gb[n]) for n in ga)
@@ -1032,13 +997,13 @@ def test_loop_helpers_of_the_integration(tmp_path):
     one process; a checkpoint resumes with the process count that wrote it; extra files
     (the ranks' RNG files) are inside the atomic checkpoint and its marker."""
     pytest.importorskip("transformers")
-    from mars.train import checkpoint as ckpt, distributed as D, loop
+    from mars.train import checkpoint as ckpt, distributed as D, loop, update as U
     from mars.train.config import ConfigError
 
-    assert loop._split(list(range(3)), 5) == [[0], [1], [2]]
-    assert loop._split(list(range(3)), 5, exact=True) == [[0], [1], [2], [], []]
-    assert loop._split([], 2, exact=True) == [[], []] and loop._split([], 2) == [[]]
-    assert loop._split(list(range(7)), 2, exact=True) == loop._split(list(range(7)), 2)
+    assert U._split(list(range(3)), 5) == [[0], [1], [2]]
+    assert U._split(list(range(3)), 5, exact=True) == [[0], [1], [2], [], []]
+    assert U._split([], 2, exact=True) == [[], []] and U._split([], 2) == [[]]
+    assert U._split(list(range(7)), 2, exact=True) == U._split(list(range(7)), 2)
     assert D.padding_row([], D.DistInfo()) is None and D.padding_row(["a", "b"], D.DistInfo()) == "a"
     cfg = _cfg()
     policy, _, _ = _setup(cfg)
