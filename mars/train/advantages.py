@@ -23,6 +23,7 @@ from .timer import PhaseTimer
 
 __all__ = ["collect_batch", "score_rollouts", "write_rank_errors", "compute_advantages", "informative_groups"]
 
+
 def collect_batch(engine, encoder, prompts, cfg: TrainConfig, timer: PhaseTimer, errors_path: str, step: int,
                   info=None):
     """Rollouts and anchors of one step, scored, with their advantages. Under dynamic
@@ -77,6 +78,7 @@ def collect_batch(engine, encoder, prompts, cfg: TrainConfig, timer: PhaseTimer,
     counts = {"groups_kept": kept_here, "groups_drawn": n_drawn, "gen_batches": n_batches, "prompts_skipped": skipped}
     return kept, adv, out, counts
 
+
 def score_rollouts(rows: list[Rollout], cfg: TrainConfig, errors_path: str | None = None, step: int = 0):
     """Rewards from the mars.rewards registry (reward.name, else each sample's task), plus
     DAPO's overlong shaping. A failing reward scores 0 and is written to ``errors_path``
@@ -109,6 +111,7 @@ def score_rollouts(rows: list[Rollout], cfg: TrainConfig, errors_path: str | Non
                 f.write(json.dumps(e) + "\n")
     return errors
 
+
 def write_rank_errors(batch, cfg, step: int, errors_path: str, info=None) -> None:
     """Rank 0 appends to ``errors_path`` the failed reward calls of the other ranks'
     rollouts (``Rollout.error``; rank 0 wrote its own in ``score_rollouts``), in the format
@@ -124,6 +127,7 @@ def write_rank_errors(batch, cfg, step: int, errors_path: str, info=None) -> Non
             for part in parts[1:]:
                 for e in part:
                     f.write(json.dumps(e) + "\n")
+
 
 def compute_advantages(rows: list[Rollout], cfg: TrainConfig):
     """``mars.mono_anchored_advantage`` over the trained rows of ``rows`` with the anchors
@@ -142,6 +146,7 @@ def compute_advantages(rows: list[Rollout], cfg: TrainConfig):
     for r, g in zip(trained, out.group_index.tolist()):
         labels[g] = r.group
     return out, labels
+
 
 def informative_groups(out, labels) -> set:
     """DAPO dynamic sampling under MARS: the groups whose pooled std (rollouts + anchors)

@@ -272,10 +272,6 @@ def agree_signal(signum: int | None, info: DistInfo | None = None) -> int | None
     return v or None
 
 
-
-
-
-
 # =============================================================================== model
 class ResponseModel(torch.nn.Module):
     """The trainer's forward as a module, so DDP / FSDP2 see it: ``forward(inputs, T)`` ->
@@ -406,10 +402,6 @@ def loss_multiplier(model, info: DistInfo | None = None) -> float:
     (2, 4, 8 ranks) scales every float exactly."""
     info = info or current()
     return float(info.world_size) if is_wrapped(model) else 1.0
-
-
-
-
 
 
 # =============================================================================== RNG, resume

@@ -389,6 +389,7 @@ def _start_point(cfg: TrainConfig, resume: bool, overwrite: bool) -> str | None:
                           f"`mars train --resume {out}`, replace it with --overwrite, or choose another output_dir")
     return None
 
+
 def _check_resume_world(path: str, world_size: int) -> None:
     """A checkpoint resumes with the number of processes that wrote it (its
     ``rng_state_rank{r}.pt`` files; none for one process): ConfigError naming it."""
@@ -399,6 +400,7 @@ def _check_resume_world(path: str, world_size: int) -> None:
         how = "mars train" if wrote == 1 else f"torchrun --nproc_per_node {wrote} -m mars train"
         raise ConfigError(f"{path} was written by a {wrote}-process run and this run has {world_size}: resume "
                           f"with {how} --resume {run_dir} (the per-rank sampling streams cannot be re-split)")
+
 
 def _check_resume_config(cfg: TrainConfig, state: dict, path: str) -> None:
     """The config to resume with is the checkpoint's, but for the keys --resume may change."""
@@ -414,9 +416,11 @@ def _check_resume_config(cfg: TrainConfig, state: dict, path: str) -> None:
                           f"with at {', '.join(diff)}; a resumed run keeps its config (--resume may change only "
                           "max_steps, save_every, checkpoint.*, log.* and the memory keys)")
 
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
 
 def _tqdm(cfg, **kw):
     """A progress bar (log.progress), on rank 0 only under torchrun."""
@@ -424,8 +428,10 @@ def _tqdm(cfg, **kw):
 
     return tqdm(disable=not (cfg.log.progress and distributed.current().is_main), dynamic_ncols=True, **kw)
 
+
 def _fmt(v):
     return "-" if v is None else f"{v:.2f}"
+
 
 def _title(cfg: TrainConfig) -> str:
     method = "GRPO" if cfg.rollout.mono == "none" else f"GRPO+MARS ({cfg.rollout.mono} anchors)"
@@ -433,12 +439,14 @@ def _title(cfg: TrainConfig) -> str:
         method = method.replace("GRPO", "DAPO")
     return f"mars train: {method}, G={cfg.rollout.n}, seed {cfg.seed} ({cfg.output_dir})"
 
+
 def _write_samples(path: str, step: int, batch: list[Rollout], per_kind: int = 4) -> None:
     with open(path, "a", encoding="utf-8") as f:
         for r in [r for r in batch if not r.anchor][:per_kind] + [r for r in batch if r.anchor][:per_kind]:
             f.write(json.dumps({"step": step, "id": r.uid, "anchor": r.anchor, "source": r.source,
                                 "ground_truth": str(r.sample.ground_truth), "reward": r.reward,
                                 "text": r.completion.text}) + "\n")
+
 
 def _write_summary(cfg: TrainConfig, result: TrainResult) -> None:
     steps = [r for r in result.records if r.get("step", 0) >= 1]

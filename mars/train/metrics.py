@@ -25,8 +25,8 @@ from .update import _pad_rows, engine_logprobs, rollout_is_weights
 __all__ = ["step_metrics", "category_metrics", "rollout_is_metrics", "evaluate", "timed_evaluate", "REDUCTIONS",
            "local_weights", "reduce_metrics"]
 
-# =============================================================================== one rank
 
+# =============================================================================== one rank
 def step_metrics(batch: list[Rollout], trained: list[Rollout], adv, stats, old_logp, cfg) -> dict:
     anchors = [r for r in batch if r.anchor]
 
@@ -70,6 +70,7 @@ def step_metrics(batch: list[Rollout], trained: list[Rollout], adv, stats, old_l
         m.update(rollout_is_metrics(trained, old_logp, cfg))
     return m
 
+
 def category_metrics(trained: list[Rollout], anchors: list[Rollout]) -> dict:
     """Training accuracy per scene category (samples whose extra_info names one, as the
     embedded task's): ``acc_multi/{c}`` over the sampled rollouts, ``acc_source_{k}/{c}``
@@ -82,6 +83,7 @@ def category_metrics(trained: list[Rollout], anchors: list[Rollout]) -> dict:
             key = "acc_multi" if not r.anchor else f"acc_source_{r.source}"
             acc.setdefault(f"{key}/{cat}", []).append(r.accuracy)
     return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+
 
 def rollout_is_metrics(trained: list[Rollout], old_logp, cfg: TrainConfig) -> dict:
     """rollout_is_mean (mean weight over the valid tokens; a sequence weight counts once per
@@ -98,8 +100,8 @@ def rollout_is_metrics(trained: list[Rollout], old_logp, cfg: TrainConfig) -> di
         w, clipped = w[:, None].expand_as(mask), clipped[:, None].expand_as(mask)
     return {"rollout_is_mean": float(w[mask].mean()), "rollout_is_clipped_frac": float(clipped[mask].float().mean())}
 
-# =============================================================================== held-out evaluation
 
+# =============================================================================== held-out evaluation
 def evaluate(engine, samples, cfg: TrainConfig) -> dict:
     """Greedy held-out accuracy (mars.rewards.metrics): multi-source, each single source
     (eval.mono), and per scene category when the samples have one."""
@@ -124,11 +126,13 @@ def evaluate(engine, samples, cfg: TrainConfig) -> dict:
             acc.setdefault(f"{key}/{cat}", []).append(c)
     return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
 
+
 def timed_evaluate(engine, samples, cfg: TrainConfig) -> dict:
     """:func:`evaluate`'s accuracies and ``time_eval``, the seconds it took."""
     t = time.perf_counter()
     acc = evaluate(engine, samples, cfg)
     return {**acc, "time_eval": time.perf_counter() - t}
+
 
 # =============================================================================== across ranks
 # How each key of a step's metrics record is reduced across ranks (docs/distributed.md):

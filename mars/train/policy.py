@@ -17,12 +17,14 @@ from .config import TINY, ConfigError, TrainConfig
 __all__ = ["Policy", "build_policy", "engine_options", "model_load_kwargs", "max_positions", "frozen_copy",
            "training_model", "resolve_device"]
 
+
 @dataclass
 class Policy:
     model: Any
     tokenizer: Any
     processor: Any = None
     image_processor: Any = None
+
 
 def max_positions(model) -> int | None:
     """The text model's ``max_position_embeddings`` (None when the config has none)."""
@@ -32,6 +34,7 @@ def max_positions(model) -> int | None:
         if isinstance(n, int) and n > 0:
             return n
     return None
+
 
 def engine_options(cfg: TrainConfig, model=None) -> dict:
     """``build_rollout_engine``'s options for ``cfg.rollout.engine`` (docs/vllm.md).
@@ -51,6 +54,7 @@ def engine_options(cfg: TrainConfig, model=None) -> dict:
                 max_model_len=max_len,
                 limit_mm_per_prompt=v.max_images, seed=cfg.seed, enforce_eager=v.enforce_eager,
                 logprobs_mode=v.logprobs_mode, model_path=None if cfg.model.path == TINY else cfg.model.path)
+
 
 def build_policy(cfg: TrainConfig, device) -> Policy:
     """The tiny model built locally (model.path = "tiny") or a checkpoint loaded with
@@ -82,6 +86,7 @@ def build_policy(cfg: TrainConfig, device) -> Policy:
         model.gradient_checkpointing_enable()
     return policy
 
+
 def model_load_kwargs(cfg: TrainConfig, device) -> dict:
     """from_pretrained keywords: dtype and attention implementation (flash_attention_2
     when flash-attn is installed and the device is a GPU, else sdpa, for "auto")."""
@@ -93,8 +98,10 @@ def model_load_kwargs(cfg: TrainConfig, device) -> dict:
         attn = "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
     return {"dtype": _dtype(cfg.model.dtype) or "auto", "attn_implementation": attn}
 
+
 def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+
 
 def resolve_device(name: str) -> torch.device:
     """``model.device``: "auto" is cuda when available, else cpu."""
@@ -102,12 +109,14 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
+
 def frozen_copy(model):
     """A copy of ``model`` in eval mode without gradients (the reference model of loss.kl_coef)."""
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
 
 def training_model(model, info, cfg: TrainConfig):
     """What the update trains (``distributed.wrap_model``): ``model`` for one process; DDP

@@ -22,6 +22,7 @@ from .timer import PhaseTimer
 
 __all__ = ["Rollout", "PromptSource", "heldout_samples", "encode_prompts", "generate_rollouts"]
 
+
 @dataclass
 class Rollout:
     """One generated response. ``group``: its prompt's id (the advantage group label);
@@ -37,6 +38,7 @@ class Rollout:
     accuracy: float = 0.0
     format: float = 0.0
     error: str | None = None
+
 
 class PromptSource:
     """Training prompts: the embedded task's stream, or a data file in shuffled epochs.
@@ -71,6 +73,7 @@ class PromptSource:
         size = len(self.samples) if self.samples is not None else 10 ** 6
         return [(None, self._at(rng.randrange(size))) for _ in range(n)]
 
+
 def heldout_samples(cfg: TrainConfig, task):
     """The held-out samples of data.eval (the embedded task's balanced set or a data file),
     cut to data.eval_limit; [] without data.eval."""
@@ -84,6 +87,7 @@ def heldout_samples(cfg: TrainConfig, task):
         s = load_samples(cfg.data.eval, image_root=cfg.data.image_root, task=cfg.data.task)
     return s[:cfg.data.eval_limit] if cfg.data.eval_limit is not None else s
 
+
 def encode_prompts(encoder, drawn, cfg: TrainConfig):
     """[(group, sample, EncodedPrompt)] of the drawn prompts; prompts over
     rollout.max_prompt_length tokens are skipped (returned count)."""
@@ -95,6 +99,7 @@ def encode_prompts(encoder, drawn, cfg: TrainConfig):
             continue
         out.append((group, sample, p))
     return out, skipped
+
 
 def generate_rollouts(engine, drawn, cfg: TrainConfig, timer: PhaseTimer) -> list[Rollout]:
     """G sampled rollouts per prompt and, unless rollout.mono is "none", one greedy anchor

@@ -26,8 +26,8 @@ from .rollouts import Rollout
 __all__ = ["response_logprobs", "old_logprobs", "loss_options", "policy_update", "accumulate_gradients",
            "micro_batch_loss", "rollout_is_weights", "engine_logprobs", "lr_factor"]
 
-# =============================================================================== 4. old log-probs
 
+# =============================================================================== 4. old log-probs
 def response_logprobs(model, rows: list[Rollout], encoder, cfg: TrainConfig, device) -> list:
     """Per-token log-probs (no gradient) of each row's response under ``model``, at the
     rollout temperature, in optim.micro_batch_size rows per forward ([] for no rows)."""
@@ -36,6 +36,7 @@ def response_logprobs(model, rows: list[Rollout], encoder, cfg: TrainConfig, dev
     return row_logprobs(model, [r.prompt for r in rows], [r.completion.token_ids for r in rows],
                         encoder.pad_token_id, temperature=cfg.rollout.temperature,
                         micro_batch_size=cfg.optim.micro_batch_size, device=device, chunk_size=cfg.loss.chunk_size)
+
 
 def old_logprobs(model, reference, rows: list[Rollout], encoder, cfg: TrainConfig, device, step: int):
     """(old log-probs of ``rows`` under ``model``, their log-probs under ``reference`` or None
@@ -48,8 +49,8 @@ def old_logprobs(model, reference, rows: list[Rollout], encoder, cfg: TrainConfi
     ref_logp = response_logprobs(reference, rows, encoder, cfg, device) if reference is not None else None
     return old_logp, ref_logp
 
-# =============================================================================== 5. update
 
+# =============================================================================== 5. update
 def loss_options(cfg: TrainConfig) -> dict:
     """The mars.loss keyword options of the config."""
     lo = cfg.loss
@@ -57,6 +58,7 @@ def loss_options(cfg: TrainConfig) -> dict:
                 kl_type=lo.kl_type, agg=lo.agg, ratio_level=lo.ratio_level, log_ratio_clamp=lo.log_ratio_clamp,
                 loss_scale=lo.loss_scale if lo.loss_scale is not None else float(cfg.rollout.max_new_tokens),
                 backend=lo.backend)
+
 
 def policy_update(model, optimizer, scheduler, rows: list[Rollout], adv, old_logp, ref_logp, cfg: TrainConfig,
                   pad_token_id: int, device, gen: torch.Generator, dummy=None, step: int = 0) -> dict:
@@ -112,6 +114,7 @@ def policy_update(model, optimizer, scheduler, rows: list[Rollout], adv, old_log
                grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None,
                lr=optimizer.param_groups[0]["lr"])
     return out
+
 
 def accumulate_gradients(model, rows, adv, old_logp, ref_logp, cfg, pad_token_id: int, device, dummy=None, *,
                          info: distributed.DistInfo | None = None):
@@ -180,6 +183,7 @@ def accumulate_gradients(model, rows, adv, old_logp, ref_logp, cfg, pad_token_id
     n = max(red["num_tokens"], 1.0)
     return loss_total, {key: (v / n if key != "num_tokens" else v) for key, v in red.items()}
 
+
 def micro_batch_loss(model, rows, adv, old_logp, ref_logp, opts, num_tokens, num_seqs, cfg, pad_token_id, device):
     """mars.loss on one micro-batch: the plain path materialises the logits of the
     response tokens, the fused path (loss.fused) never does."""
@@ -204,6 +208,7 @@ def micro_batch_loss(model, rows, adv, old_logp, ref_logp, opts, num_tokens, num
     return mars.loss.policy_loss(logp, old, adv, mask, ref_logp=ref, is_weights=isw, num_tokens=num_tokens,
                                  num_seqs=num_seqs, **opts)
 
+
 @torch.no_grad()
 def rollout_is_weights(old_logp, rollout_logp, mask, level: str, cap: float):
     """Truncated importance-sampling weights of the engine / trainer mismatch (verl's
@@ -227,6 +232,7 @@ def rollout_is_weights(old_logp, rollout_logp, mask, level: str, cap: float):
     raw = torch.exp(d)
     return raw.clamp(max=cap), raw > cap
 
+
 def engine_logprobs(rows: list[Rollout], cfg: TrainConfig) -> list:
     """The engine's per-token log-probs of each row's response (``completion.logprobs``)
     as float32 tensors [len(token_ids)]; ValueError naming the engine when one is missing
@@ -242,6 +248,7 @@ def engine_logprobs(rows: list[Rollout], cfg: TrainConfig) -> list:
         out.append(torch.as_tensor(lp, dtype=torch.float32))
     return out
 
+
 def lr_factor(k: int, cfg: TrainConfig) -> float:
     """Multiplier of optim.lr for optimizer step k (0-based): linear warm-up over
     optim.warmup_steps, then optim.lr_schedule (constant, or linear / cosine decay to 0 at
@@ -256,6 +263,7 @@ def lr_factor(k: int, cfg: TrainConfig) -> float:
     progress = min(1.0, max(0.0, (k - warm) / max(total - warm, 1)))
     return 1.0 - progress if o.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
+
 def _split(xs: list, k: int, exact: bool = False) -> list[list]:
     """``xs`` in min(k, len(xs)) (at least 1) near-equal contiguous parts; exact: always k
     parts, the last ones empty when len(xs) < k (data parallel: every rank makes the same
@@ -268,6 +276,7 @@ def _split(xs: list, k: int, exact: bool = False) -> list[list]:
         out.append(xs[start:start + n])
         start += n
     return out
+
 
 def _pad_rows(rows, T: int, device) -> torch.Tensor:
     out = torch.zeros((len(rows), T), dtype=torch.float32)

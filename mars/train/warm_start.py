@@ -15,6 +15,7 @@ from .progress import RunProgress
 
 __all__ = ["warm_start", "warmup_target", "rl_step_cost_ratio"]
 
+
 def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=None, progress=None) -> None:
     """Supervised fine-tuning on responses in the answer format (the cold start):
     ``<think> ... </think> <answer> ANSWER </answer>`` + end of turn, token-mean
@@ -62,6 +63,7 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
     if own:
         progress.close()
 
+
 def rl_step_cost_ratio(cfg: TrainConfig) -> float:
     """Guess of (RL-step time) / (warm-step time) for the ETA before an RL step is timed:
     the rows an RL step generates (G per prompt, plus one anchor per source) decode
@@ -71,6 +73,7 @@ def rl_step_cost_ratio(cfg: TrainConfig) -> float:
     sources = 0 if cfg.rollout.mono == "none" else 2
     rows = cfg.optim.prompts_per_step * (cfg.rollout.n + sources)
     return max(1.0, rows / max(cfg.warmup.batch_size, 1) * 1.4)
+
 
 def warmup_target(sample, rng: random.Random, label_noise: float = 0.0) -> str:
     """The warm-start response of ``sample``: the embedded task's format with its answer
