@@ -8,6 +8,7 @@ import importlib.util
 import os
 
 import torch
+from mars_kernels.constants import KL_CLAMP
 
 C_ERROR: str | None = None
 try:
@@ -180,7 +181,7 @@ if HAS_C:
     @torch.library.register_fake("mars::policy_loss")
     def _policy_loss_fake(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low,
                           clip_high, dual_clip, kl_coef, kl_type, agg, num_tokens, num_seqs,
-                          loss_scale, seq_ratio, log_ratio_clamp, kl_clamp=10.0):
+                          loss_scale, seq_ratio, log_ratio_clamp, kl_clamp=KL_CLAMP):
         return _policy_loss_fake_impl(logp)
 
     torch.library.register_autograd("mars::policy_loss", _policy_loss_backward,
@@ -205,7 +206,7 @@ if HAS_TRITON:
     def _policy_loss_triton_fake(logp, old_logp, advantages, mask, ref_logp, is_weights,
                                  clip_low, clip_high, dual_clip, kl_coef, kl_type, agg,
                                  num_tokens, num_seqs, loss_scale, seq_ratio, log_ratio_clamp,
-                                 kl_clamp=10.0):
+                                 kl_clamp=KL_CLAMP):
         return _policy_loss_fake_impl(logp)
 
     @torch.library.custom_op("mars::policy_loss_triton_backward", mutates_args=())

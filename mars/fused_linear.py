@@ -48,14 +48,14 @@ from torch import nn
 from . import _ext, reference
 from .backends import resolve
 from .policy_loss import policy_loss_checked
-from .reference import LOSS_METRICS, LossOutput
+from .reference import CLIP_HIGH, CLIP_LOW, LOG_RATIO_CLAMP, LOSS_METRICS, LossOutput
 
 __all__ = ["fused_linear_policy_loss", "FusedLinearMarsLoss", "token_logprobs",
            "POLICY_LOSS_OPTIONS"]
 
-POLICY_LOSS_OPTIONS = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0,
+POLICY_LOSS_OPTIONS = dict(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=None, kl_coef=0.0,
                            kl_type="k3", agg="token-mean", num_tokens=None, num_seqs=None,
-                           loss_scale=None, ratio_level="token", log_ratio_clamp=20.0,
+                           loss_scale=None, ratio_level="token", log_ratio_clamp=LOG_RATIO_CLAMP,
                            kl_clamp=reference.KL_CLAMP)
 _BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # chunk_size=None: the most tokens whose [chunk, V] logits block fits these bytes, but at
@@ -524,10 +524,10 @@ class _FusedLinearPolicyLossFn(torch.autograd.Function):
 
 def fused_linear_policy_loss(hidden, weight, ids, old_logp, advantages, mask, *, bias=None,
                              temperature=1.0, chunk_size=None, ref_logp=None, is_weights=None,
-                             clip_low=0.2,
-                             clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
+                             clip_low=CLIP_LOW,
+                             clip_high=CLIP_HIGH, dual_clip=None, kl_coef=0.0, kl_type="k3",
                              agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
-                             ratio_level="token", log_ratio_clamp=20.0,
+                             ratio_level="token", log_ratio_clamp=LOG_RATIO_CLAMP,
                              kl_clamp=reference.KL_CLAMP, backend="auto") -> LossOutput:
     """Policy loss of the lm head's log-probs, never holding [B*T, V] logits (docs/loss.md,
     "Fused path").
@@ -621,9 +621,9 @@ class FusedLinearMarsLoss(nn.Module):
     >>> out.loss.backward()
     """
 
-    def __init__(self, *, temperature=1.0, chunk_size=None, clip_low=0.2, clip_high=0.2,
+    def __init__(self, *, temperature=1.0, chunk_size=None, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
                  dual_clip=None, kl_coef=0.0, kl_type="k3", agg="token-mean", loss_scale=None,
-                 ratio_level="token", log_ratio_clamp=20.0, kl_clamp=reference.KL_CLAMP,
+                 ratio_level="token", log_ratio_clamp=LOG_RATIO_CLAMP, kl_clamp=reference.KL_CLAMP,
                  backend="auto"):
         super().__init__()
         self.options = dict(temperature=temperature, chunk_size=chunk_size, clip_low=clip_low,

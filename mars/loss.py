@@ -14,7 +14,8 @@ from torch import nn
 from .backends import NAMES
 from .fused_linear import FusedLinearMarsLoss, fused_linear_policy_loss, token_logprobs
 from .policy_loss import policy_loss, policy_loss_parts
-from .reference import KL_CLAMP, KL_TYPES, LOSS_AGGS, LossOutput, check_policy_loss_options
+from .reference import (CLIP_HIGH, CLIP_LOW, KL_CLAMP, KL_TYPES, LOG_RATIO_CLAMP, LOSS_AGGS, LossOutput,
+                        check_policy_loss_options)
 
 __all__ = ["policy_loss", "MarsLoss", "LossOutput", "LOSS_AGGS", "KL_TYPES", "policy_loss_parts",
            "fused_linear_policy_loss", "FusedLinearMarsLoss", "token_logprobs"]
@@ -28,9 +29,9 @@ class MarsLoss(nn.Module):
     >>> out = crit(logp, old_logp, advantages, mask); out.loss.backward()
     """
 
-    def __init__(self, *, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0,
+    def __init__(self, *, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=None, kl_coef=0.0,
                  kl_type="k3", agg="token-mean", loss_scale=None, ratio_level="token",
-                 log_ratio_clamp=20.0, kl_clamp=KL_CLAMP, backend="auto"):
+                 log_ratio_clamp=LOG_RATIO_CLAMP, kl_clamp=KL_CLAMP, backend="auto"):
         super().__init__()
         self.options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                             kl_coef=kl_coef, kl_type=kl_type, agg=agg, loss_scale=loss_scale,

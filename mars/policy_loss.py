@@ -8,7 +8,8 @@ import torch
 
 from . import _ext, reference
 from .backends import resolve
-from .reference import KL_CLAMP, KL_TYPES, LOSS_AGGS, LOSS_METRICS, LossOutput, check_policy_loss_args
+from .reference import (CLIP_HIGH, CLIP_LOW, KL_CLAMP, KL_TYPES, LOG_RATIO_CLAMP, LOSS_AGGS, LOSS_METRICS, LossOutput,
+                        check_policy_loss_args)
 
 __all__ = ["policy_loss", "policy_loss_parts", "policy_loss_checked"]
 
@@ -71,9 +72,9 @@ def _kernel_args(logp, old_logp, advantages, mask, ref_logp, opts, is_weights=No
 
 
 def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=None,
-                      clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
+                      clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=None, kl_coef=0.0, kl_type="k3",
                       agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
-                      ratio_level="token", log_ratio_clamp=20.0, kl_clamp=KL_CLAMP,
+                      ratio_level="token", log_ratio_clamp=LOG_RATIO_CLAMP, kl_clamp=KL_CLAMP,
                       backend="auto"):
     """Building block for fused losses: the loss, metrics and d(loss)/d(logp) from one kernel,
     without autograd.
@@ -104,9 +105,9 @@ def policy_loss_parts(logp, old_logp, advantages, mask, *, ref_logp=None, is_wei
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=None,
-                clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
+                clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=None, kl_coef=0.0, kl_type="k3",
                 agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
-                ratio_level="token", log_ratio_clamp=20.0, kl_clamp=KL_CLAMP,
+                ratio_level="token", log_ratio_clamp=LOG_RATIO_CLAMP, kl_clamp=KL_CLAMP,
                 backend="auto") -> LossOutput:
     """Clipped-ratio token loss with its metrics (docs/loss.md: formulas, options, ranges).
 

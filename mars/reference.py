@@ -12,7 +12,8 @@ import numbers
 from typing import NamedTuple
 
 import torch
-from mars_kernels.constants import K3_COEFS, K3_SERIES_BELOW  # noqa: F401 (re-exported)
+from mars_kernels.constants import (CLIP_HIGH, CLIP_LOW, K3_COEFS, K3_D_CLAMP, K3_SERIES_BELOW,  # noqa: F401
+                                    KL_CLAMP, LOG_RATIO_CLAMP, LOSS_AGGS)  # (re-exported: the specification's numbers)
 
 from .groups import check_options, prepare
 
@@ -86,8 +87,6 @@ def mono_anchored_advantage(rewards, group_ids, anchor_rewards=None, anchor_grou
 # arguments lives here once: mars.loss, the fused loss and every backend use it.
 # ---------------------------------------------------------------------------------------
 
-LOSS_AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
-             "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3", "k3_ratio")  # k3_ratio: k3 times the ratio (TRL, DeepSeek-V3.2)
 RATIO_LEVELS = ("token", "sequence")
 LOSS_METRICS = ("clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl", "ref_kl",
@@ -103,8 +102,8 @@ _KL_COEF_RANGE = f"a finite number in [0, {F32_MAX:.7g}] (float32's largest)"
 # order. Truncation error < 1e-17 relative at |d| = 0.5.
 # k3's clamp (verl's low_var_kl): the estimate to [-KL_CLAMP, KL_CLAMP], with d to
 # +-K3_D_CLAMP; the `kl_clamp` option of policy_loss (None: neither clamp, TRL's k3).
-KL_CLAMP = 10.0
-K3_D_CLAMP = 20.0
+# KL_CLAMP, K3_D_CLAMP and the option defaults CLIP_LOW, CLIP_HIGH, LOG_RATIO_CLAMP are
+# defined once in mars_kernels.constants (the kernels use them too).
 
 
 class LossOutput(NamedTuple):
@@ -392,9 +391,9 @@ def kl_estimate(logp, ref_logp, kl_type: str, log_ratio=None, kl_clamp=KL_CLAMP)
     return k3 if kl_clamp is None else k3.clamp(-kl_clamp, kl_clamp)
 
 
-def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=0.2,
-                          clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
-                          ratio_level="token", log_ratio_clamp=20.0, is_weights=None,
+def per_token_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, clip_low=CLIP_LOW,
+                          clip_high=CLIP_HIGH, dual_clip=None, kl_coef=0.0, kl_type="k3",
+                          ratio_level="token", log_ratio_clamp=LOG_RATIO_CLAMP, is_weights=None,
                           kl_clamp=KL_CLAMP):
     """The per-token loss of docs/loss.md. Returns (loss_tok [B, T], valid [B, T] bool, stats)
     where loss_tok is 0 under the mask, and stats holds [B, T] tensors clip_high, clip_low,
@@ -500,9 +499,9 @@ def aggregate_loss(loss_tok, valid, agg: str, num_tokens=None, num_seqs=None, lo
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, is_weights=None,
-                clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
+                clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=None, kl_coef=0.0, kl_type="k3",
                 agg="token-mean", num_tokens=None, num_seqs=None, loss_scale=None,
-                ratio_level="token", log_ratio_clamp=20.0, kl_clamp=KL_CLAMP,
+                ratio_level="token", log_ratio_clamp=LOG_RATIO_CLAMP, kl_clamp=KL_CLAMP,
                 backend="reference"):
     """Reference of `mars.loss.policy_loss` (same signature; `backend` is ignored): the
     per-token loss of `per_token_policy_loss`, aggregated by `aggregate_loss`, with the
