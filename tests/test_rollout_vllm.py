@@ -728,8 +728,9 @@ def test_trainer_engine_options_and_refusals(monkeypatch):
                       check_files=False)
     assert engine_options(cfg, model)["max_model_len"] == 300
     with pytest.raises(ConfigError, match=r"model.tiny.num_heads.*gives 16: set model.tiny.num_heads=2"):
-        load_config(None, ["rollout.engine=vllm"], check_files=False)
-    load_config(None, ["rollout.engine=hf"], check_files=False)  # the HF engine takes any head size
+        load_config(None, ["rollout.engine=vllm", "model.tiny.num_heads=4"], check_files=False)
+    load_config(None, ["rollout.engine=vllm"], check_files=False)  # the default's head size is 32
+    load_config(None, ["rollout.engine=hf", "model.tiny.num_heads=4"], check_files=False)  # HF: any head size
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config(None, ["rollout.engine=vllm", "model.tiny.num_heads=2"], check_files=False)
     with pytest.raises(ConfigError, match="torchrun.*rollout.engine=hf"):

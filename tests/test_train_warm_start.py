@@ -1,5 +1,6 @@
 """The warm start's answers (the cold start RL begins from): which prompts it shows and how
-their answers are chosen (warmup.categories, warmup.unsure, warmup.label_noise)."""
+their answers are chosen (warmup.categories, warmup.unsure, warmup.label_noise,
+warmup.night_share)."""
 
 import random
 
@@ -16,13 +17,15 @@ FAST = ["task.eval_per_category=1", "rollout.n=2", "optim.prompts_per_step=2", "
 
 
 def _warm_start_calls(tmp_path, monkeypatch, *overrides):
-    """(category, shows one source, label noise) of every warm-start answer of a run."""
+    """(category, shows one source, label noise) of every warm-start answer of a run but the
+    night questions (warmup.night_share, tested below)."""
     import mars.train.warm_start as warm
 
     real, calls = warm.warmup_target, []
 
     def target(sample, rng, label_noise=0.0):
-        calls.append((sample.extra_info["category"], "source" in sample.extra_info, label_noise))
+        if sample.extra_info.get("question") != "night":
+            calls.append((sample.extra_info["category"], "source" in sample.extra_info, label_noise))
         return real(sample, rng, label_noise)
 
     monkeypatch.setattr(warm, "warmup_target", target)
@@ -42,10 +45,36 @@ def test_unsure_categories_are_shown_with_both_sources_and_a_coin_flip_answer(tm
 
 
 def test_by_default_no_scene_where_the_sources_disagree_is_shown_with_both(tmp_path, monkeypatch):
-    calls = _warm_start_calls(tmp_path, monkeypatch, "warmup.steps=4")
+    calls = _warm_start_calls(tmp_path, monkeypatch, "warmup.steps=4", "warmup.night_share=0")
     assert len(calls) == 4 * 8
     assert {c for c, single, _ in calls if not single} <= {"day_person", "day_empty", "night_empty"}
     assert {noise for *_, noise in calls} == {TrainConfig().warmup.label_noise}
+
+
+def test_night_share_asks_is_it_night_of_the_rgb_image_alone_answered_with_the_truth(tmp_path, monkeypatch):
+    import mars.train.warm_start as warm
+
+    real, seen = warm.warmup_target, []
+
+    def target(sample, rng, label_noise=0.0):
+        out = real(sample, rng, label_noise)
+        seen.append((sample, label_noise, out))
+        return out
+
+    monkeypatch.setattr(warm, "warmup_target", target)
+    assert mars_main(["train", f"output_dir={tmp_path / 'w'}", *FAST, "warmup.steps=6",
+                      "warmup.night_share=0.5", "warmup.label_noise=0.3"]) == 0
+    night = [(s, noise, out) for s, noise, out in seen if s.extra_info.get("question") == "night"]
+    assert 12 <= len(night) <= 36  # binomial(48, 0.5): mean 24, sd 3.5
+    for s, noise, out in night:
+        assert s.question == embedded.NIGHT_QUESTION and len(s.image_refs) == 1
+        truth = "yes" if embedded.CATEGORIES[s.extra_info["category"]][0] == "night" else "no"
+        assert noise == 0.0 and out == embedded.response_text(truth)
+        # the RGB image: a night scene is dark, a day scene is not
+        mean = sum(s.image_refs[0].convert("L").getdata()) / (56 * 56 * 255)
+        assert (mean < 0.2) == (truth == "yes")
+    assert {round(noise, 6) for s, noise, _ in seen if s.extra_info.get("question") != "night"} == {0.3}
+    assert {s.extra_info["category"] for s, *_ in night} >= {"night_empty", "day_empty"}
 
 
 def test_label_noise_one_half_is_a_fair_coin():

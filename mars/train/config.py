@@ -48,7 +48,8 @@ class TinyModelConfig:
     arch: Literal["qwen2_vl", "qwen2_5_vl"] = F("qwen2_vl", "transformers class: Qwen2-VL or Qwen2.5-VL")
     hidden_size: int = F(64, "text hidden size")
     num_layers: int = F(2, "text decoder layers")
-    num_heads: int = F(4, "text attention heads (hidden_size / num_heads a multiple of 8)")
+    num_heads: int = F(2, "text attention heads (hidden_size / num_heads a multiple of 8; 32 or more for "
+                          "rollout.engine=vllm on a CPU)")
     vision_hidden_size: int = F(32, "vision tower width")
     vision_depth: int = F(2, "vision tower blocks")
 
@@ -193,6 +194,9 @@ class WarmupConfig:
                                    value_type=str)
     label_noise: float = F(0.2, "embedded task: share of warm-start answers flipped (a cold start that is not "
                                  "certain: p(answer) about 1 - label_noise)")
+    night_share: float = F(0.2, "embedded task: share of warm-start prompts showing the RGB image alone and asking "
+                                "'is it night ?' (answered with the truth): a cold start that tells day from night "
+                                "before RL, as a pretrained VLM does")
     unsure: list = F([], "embedded task: scene categories also shown with both sources in the warm start, "
                          "answered yes or no at random (a cold start unsure where the sources disagree)",
                      value_type=str)
@@ -599,6 +603,7 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     bad = sorted(set(w.unsure) - set(CATEGORIES))
     need(not bad, "warmup.unsure", f"unknown categories {bad}; known: {', '.join(CATEGORIES)}")
     need(0 <= w.single_share <= 1, "warmup.single_share", f"must be in [0, 1], got {w.single_share}")
+    need(0 <= w.night_share <= 1, "warmup.night_share", f"must be in [0, 1], got {w.night_share}")
     need(cfg.model.path != "", "model.path", "must not be empty")
     tm = cfg.model.tiny
     need(tm.hidden_size % tm.num_heads == 0 and (tm.hidden_size // tm.num_heads) % 8 == 0,

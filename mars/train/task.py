@@ -49,10 +49,11 @@ CATEGORIES = {  # name: (time of day, object, answer)
     "night_person": ("night", "person", "yes"),
 }
 QUESTION = "image 1 is rgb . image 2 is infrared . is there a person ?"
+NIGHT_QUESTION = "image 1 is rgb . is it night ?"
 THINK = "look at rgb and infrared"
 ANSWERS = ("yes", "no")
 # every word the prompts and the responses use (the tiny tokenizer's vocabulary)
-VOCAB = sorted(set(QUESTION.split()) | set(THINK.split()) | set(ANSWERS) | set(SOURCES)
+VOCAB = sorted(set(QUESTION.split()) | set(NIGHT_QUESTION.split()) | set(THINK.split()) | set(ANSWERS) | set(SOURCES)
                | {"system", "user", "assistant", "You", "are", "a", "helpful", "."})
 
 
@@ -135,6 +136,17 @@ class EmbeddedTask:
         return Sample(id=f"{sample.id}/{SOURCES[k]}", messages=messages, image_refs=[sample.image_refs[k]],
                       ground_truth=answer, task="vqa", data_source="embedded",
                       extra_info={"category": name, "source": k})
+
+    def night_question(self, sample: Sample) -> Sample:
+        """The RGB image of ``sample`` alone with the question ``is it night ?``, answered
+        with the truth: warm-start data that teaches the tiny model to tell day from night
+        (``warmup.night_share``), the perception a pretrained VLM brings to RL."""
+        name = sample.extra_info["category"]
+        answer = "yes" if CATEGORIES[name][0] == "night" else "no"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": NIGHT_QUESTION}]}]
+        return Sample(id=f"{sample.id}/night", messages=messages, image_refs=[sample.image_refs[0]],
+                      ground_truth=answer, task="vqa", data_source="embedded",
+                      extra_info={"category": name, "source": 0, "question": "night"})
 
     def samples(self, n: int, stream: str = "train", start: int = 0) -> list[Sample]:
         return [self.sample(i, stream) for i in range(start, start + n)]

@@ -22,7 +22,8 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
     cross-entropy, AdamW at warmup.lr. Embedded task: a warmup.single_share of the prompts
     show one source alone (answered with what it shows), the others both sources of a
     scene of warmup.categories (answered with the truth) or of warmup.unsure (answered
-    yes or no at random); warmup.label_noise of the other answers flipped. File data: the training prompts with their ground truth.
+    yes or no at random); first a warmup.night_share of them ask ``is it night ?`` of an
+    RGB image alone; warmup.label_noise of the other answers flipped. File data: the training prompts with their ground truth.
     stop: a faults.StopSignals; after a signal the warm start raises faults.Interrupted.
     progress: the run's :class:`RunProgress` (None: a bar of its own)."""
     w = cfg.warmup
@@ -40,14 +41,15 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
         for i in range(w.batch_size):
             if cfg.data.train != EMBEDDED:
                 samples.append(prompts.peek_random(1, rng)[0][1])
+            elif w.night_share and rng.random() < w.night_share:
+                samples.append(task.night_question(task.sample(step * w.batch_size + i, "warmup-night")))
             elif rng.random() < w.single_share:
                 s = task.sample(step * w.batch_size + i, "warmup-single")
                 samples.append(task.single_source(s, rng.randrange(len(embedded.SOURCES))))
             else:
                 samples.append(task.sample(step * w.batch_size + i, "warmup",
                                            category=cats[rng.randrange(len(cats))]))
-        targets = [warmup_target(s, rng, 0.5 if (s.extra_info or {}).get("category") in w.unsure and
-                                 "source" not in s.extra_info else w.label_noise) for s in samples]
+        targets = [warmup_target(s, rng, _warm_noise(s, w)) for s in samples]
         ids = [encoder.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in targets]
         inputs, rid, mask = collate_rows([encoder.encode(s) for s in samples], ids, encoder.pad_token_id, device)
         x = response_inputs(model, inputs, rid.shape[1])
@@ -62,6 +64,18 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
             stop.check(0, None)
     if own:
         progress.close()
+
+
+def _warm_noise(sample, w) -> float:
+    """Share of flipped answers of one warm-start sample: 0.5 for a two-source scene of
+    warmup.unsure, none for the night question (perception taught as it is), else
+    warmup.label_noise."""
+    info = sample.extra_info or {}
+    if info.get("question") == "night":
+        return 0.0
+    if info.get("category") in w.unsure and "source" not in info:
+        return 0.5
+    return w.label_noise
 
 
 def rl_step_cost_ratio(cfg: TrainConfig) -> float:
