@@ -1,4 +1,4 @@
-"""Triton policy loss (mars_kernels/policy_loss.py, issue 13): rows split over a (B, splits)
+"""Triton policy loss (mars_kernels/policy_loss.py): rows split over a (B, splits)
 grid when B is small, the tile partials reduced in a fixed order, the one-kernel backward.
 
 Kernel inputs are fp32 or bf16; the reference (mars.reference.policy_loss, autograd) runs

@@ -1,4 +1,5 @@
-"""The public names and keyword defaults of SPEC section 9."""
+"""The public names (docs/README.md, "Public names") and the keyword defaults of the
+advantage and the losses (docs/advantage.md, docs/loss.md)."""
 import inspect
 
 import mars

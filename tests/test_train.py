@@ -94,7 +94,7 @@ def _rows(spec, seed=0):
 
 
 def _expected(spec, row):
-    """SPEC section 2 in float64: pool the group's rollouts and anchors."""
+    """docs/advantage.md's formula in float64: pool the group's rollouts and anchors."""
     rs, ms = spec[row.group]
     pool = torch.tensor(list(rs) + list(ms), dtype=torch.float64)
     mu = pool.mean()
