@@ -2,7 +2,8 @@
 imported): no import circle (KNOWN_CIRCLES lists those still to be removed: none now; never
 add to it), mars_kernels (the Triton package) imports nothing from mars, and the trainer's
 imports run one way: loop imports the phase modules, no phase module imports loop, and
-distributed (collectives, wrapping, per-rank RNG) imports none of the phases.
+distributed (collectives, wrapping, per-rank RNG) imports none of the phases;
+mars/ops imports nothing from mars outside itself, and mars.<op> only aliases mars.ops.<op>.
 An import of a submodule (``from . import faults``) counts as an import of that module only,
 not of its package; the compiled mars._C and the generated mars._build_info are not nodes."""
 
@@ -112,3 +113,18 @@ def test_the_trainer_imports_run_one_way():
     below = {"mars.train.batch", "mars.train.checkpoint"}  # the tensors of a row; the RNG state's format
     up = sorted(t for t in graph["mars.train.distributed"] if t.startswith("mars.train.") and t not in below)
     assert not up, up
+
+
+OPS = ("_ext", "groups", "reference", "backends", "policy_loss", "advantage", "fused_linear", "loss")
+
+
+def test_the_ops_import_nothing_above_them():
+    """mars/ops (docs/layers.md) imports only its own modules and the Triton package; the
+    public mars.<op> modules are one-line aliases of mars.ops.<op> and import nothing else."""
+    graph = _graph(_modules())
+    up = {m: sorted(t for t in ts if not t.startswith(("mars.ops.", "mars_kernels")))
+          for m, ts in graph.items() if m == "mars.ops" or m.startswith("mars.ops.")}
+    assert not any(up.values()), {m: t for m, t in up.items() if t}
+    assert {f"mars.ops.{m}" for m in OPS} <= set(graph)
+    for m in OPS:
+        assert graph[f"mars.{m}"] == {f"mars.ops.{m}"}, (m, graph[f"mars.{m}"])
