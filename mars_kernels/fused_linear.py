@@ -65,6 +65,7 @@ import triton.language as tl
 
 from mars_kernels._token_math import (K3_SERIES_BELOW, K3_TOP_FACTORIAL, clamp_log_ratio,
                                       clipped_ratio_loss, kl_term)
+from mars_kernels.constants import CLIP_HIGH, CLIP_LOW, K3_D_CLAMP, KL_CLAMP, LOG_RATIO_CLAMP
 
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "k3_ratio": 3}
 
@@ -241,8 +242,8 @@ def dlogits(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g: torch
 
 
 def policy_epilogue(logits, ids, advantages, agg_weights, *, old_logp=None, ref_logp=None,
-                    is_weights=None, inv_temp=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                    kl_coef=0.0, kl_type="k3", log_ratio_clamp=20.0, kl_clamp=10.0,
+                    is_weights=None, inv_temp=1.0, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=None,
+                    kl_coef=0.0, kl_type="k3", log_ratio_clamp=LOG_RATIO_CLAMP, kl_clamp=KL_CLAMP,
                     out_dtype=None,
                     lse=None, logp=None, block_v=None):
     """The whole epilogue of one chunk of valid tokens, one launch (token-level ratio).
@@ -277,7 +278,7 @@ def policy_epilogue(logits, ids, advantages, agg_weights, *, old_logp=None, ref_
             logits, logits.stride(0), out, out.stride(0), ids, lse, logp, g, loss, old, adv,
             wagg, isw, ref, V, float(inv_temp), 1.0 - clip_low, 1.0 + clip_high,
             float(dual_clip or 0.0), float(kl_coef), float(log_ratio_clamp or 0.0),
-            *((20.0, float(kl_clamp)) if kl_clamp is not None and kl_clamp < math.inf
+            *((K3_D_CLAMP, float(kl_clamp)) if kl_clamp is not None and kl_clamp < math.inf
               else (math.inf, math.inf)),
             HAS_OLD=old_logp is not None, HAS_IS=is_weights is not None, HAS_KL=has_kl,
             KL_TYPE=KL_CODES[kl_type], HAS_DUAL=dual_clip is not None,

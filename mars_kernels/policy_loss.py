@@ -35,10 +35,10 @@ import triton.language as tl
 # the token math (clamp, clip, dual clip, KL) is shared with mars_kernels.fused_linear
 from mars_kernels._token_math import (K3_SERIES_BELOW, K3_TOP_FACTORIAL, clamp_log_ratio,
                                       clipped_ratio_loss, kl_term)
+from mars_kernels.constants import K3_D_CLAMP, KL_CLAMP, LOSS_AGGS
 
 NCOL = 7  # tile partials: S, L, high, low, dual, approx_kl, ref_kl (+ G for GSPO)
-AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
-        "seq-mean-token-sum-norm")
+AGGS = LOSS_AGGS  # agg code = index
 MAX_BLOCK = 512  # tile of tokens; at least 8 tiles per row for T >= 128
 # Programs to aim for when B is small: the SM count on CUDA, this elsewhere (interpreter).
 TARGET_PROGRAMS = 132
@@ -346,7 +346,7 @@ def tiling(B: int, T: int, device: torch.device, splits: int | None = None):
 def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low: float,
                 clip_high: float, dual_clip: float, kl_coef: float, kl_type: int, agg: int,
                 num_tokens: float, num_seqs: float, loss_scale: float, seq_ratio: bool,
-                log_ratio_clamp: float, kl_clamp: float = 10.0, splits: int | None = None):
+                log_ratio_clamp: float, kl_clamp: float = KL_CLAMP, splits: int | None = None):
     """Launcher, same contract as the C++ op mars::policy_loss (csrc/ops.cpp): returns
     (loss 0-dim, metrics [6], grad [B, T] unscaled, row_scale [B]), fp32 (fp64 for fp64).
 
@@ -374,7 +374,7 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, clip_low
         raise ValueError(f"agg must be 0 .. {len(AGGS) - 1}, got {agg}")
     seq = bool(seq_ratio)
     kl_on = 0 < kl_clamp < math.inf  # k3's clamps: d to +-20, k3 to +-kl_clamp (else none)
-    kd, kk = (20.0, float(kl_clamp)) if kl_on else (math.inf, math.inf)
+    kd, kk = (K3_D_CLAMP, float(kl_clamp)) if kl_on else (math.inf, math.inf)
     block, nt, tps, n_split = tiling(B, T, x.device, splits)
     dev = x.device
     grad = torch.empty((B, T), dtype=acc, device=dev)

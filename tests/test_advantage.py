@@ -1,4 +1,4 @@
-"""mars.mono_anchored_advantage: reference vs float64 formulas, SPEC worked examples and
+"""mars.mono_anchored_advantage: reference vs float64 formulas, the worked examples of docs/advantage.md and
 identities, every backend vs the reference, bad input, determinism, torch.compile."""
 import math
 import os
@@ -41,7 +41,7 @@ def random_batch(gen, n_groups, max_rows=16, max_anchors=3, min_rows=1, label_ki
 
 def naive(rewards, labels, anchors, alabels, norm_by_std=True, eps=1e-6, unbiased=True,
           singleton="zero"):
-    """SPEC section 2 with Python's statistics module, one group at a time."""
+    """The formula of docs/advantage.md with Python's statistics module, one group at a time."""
     labels, alabels = list(np.asarray(labels).tolist()), list(np.asarray(alabels).tolist())
     rewards, anchors = [float(x) for x in rewards], [float(x) for x in anchors]
     out = []

@@ -1,4 +1,4 @@
-"""Adversarial labels and inputs of mars.mono_anchored_advantage (issue 9): every label
+"""Adversarial labels and inputs of mars.mono_anchored_advantage (docs/advantage.md, "Labels"): every label
 kind, dtype and container, absent anchors, values no cast may wrap or strip, checks that
 hold under torch.compile, float64 accumulation in every backend, the 'auto' fallback.
 

@@ -1,4 +1,4 @@
-"""Fused lm-head + log-softmax + policy loss (SPEC section 4): against the reference that
+"""Fused lm-head + log-softmax + policy loss (docs/loss.md, "Fused path"): against the reference that
 materialises the logits (float64), the Triton epilogue under the interpreter, parity with
 Liger's LigerFusedLinearGRPOLoss and Cut Cross-Entropy, peak memory, bad input, the HF
 model helper."""

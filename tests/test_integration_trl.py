@@ -353,7 +353,7 @@ def test_kl_far_past_verls_clamp_equals_trl(text_model, tmp_path, bias_correctio
     """beta > 0 with the reference far from the policy on some tokens (d = ref - logp about
     3.5, 6, -6: k3 ~ 29, 400, 5, where verl's clamp would stop at 10): MarsGRPOTrainer's
     loss, gradients and kl metric equal TRL's (the plug-in passes kl_clamp=None). In
-    float32; tests/test_loss_kl_unclamped.py goes to d = 12 in float64."""
+    float32; tests/test_loss_kl_clamp.py goes to d = 12 in float64."""
     path, tok = text_model
     args = dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=bias_correction, reward_weights=[1.0, 0.5])
     stock = make(GRPOTrainer, path, tok, config(tmp_path, **args))

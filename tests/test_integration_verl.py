@@ -167,7 +167,7 @@ def test_estimator_with_anchors_pools_by_uid():
     a, lab = anchors_from_baselines(index, rb)
     direct = mars.mono_anchored_advantage(torch.tensor(scores), index, a, lab, singleton="raw")
     torch.testing.assert_close(adv, direct[:, None] * mask)
-    # SPEC section 2 worked example: 14 correct, anchors [0, 0] -> every A = +0.366
+    # docs/advantage.md's worked example: 14 correct, anchors [0, 0] -> every A = +0.366
     idx = np.array(["p"] * 14, dtype=object)
     t = torch.ones(14, 1)
     a14, _ = compute_mars_advantage(t, torch.ones(14, 1), index=idx,

@@ -90,7 +90,7 @@ def test_reference_k3_is_exact_to_rounding():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_k3_near_zero_matches_float64_reference(monkeypatch, backend, isa, dtype):
     """ref_logp within 1e-9 .. 1e-3 of logp (the reference policy barely moved): loss (k3
-    only, A = 0), ref_kl and gradient within SPEC's 1e-5 relative of the float64 reference
+    only, A = 0), ref_kl and gradient within the accuracy contract's 1e-5 relative (docs/README.md) of the float64 reference
     on the same (rounded) inputs. exp(d) - d - 1 is off by up to 100% here in fp32."""
     if isa:
         monkeypatch.setenv("MARS_CPU_ISA", isa)

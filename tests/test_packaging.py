@@ -3,8 +3,9 @@ lays them out (``setup.py build_py``, the step ``pip install .`` runs before com
 from outside the source checkout. ``mars bench``, ``mars train``'s shipped configs and the
 verl recipe's hydra config must work from there, not only from ``/work/.../mars``.
 
-The build runs on a copy of the tracked files (setup.py writes ``mars/_build_info.py``,
-which must not change the checkout's). The compiled ``mars._C`` is not rebuilt: an editable
+The build runs on a copy of the tracked files (what a build packages; build_py writes
+nothing into the source tree: ``mars/_build_info.py`` is build_ext's, beside the compiled
+extension). The compiled ``mars._C`` is not rebuilt: an editable
 install maps it to the checkout, a plain one has it beside these files.
 """
 
@@ -23,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    if shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")):
+    if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):  # a file in a worktree
         pytest.skip("needs the git checkout (the tracked files are what a build packages)")
     tmp = tmp_path_factory.mktemp("pkg")
     src, lib = tmp / "src", tmp / "lib"
@@ -43,6 +44,14 @@ def _run(tmp, lib, *code_or_args, module=False):
     env = dict(os.environ, PYTHONPATH=str(lib))
     argv = [sys.executable, "-m", *code_or_args] if module else [sys.executable, "-c", *code_or_args]
     return subprocess.run(argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_build_py_writes_nothing_into_the_source_tree(built):
+    """setup.py writes its build record (mars/_build_info.py) in build_ext only, beside the
+    compiled extension (the build directory; the source package for an in-place or editable
+    build); build_py, sdist and egg_info leave the source tree as it is."""
+    tmp, _ = built
+    assert not (tmp / "src" / "mars" / "_build_info.py").exists()
 
 
 def test_package_data_is_in_the_build(built):

@@ -88,7 +88,7 @@ def compare(backend, device, B, T, rtol=1e-9, atol=1e-12, dtype=torch.float64, s
 
 def naive_policy_loss(logp, old, adv, mask, ref, clip_low, clip_high, dual_clip, kl_coef,
                       kl_type, agg, clamp=20.0, num_tokens=None, num_seqs=None, loss_scale=None):
-    """SPEC section 3 with Python floats, token by token (independent of the reference)."""
+    """The formulas of docs/loss.md with Python floats, token by token (independent of the reference)."""
     import math
     B, T = len(mask), len(mask[0])
     rows, lens = [], []
@@ -258,7 +258,7 @@ def test_all_masked_and_empty(backend, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_accumulates_in_fp32(backend, device, dtype):
     """fp32 / bf16 / fp16 inputs: fp32 loss; vs the reference on the same inputs (fp32 math)
-    within SPEC's 1e-5 (relative); bf16/fp16 gradients within one rounding."""
+    within the accuracy contract's 1e-5 (relative; docs/README.md); bf16/fp16 gradients within one rounding."""
     logp, old, adv, mask, ref = batch(16, 300, seed=7, dtype=dtype, device=device)
     kw = dict(ref_logp=ref, kl_coef=0.01, dual_clip=3.0, agg="token-mean")
     want, want_g = run("reference", logp, old, adv, mask, **kw)
@@ -552,7 +552,7 @@ VEC_OPTIONS = [dict(kl_coef=0.1, kl_type="k3", dual_clip=3.0),
 def test_cpu_vector_path_matches_scalar_and_reference(monkeypatch, isa, dtype, shape):
     """Lengths that leave vector tails (and none), every option family, [B] / [B, T]
     advantages: the vectorised path against the scalar loop and against the reference in
-    float64 on the same (rounded) inputs, within SPEC's 1e-5."""
+    float64 on the same (rounded) inputs, within the accuracy contract's 1e-5."""
     B, T = shape
     for k, kw in enumerate(VEC_OPTIONS):
         for adv_2d in (False, True):

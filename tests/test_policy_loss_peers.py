@@ -1,5 +1,5 @@
-"""Parity of mars.loss.policy_loss with the peers on the same inputs (SPEC section 3,
-research/peers.md 2.1-2.5): verl's compute_policy_loss_vanilla + agg_loss + kl_penalty,
+"""Parity of mars.loss.policy_loss with the peers on the same inputs (the formulas of
+docs/loss.md): verl's compute_policy_loss_vanilla + agg_loss + kl_penalty,
 TRL's GRPOTrainer._compute_loss (the real method, on a stub trainer), Liger's torch
 ppo_loss_fn. Skipped when the peer is not installed."""
 
@@ -81,7 +81,7 @@ def trl_loss(loss_type, logp, old, adv, mask, ref, beta, eps_low, eps_high, leve
                             num_items_in_batch=num_items_in_batch)
 
 
-TRL_MAP = {  # SPEC section 3: TRL loss types on mars's aggregation modes
+TRL_MAP = {  # TRL loss types on mars's aggregation modes (docs/trl.md)
     "grpo": dict(agg="seq-mean-token-mean"),
     "dapo": dict(agg="token-mean"),  # with the global token count num_items_in_batch
     "bnpo": dict(agg="token-mean"),  # with the local count

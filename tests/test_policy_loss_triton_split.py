@@ -1,4 +1,4 @@
-"""Triton policy loss (mars_kernels/policy_loss.py, issue 13): rows split over a (B, splits)
+"""Triton policy loss (mars_kernels/policy_loss.py): rows split over a (B, splits)
 grid when B is small, the tile partials reduced in a fixed order, the one-kernel backward.
 
 Kernel inputs are fp32 or bf16; the reference (mars.reference.policy_loss, autograd) runs
@@ -206,7 +206,7 @@ def test_backward_goes_through_one_kernel(monkeypatch):
     grad, cast in one launch) and returns its numbers."""
     import mars._ext as ext
     if not hasattr(ext, "policy_loss_triton_backward"):
-        pytest.skip("mars/_ext.py does not route the Triton backward to the kernel yet")
+        pytest.skip("mars/ops/_ext.py does not route the Triton backward to the kernel yet")
     calls = []
     real = K.policy_loss_backward
 

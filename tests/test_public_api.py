@@ -1,4 +1,5 @@
-"""The public names and keyword defaults of SPEC section 9."""
+"""The public names (docs/README.md, "Public names") and the keyword defaults of the
+advantage and the losses (docs/advantage.md, docs/loss.md)."""
 import inspect
 
 import mars
@@ -91,3 +92,19 @@ def test_a_triton_whose_interpreter_cannot_run_the_kernels_is_named(monkeypatch)
     assert mars.backends()["triton"].available
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "set TRITON_INTERPRET=1" in mars.backends()["triton"].reason
+
+
+def test_the_op_modules_keep_their_public_names(monkeypatch):
+    """mars.<op> is mars.ops.<op> itself (docs/layers.md): the same module object, so an
+    attribute patched through one name is what the other's functions read."""
+    import importlib
+
+    import mars.ops.groups
+
+    for name in ("_ext", "groups", "reference", "backends", "policy_loss", "advantage", "fused_linear", "loss"):
+        public, ops = importlib.import_module(f"mars.{name}"), importlib.import_module(f"mars.ops.{name}")
+        assert public is ops and getattr(mars, name, ops) in (ops, mars.backends), name
+    assert mars.reference.AdvantageOutput is mars.AdvantageOutput
+    assert mars.loss.policy_loss is mars.ops.policy_loss.policy_loss
+    monkeypatch.setattr(mars.groups, "_FORCE_ONE_READ", True)
+    assert mars.ops.groups._FORCE_ONE_READ is True

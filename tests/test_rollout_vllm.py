@@ -714,7 +714,8 @@ def test_trainer_engine_options_and_refusals(monkeypatch):
     """max_model_len defaults to prompt + response capped at the model's positions; the
     tiny model with 16-wide heads and torchrun are refused with the keys to change."""
     from mars.train.config import ConfigError, load_config
-    from mars.train.loop import engine_options, train
+    from mars.train.loop import train
+    from mars.train.policy import engine_options
 
     model, _, _ = tiny()  # max_position_embeddings 1024
     cfg = load_config(None, ["rollout.engine=vllm", "model.tiny.num_heads=2"], check_files=False)

@@ -19,8 +19,11 @@ from mars.cli import main as mars_main  # noqa: E402
 from mars.rewards import RewardBreakdown, register_reward  # noqa: E402
 from mars.rollout import Completion, GenerationRequest, RolloutEngine  # noqa: E402
 from mars.train.config import load_config  # noqa: E402
-from mars.train.loop import (PromptSource, Rollout, accumulate_gradients, collect_batch,  # noqa: E402
-                             compute_advantages, informative_groups, score_rollouts)
+from mars.train.advantages import (collect_batch, compute_advantages, informative_groups,  # noqa: E402
+                                   score_rollouts)
+from mars.train.rollouts import PromptSource, Rollout  # noqa: E402
+from mars.train.timer import PhaseTimer  # noqa: E402
+from mars.train.update import accumulate_gradients  # noqa: E402
 
 FAST = ["max_steps=1", "warmup.steps=2", "warmup.batch_size=4", "task.eval_per_category=1", "rollout.n=3",
         "optim.prompts_per_step=2", "rollout.max_new_tokens=12", "log.progress=false", "optim.micro_batch_size=4",
@@ -91,7 +94,7 @@ def _rows(spec, seed=0):
 
 
 def _expected(spec, row):
-    """SPEC section 2 in float64: pool the group's rollouts and anchors."""
+    """docs/advantage.md's formula in float64: pool the group's rollouts and anchors."""
     rs, ms = spec[row.group]
     pool = torch.tensor(list(rs) + list(ms), dtype=torch.float64)
     mu = pool.mean()
@@ -168,18 +171,19 @@ def _len_one(p):
 
 
 def test_dynamic_sampling_resamples_and_keeps_anchors(tmp_path, monkeypatch):
-    import mars.train.loop as loop
+    import mars.train.advantages as advantages
+    from mars.train import task as embedded
 
-    monkeypatch.setattr(loop, "encode_prompts", lambda enc, drawn, cfg: ([(g, s, None) for g, s in drawn], 0))
+    monkeypatch.setattr(advantages, "encode_prompts", lambda enc, drawn, cfg: ([(g, s, None) for g, s in drawn], 0))
     cfg = load_config(None, ["algorithm.dynamic_sampling=true", "algorithm.max_gen_batches=3",
                              "optim.prompts_per_step=4", "rollout.n=3"])
-    prompts = PromptSource(cfg, loop.embedded.EmbeddedTask(cfg.task.mix, seed=0))
+    prompts = PromptSource(cfg, embedded.EmbeddedTask(cfg.task.mix, seed=0))
     # every multi rollout answers "yes": groups whose truth is "yes" agree with the anchors
     # only when both anchors are right (always, here): pooled std 0 -> dropped; "no" scenes
     # have multi all wrong and anchors right: pooled std > 0 -> kept, with their anchors
     engine = ScriptedEngine(lambda s: "yes")
-    times = {}
-    batch, adv, stats, info = collect_batch(engine, _Enc(), prompts, cfg, times, str(tmp_path / "e.jsonl"), 1)
+    timer = PhaseTimer()
+    batch, adv, stats, info = collect_batch(engine, _Enc(), prompts, cfg, timer, str(tmp_path / "e.jsonl"), 1)
     kept = {r.group for r in batch}
     assert info["groups_kept"] == len(kept) <= 4 and info["gen_batches"] >= 1
     assert all(r.sample.ground_truth == "no" for r in batch if not r.anchor)
@@ -187,7 +191,7 @@ def test_dynamic_sampling_resamples_and_keeps_anchors(tmp_path, monkeypatch):
         assert sum(r.anchor for r in batch if r.group == g) == 2  # anchors kept with their group
     assert len(engine.calls) == info["gen_batches"]  # one generate call per generation batch
     assert (adv < 0).all()  # all wrong, anchors right: every rollout pushed down
-    assert "time_generate" in times and "time_reward" in times
+    assert "time_generate" in timer.as_metrics() and "time_reward" in timer.as_metrics()
 
 
 # --------------------------------------------------------------------------- failing rewards
@@ -233,7 +237,7 @@ def test_score_rollouts_overlong_shaping():
 @pytest.mark.parametrize("agg, fused", [("token-mean", False), ("seq-mean-token-mean", True),
                                         ("seq-mean-token-sum-norm", False)])
 def test_micro_batches_accumulate_to_the_whole_batch(agg, fused):
-    from mars.train.loop import build_policy
+    from mars.train.policy import build_policy
     from mars.rollout.encode import PromptEncoder
     from mars.train import task as embedded
 

@@ -1,5 +1,5 @@
 """mars train configuration: YAML + dotted overrides, clear errors before any work, the
-shipped configs (the paper's hyper-parameters of SPEC section 8, the 3B ones without
+shipped configs (the paper's hyper-parameters, docs/train.md "Recipes", the 3B ones without
 weights), the config keys documented in docs/train.md, package data in pyproject."""
 
 import dataclasses
@@ -151,7 +151,7 @@ def test_tensorboard_option_needs_the_package(monkeypatch):
 def test_shipped_3b_configs_have_the_papers_hyper_parameters():
     g = load_config("grpo_mars_qwen2_5_vl_3b", check_files=False)
     d = load_config("dapo_mars_qwen2_5_vl_3b", check_files=False)
-    for c in (g, d):  # SPEC section 8
+    for c in (g, d):  # the paper's hyper-parameters (docs/train.md, "Recipes")
         assert c.model.path == "Qwen/Qwen2.5-VL-3B-Instruct" and c.model.dtype == "bfloat16"
         assert c.rollout.temperature == 1.0 and c.rollout.top_p == 0.9 and c.rollout.mono == "duplicate"
         assert c.rollout.max_prompt_length == 4096 and c.rollout.max_new_tokens == 8192
@@ -163,7 +163,7 @@ def test_shipped_3b_configs_have_the_papers_hyper_parameters():
     assert (d.loss.kl_coef, d.optim.warmup_steps, d.algorithm.dynamic_sampling) == (0.0, 10, True)
     assert d.algorithm.overlong_buffer == 4096
     # without weights: the from_pretrained keywords the 3B run would use on this machine
-    from mars.train.loop import model_load_kwargs
+    from mars.train.policy import model_load_kwargs
     import torch
 
     kw = model_load_kwargs(g, "cpu")
@@ -275,7 +275,7 @@ def test_a_config_that_cannot_learn_is_warned_about(capsys):
 
 
 def test_lr_schedules():
-    from mars.train.loop import lr_factor
+    from mars.train.update import lr_factor
 
     c = load_config(None, ["max_steps=10", "optim.mini_batches=2", "optim.warmup_steps=4", "optim.lr_schedule=constant"])
     assert [lr_factor(k, c) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # constant after the warm-up

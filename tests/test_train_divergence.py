@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from mars.cli import main as mars_main  # noqa: E402
-from mars.train import distributed  # noqa: E402
+from mars.train import update  # noqa: E402
 
 FAST = ["warmup.steps=2", "warmup.batch_size=4", "task.eval_per_category=1", "rollout.n=3",
         "optim.prompts_per_step=2", "log.progress=false", "log.plot_every=0", "optim.micro_batch_size=4"]
@@ -37,7 +37,7 @@ def test_divergence_stops_the_run_with_the_last_checkpoint_intact(tmp_path, caps
 
 
 def test_skip_drops_the_nonfinite_step_and_counts_it(tmp_path, monkeypatch):
-    real = distributed.accumulate_gradients
+    real = update.accumulate_gradients
     calls = {"n": 0}
 
     def poisoned(model, *args, **kw):  # the second optimizer step of the run gets NaN gradients
@@ -49,7 +49,7 @@ def test_skip_drops_the_nonfinite_step_and_counts_it(tmp_path, monkeypatch):
                     p.grad.fill_(float("nan"))
         return res
 
-    monkeypatch.setattr(distributed, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(update, "accumulate_gradients", poisoned)
     out = tmp_path / "run"
     assert mars_main(["train", f"output_dir={out}", *FAST, "max_steps=2", "optim.mini_batches=2",
                       "optim.on_nonfinite=skip"]) == 0
@@ -62,13 +62,13 @@ def test_skip_drops_the_nonfinite_step_and_counts_it(tmp_path, monkeypatch):
 
 
 def test_stop_is_the_default(tmp_path, monkeypatch, capsys):
-    real = distributed.accumulate_gradients
+    real = update.accumulate_gradients
 
     def poisoned(model, *args, **kw):
         loss, metrics = real(model, *args, **kw)
         return float("nan"), metrics
 
-    monkeypatch.setattr(distributed, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(update, "accumulate_gradients", poisoned)
     assert mars_main(["train", f"output_dir={tmp_path / 'run'}", *FAST, "max_steps=2"]) == 1
     assert "diverged at RL step 1: loss = nan" in capsys.readouterr().err
 

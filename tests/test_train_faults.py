@@ -83,9 +83,9 @@ def test_second_signal_abandons_the_step(tmp_path):
 
 
 def test_signal_during_the_warm_start(tmp_path, capsys, monkeypatch):
-    import mars.train.loop as loop
+    import mars.train.warm_start as warm
 
-    real = loop.warmup_target
+    real = warm.warmup_target
     calls = []
 
     def target(*a, **k):
@@ -94,7 +94,7 @@ def test_signal_during_the_warm_start(tmp_path, capsys, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(loop, "warmup_target", target)
+    monkeypatch.setattr(warm, "warmup_target", target)
     out = tmp_path / "w"
     assert mars_main(["train", f"output_dir={out}", *FAST, "warmup.steps=50", "warmup.batch_size=2"]) == 130
     err = capsys.readouterr().err
@@ -109,21 +109,24 @@ def _oom(*a, **k):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@pytest.mark.parametrize("phase, target, knobs", [
-    ("generation", "collect_batch", ["rollout.max_batch_rows (rows per model.generate, now None)",
+@pytest.mark.parametrize("phase, target, knobs", [  # target: "module.name" under mars.train, or generate_ids
+    ("generation", "loop.collect_batch", ["rollout.max_batch_rows (rows per model.generate, now None)",
                                      "optim.prompts_per_step x rollout.n (now 2 x 3)"]),
     ("evaluation", "generate_ids", ["rollout.max_batch_rows"]),
-    ("old_logp", "row_logprobs", ["optim.micro_batch_size (rows per forward / backward, now 64)",
+    ("old_logp", "update.row_logprobs", ["optim.micro_batch_size (rows per forward / backward, now 64)",
                                   "loss.fused=true"]),
-    ("update", "policy_update", ["optim.micro_batch_size", "loss.fused=true", "model.gradient_checkpointing=true"]),
+    ("update", "loop.policy_update", ["optim.micro_batch_size", "loss.fused=true", "model.gradient_checkpointing=true"]),
 ])
 def test_out_of_memory_names_the_knob_and_is_raised(tmp_path, monkeypatch, phase, target, knobs):
-    import mars.train.loop as loop
+    import importlib
+
+    from mars.rollout import HFEngine
 
     if target == "generate_ids":
-        monkeypatch.setattr(loop.HFEngine, "generate_ids", _oom)
+        monkeypatch.setattr(HFEngine, "generate_ids", _oom)
     else:
-        monkeypatch.setattr(loop, target, _oom)
+        module, name = target.rsplit(".", 1)
+        monkeypatch.setattr(importlib.import_module(f"mars.train.{module}"), name, _oom)
     out = tmp_path / phase
     extra = ["data.eval=embedded"] if phase == "evaluation" else []
     with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory. Tried to allocate") as exc:

@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("transformers")
 
 import mars  # noqa: E402
-from mars.train import loop  # noqa: E402
+from mars.train import advantages, loop, update  # noqa: E402
 from mars.train.config import ConfigError, load_config  # noqa: E402
-from mars.train.loop import rollout_is_weights  # noqa: E402
+from mars.train.update import rollout_is_weights  # noqa: E402
 
 FAST = ["max_steps=1", "warmup.steps=1", "warmup.batch_size=2", "rollout.n=3", "optim.prompts_per_step=2",
         "rollout.max_new_tokens=8", "log.progress=false", "optim.micro_batch_size=2", "data.eval=null",
@@ -74,7 +74,7 @@ def test_config_keys():
     assert (cfg.loss.rollout_is, cfg.loss.rollout_is_cap, cfg.loss.kl_type) == ("sequence", 3.0, "k3_ratio")
     assert load_config(None, ["loss.rollout_is=off"]).loss.rollout_is == "off"  # YAML's off is false
     assert load_config(None).loss.rollout_is == "off" and load_config(None).loss.rollout_is_cap == 2.0
-    assert loop.loss_options(load_config(None, ["loss.kl_type=k3_ratio"]))["kl_type"] == "k3_ratio"
+    assert update.loss_options(load_config(None, ["loss.kl_type=k3_ratio"]))["kl_type"] == "k3_ratio"
     with pytest.raises(ConfigError, match="loss.rollout_is_cap: must be > 0"):
         load_config(None, ["loss.rollout_is_cap=0"])
     with pytest.raises(ConfigError, match="loss.rollout_is"):
@@ -100,23 +100,23 @@ def _spy(monkeypatch, name):
 def _perturb_engine(monkeypatch):
     """The engine's log-probs moved by -/+0.6 per row (alternating) plus per-token noise
     (a stand-in mismatch: some weights above the cap, some below 1)."""
-    real = loop.generate_rollouts
+    real = advantages.generate_rollouts
 
-    def gen(engine, drawn, cfg, times):
-        rows = real(engine, drawn, cfg, times)
+    def gen(engine, drawn, cfg, timer):
+        rows = real(engine, drawn, cfg, timer)
         g = torch.Generator().manual_seed(3)
         for j, r in enumerate(rows):
             lp = torch.tensor(r.completion.logprobs)
             r.completion.logprobs = (lp + 0.6 * (-1) ** j + torch.randn(len(lp), generator=g) * 0.3).tolist()
         return rows
 
-    monkeypatch.setattr(loop, "generate_rollouts", gen)
+    monkeypatch.setattr(advantages, "generate_rollouts", gen)
 
 
 def _spread_rewards(monkeypatch):
     """Rewards 0, 1, 2, 0, ... in row order (the tiny model's first step often scores all
     rollouts alike, which gives advantages 0 and a policy term 0)."""
-    real = loop.score_rollouts
+    real = advantages.score_rollouts
 
     def score(rows, *a, **kw):
         out = real(rows, *a, **kw)
@@ -124,7 +124,7 @@ def _spread_rewards(monkeypatch):
             r.reward = float(j % 3)
         return out
 
-    monkeypatch.setattr(loop, "score_rollouts", score)
+    monkeypatch.setattr(advantages, "score_rollouts", score)
 
 
 def _run(tmp_path, extra):
@@ -156,13 +156,13 @@ def test_step_passes_the_hand_made_weights(tmp_path, monkeypatch, level, fused):
     _perturb_engine(monkeypatch)
     _spread_rewards(monkeypatch)
     seen = []
-    real_mb = loop.micro_batch_loss
+    real_mb = update.micro_batch_loss
 
     def mb(model, rows, *a, **kw):  # the rows of each micro-batch, in order
         seen.extend(r.completion.logprobs for r in rows)
         return real_mb(model, rows, *a, **kw)
 
-    monkeypatch.setattr(loop, "micro_batch_loss", mb)
+    monkeypatch.setattr(update, "micro_batch_loss", mb)
     rec = _run(tmp_path, [f"loss.rollout_is={level}", "loss.rollout_is_cap=1.5", f"loss.fused={str(fused).lower()}"])
     assert len(calls) >= 3  # 6 rollouts in micro-batches of 2
     clipped = total = 0
@@ -194,15 +194,15 @@ def test_off_passes_no_weights_and_no_metrics(tmp_path, monkeypatch):
 
 
 def test_engine_without_logprobs_is_an_error(tmp_path, monkeypatch):
-    real = loop.generate_rollouts
+    real = advantages.generate_rollouts
 
-    def gen(engine, drawn, cfg, times):
-        rows = real(engine, drawn, cfg, times)
+    def gen(engine, drawn, cfg, timer):
+        rows = real(engine, drawn, cfg, timer)
         for r in rows:
             r.completion.logprobs = None
         return rows
 
-    monkeypatch.setattr(loop, "generate_rollouts", gen)
+    monkeypatch.setattr(advantages, "generate_rollouts", gen)
     with pytest.raises(ValueError, match=r"loss.rollout_is=token needs the engine's per-token log-probs, but "
                                          r"rollout.engine=hf gave no log-probs"):
         _run(tmp_path, ["loss.rollout_is=token"])

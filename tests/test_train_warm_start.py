@@ -19,16 +19,16 @@ FAST = ["task.eval_per_category=1", "rollout.n=2", "optim.prompts_per_step=2", "
 def _warm_start_calls(tmp_path, monkeypatch, *overrides):
     """(category, shows one source, label noise) of every warm-start answer of a run but the
     night questions (warmup.night_share, tested below)."""
-    import mars.train.loop as loop
+    import mars.train.warm_start as warm
 
-    real, calls = loop.warmup_target, []
+    real, calls = warm.warmup_target, []
 
     def target(sample, rng, label_noise=0.0):
         if sample.extra_info.get("question") != "night":
             calls.append((sample.extra_info["category"], "source" in sample.extra_info, label_noise))
         return real(sample, rng, label_noise)
 
-    monkeypatch.setattr(loop, "warmup_target", target)
+    monkeypatch.setattr(warm, "warmup_target", target)
     assert mars_main(["train", f"output_dir={tmp_path / 'w'}", *FAST, *overrides]) == 0
     return calls
 
@@ -52,16 +52,16 @@ def test_by_default_no_scene_where_the_sources_disagree_is_shown_with_both(tmp_p
 
 
 def test_night_share_asks_is_it_night_of_the_rgb_image_alone_answered_with_the_truth(tmp_path, monkeypatch):
-    import mars.train.loop as loop
+    import mars.train.warm_start as warm
 
-    real, seen = loop.warmup_target, []
+    real, seen = warm.warmup_target, []
 
     def target(sample, rng, label_noise=0.0):
         out = real(sample, rng, label_noise)
         seen.append((sample, label_noise, out))
         return out
 
-    monkeypatch.setattr(loop, "warmup_target", target)
+    monkeypatch.setattr(warm, "warmup_target", target)
     assert mars_main(["train", f"output_dir={tmp_path / 'w'}", *FAST, "warmup.steps=6",
                       "warmup.night_share=0.5", "warmup.label_noise=0.3"]) == 0
     night = [(s, noise, out) for s, noise, out in seen if s.extra_info.get("question") == "night"]
@@ -80,7 +80,7 @@ def test_night_share_asks_is_it_night_of_the_rgb_image_alone_answered_with_the_t
 def test_label_noise_one_half_is_a_fair_coin():
     task = embedded.EmbeddedTask({"day_heater": 1.0})
     rng = random.Random(0)
-    from mars.train.loop import warmup_target
+    from mars.train.warm_start import warmup_target
 
     answers = [warmup_target(task.sample(i), rng, 0.5) for i in range(2000)]
     share_no = sum(a == embedded.response_text("no") for a in answers) / len(answers)

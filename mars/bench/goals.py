@@ -1,4 +1,4 @@
-"""The performance goals of the suite (issue 13), evaluated on one run's results.
+"""The performance goals of the suite (docs/bench.md, "Goals"), evaluated on one run's results.
 
 Each goal compares two implementations measured side by side in the same run (or one
 implementation against an absolute bound) at one shape on one device. The Markdown says

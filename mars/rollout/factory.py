@@ -5,7 +5,7 @@
                                   enable_sleep_mode=True, max_model_len=4096, limit_mm_per_prompt=6, seed=0)
 
 ``policy``: anything with ``model``, ``tokenizer``, ``processor`` and ``image_processor``
-attributes (``mars.train.loop.Policy``; processor or tokenizer + image_processor may be
+attributes (``mars.train.policy.Policy``; processor or tokenizer + image_processor may be
 None as there). (``mars.rollout.build_engine`` is the evaluation loader: a checkpoint
 path -> an engine.)
 """

@@ -80,9 +80,9 @@ def compare_workers(cfg: TrainConfig) -> int:
     the model goes to a GPU (the runs would share it)."""
     if cfg.compare.workers:
         return cfg.compare.workers
-    from .loop import _device
+    from .policy import resolve_device
 
-    if _device(cfg.model.device).type != "cpu":
+    if resolve_device(cfg.model.device).type != "cpu":
         return 1
     return max(1, (os.cpu_count() or 1) // max(cfg.threads, 1))
 

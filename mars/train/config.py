@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from mars_kernels.constants import CLIP_HIGH, CLIP_LOW, LOSS_AGGS  # pure Python: no torch at import
+
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_overrides", "to_dict", "shipped_configs",
            "config_path", "describe", "validate", "save_config", "load_resume_config", "RESUME_KEYS",
            "EMBEDDED", "TINY"]
@@ -29,7 +31,6 @@ __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_overrides", "to_d
 EMBEDDED = "embedded"  # data.train / data.eval: the embedded synthetic task
 TINY = "tiny"          # model.path: the tiny model built locally
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-LOSS_AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 class ConfigError(ValueError):
@@ -139,8 +140,8 @@ class RewardConfig:
 
 @dataclass
 class LossConfig:
-    clip_low: float = F(0.2, "ratio clipped to [1 - clip_low, 1 + clip_high]")
-    clip_high: float = F(0.2, "clip-higher (DAPO 0.28)")
+    clip_low: float = F(CLIP_LOW, "ratio clipped to [1 - clip_low, 1 + clip_high]")
+    clip_high: float = F(CLIP_HIGH, "clip-higher (DAPO 0.28)")
     dual_clip: Optional[float] = F(3.0, "dual-clip c for negative advantages (null: off)")
     agg: Literal[LOSS_AGGS] = F("token-mean", "loss aggregation")
     kl_coef: float = F(0.0, "beta of the KL to a frozen reference model (0: no reference model)")

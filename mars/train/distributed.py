@@ -2,15 +2,15 @@
 
     torchrun --nproc_per_node N -m mars train ...      # DDP (default); dist.strategy=fsdp2
 
-Each rank owns a disjoint slice of the step's prompts (:func:`shard_prompts`) with all of
-their rollouts and anchors, so the advantage (a per-prompt statistic) needs no gather.
-The loss of every micro-batch is normalised by the *global* token / sequence counts
-(:func:`global_counts`) and multiplied by the world size, because DDP and FSDP2 average
-the ranks' gradients: the averaged gradient is then exactly the gradient of one big batch
-(:func:`accumulate_gradients`, a drop-in for ``mars.train.loop.accumulate_gradients``).
-Metrics are reduced across ranks before rank 0 logs them (:func:`reduce_metrics`, the
-table :data:`REDUCTIONS` says which key gets which reduction); each rank checkpoints its
-own RNG state (:func:`save_rng_state`: ``rng_state_rank{r}.pt``).
+Only collectives, model wrapping and per-rank RNG live here; the trainer's phases use them
+(nothing here imports the trainer). Each rank owns a disjoint slice of the step's prompts
+(:func:`shard_prompts`) with all of their rollouts and anchors, so the advantage (a
+per-prompt statistic) needs no gather. The loss of every micro-batch is normalised by the
+*global* token / sequence counts (:func:`global_counts`) and multiplied by the world size
+(:func:`loss_multiplier`), because DDP and FSDP2 average the ranks' gradients: the averaged
+gradient is then exactly the gradient of one big batch (``update.accumulate_gradients``).
+Metrics are reduced across ranks before rank 0 logs them (``metrics.reduce_metrics``); each
+rank checkpoints its own RNG state (:func:`save_rng_state`: ``rng_state_rank{r}.pt``).
 
 Without torchrun's environment (``WORLD_SIZE`` unset) everything here is the identity:
 one process, no process group, the same numbers as the single-process trainer.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import inspect
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -31,10 +30,10 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "current", "shutdown", "device_kind", "shard_prompts", "global_counts",
            "all_reduce_numbers", "ResponseModel", "wrap_model", "unwrap", "is_wrapped", "response_forward",
-           "no_sync", "accumulate_gradients", "loss_multiplier", "REDUCTIONS", "local_weights", "reduce_metrics",
+           "no_sync", "loss_multiplier",
            "broadcast_object", "all_gather_objects", "rank_seed", "rng_file", "save_rng_state", "load_rng_state",
            "replica_max_diff", "full_state_dict", "sync_generation_copy", "gather_rng_files", "union_sets",
-           "any_rank", "agree_signal", "write_rank_errors", "NullLogger", "padding_row", "STRATEGIES"]
+           "any_rank", "agree_signal", "padding_row", "load_sharded_weights", "FullOptimizerState", "STRATEGIES"]
 
 STRATEGIES = ("ddp", "fsdp2")
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -234,7 +233,7 @@ def union_sets(items: set, info: DistInfo | None = None) -> set:
 
 
 def padding_row(rows: Sequence, info: DistInfo | None = None):
-    """The ``dummy`` of :func:`accumulate_gradients` (a row a padding micro-batch puts
+    """The ``dummy`` of ``update.accumulate_gradients`` (a row a padding micro-batch puts
     through the model with advantage 0 and loss times 0): this rank's first trained row,
     else (a rank whose groups dynamic sampling dropped, or whose prompts were all too
     long) the first trained row of the lowest rank that has one, broadcast as a Rollout
@@ -253,9 +252,7 @@ def padding_row(rows: Sequence, info: DistInfo | None = None):
     src = have.index(True)
     box = None
     if info.rank == src:
-        from .loop import Rollout
-
-        box = Rollout(mine.group, mine.uid, None, mine.prompt, mine.completion)
+        box = type(mine)(mine.group, mine.uid, None, mine.prompt, mine.completion)  # a Rollout
     got = broadcast_object(box, info, src=src)
     return mine if mine is not None else got
 
@@ -273,51 +270,6 @@ def agree_signal(signum: int | None, info: DistInfo | None = None) -> int | None
     next step's collectives and waits for it until the timeout."""
     v = int(all_reduce_numbers([float(signum or 0)], "max", info)[0])
     return v or None
-
-
-def write_rank_errors(batch, cfg, step: int, errors_path: str, info: DistInfo | None = None) -> None:
-    """Rank 0 appends to ``errors_path`` the failed reward calls of the other ranks'
-    rollouts (``Rollout.error``; rank 0 wrote its own in ``score_rollouts``), in the format
-    of ``score_rollouts``. Collective; the identity for one process."""
-    import json
-
-    info = info or current()
-    if not info.distributed:
-        return
-    mine = [{"step": step, "sample_id": r.uid, "reward": cfg.reward.name or r.sample.task, "error": r.error}
-            for r in batch if r.error is not None]
-    parts = all_gather_objects(mine, info)
-    if info.is_main and any(parts[1:]):
-        with open(errors_path, "a", encoding="utf-8") as f:
-            for part in parts[1:]:
-                for e in part:
-                    f.write(json.dumps(e) + "\n")
-
-
-class NullLogger:
-    """What ranks > 0 log to: ``MetricsLogger``'s interface (log / sync / plot / close,
-    ``records``, ``path``), writing nothing; only rank 0 writes files."""
-
-    def __init__(self, directory: str, **_):
-        self.path = os.path.join(directory, "metrics.jsonl")
-        self.plot_path = None
-        self.records: list[dict] = []
-
-    def log(self, record: dict) -> dict:
-        from .logger import _clean
-
-        rec = _clean(record)
-        self.records.append(rec)
-        return rec
-
-    def sync(self) -> None:
-        pass
-
-    def plot(self):
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 # =============================================================================== model
@@ -412,7 +364,7 @@ def unwrap(model):
 def response_forward(model, inputs: dict, response_length: int):
     """``LMHeadInputs`` of the response positions: through the wrapper (DDP hooks, FSDP2
     all-gathers) when ``model`` is wrapped, else ``mars.train.batch.response_inputs``.
-    What ``loop.micro_batch_loss`` calls once integrated (docs/distributed.md)."""
+    What ``update.micro_batch_loss`` calls (docs/distributed.md)."""
     if is_wrapped(model):
         return model(inputs, response_length)
     from .batch import response_inputs
@@ -450,191 +402,6 @@ def loss_multiplier(model, info: DistInfo | None = None) -> float:
     (2, 4, 8 ranks) scales every float exactly."""
     info = info or current()
     return float(info.world_size) if is_wrapped(model) else 1.0
-
-
-# =============================================================================== gradients
-def accumulate_gradients(model, rows, adv, old_logp, ref_logp, cfg, pad_token_id: int, device, dummy=None, *,
-                         info: DistInfo | None = None):
-    """Data-parallel ``mars.train.loop.accumulate_gradients`` (same arguments and result):
-    backward of this rank's share ``rows`` of one mini-batch, in micro-batches of
-    optim.micro_batch_size rows, each loss normalised by the **global** token count
-    (token-mean) / sequence count (seq-mean-*) of the mini-batch and multiplied by
-    :func:`loss_multiplier`, so the gradient every rank holds after the last backward is
-    the gradient of the whole mini-batch (all ranks' rows) in one process.
-
-    Only the last micro-batch communicates (:func:`no_sync` before it). Every rank runs the
-    same number of micro-batches under FSDP2 (its forwards are collectives) and at least
-    one under DDP: a rank with fewer rows runs ``dummy`` (any trainable Rollout of the
-    step: its prompt is encoded) with advantage 0 and loss times 0, which adds exactly 0.
-
-    Returns None on every rank when the global mini-batch has no valid token (then no rank
-    steps), else (loss, metrics) of the whole mini-batch, identical on every rank: the loss
-    summed over ranks and micro-batches, the loss metrics token-weighted over all ranks and
-    ``num_tokens`` the global token count. For one process, or a model that is not wrapped
-    (its gradient is not reduced, so it trains on its own rows with local counts, even
-    inside a process group), it gives the numbers of the single-process
-    ``loop.accumulate_gradients`` bit for bit. Raises ValueError when a rank must run a
-    padding micro-batch and ``dummy`` is None."""
-    from mars.reference import LOSS_METRICS
-
-    from . import loop
-
-    info = (info or current()) if is_wrapped(model) else DistInfo()
-    lengths = [len(r.completion.token_ids) for r in rows]
-    local = (sum(lengths), sum(L > 0 for L in lengths))
-    num_tokens, num_seqs = global_counts(*local, info) if info.distributed else local
-    if num_tokens == 0:
-        return None
-    opts = loop.loss_options(cfg)
-    mb = cfg.optim.micro_batch_size
-    starts = list(range(0, len(rows), mb))
-    k = len(starts)
-    if info.distributed:
-        fsdp = not isinstance(model, torch.nn.parallel.DistributedDataParallel) and is_wrapped(model)
-        k = int(all_reduce_numbers([k], "max", info)[0]) if fsdp else max(k, 1)
-    scale = loss_multiplier(model, info)
-    loss_total, sums = 0.0, {}
-    for i in range(k):
-        with no_sync(model, enabled=info.distributed and i < k - 1):
-            if i < len(starts):
-                b = starts[i]
-                out = loop.micro_batch_loss(model, rows[b:b + mb], adv[b:b + mb], old_logp[b:b + mb],
-                                            None if ref_logp is None else ref_logp[b:b + mb], opts, num_tokens,
-                                            num_seqs, cfg, pad_token_id, device)
-                (out.loss * scale if scale != 1.0 else out.loss).backward()
-                loss_total += float(out.loss.detach())
-                n = float(out.metrics["num_tokens"])
-                for key, v in out.metrics.items():
-                    sums[key] = sums.get(key, 0.0) + (float(v) * n if key != "num_tokens" else n)
-            else:  # padding micro-batch: a forward / backward that adds 0 to every gradient
-                if dummy is None:
-                    raise ValueError(f"rank {info.rank} has {len(rows)} row(s), fewer micro-batches than another "
-                                     "rank: pass dummy= (a trainable Rollout of this step) to pad")
-                L = len(dummy.completion.token_ids)
-                out = loop.micro_batch_loss(model, [dummy], torch.zeros(1), [torch.zeros(L)],
-                                            None if ref_logp is None else [torch.zeros(L)], opts, num_tokens,
-                                            num_seqs, cfg, pad_token_id, device)
-                (out.loss * 0.0).backward()
-    if not info.distributed:
-        n = max(sums["num_tokens"], 1.0)
-        return loss_total, {key: (v / n if key != "num_tokens" else v) for key, v in sums.items()}
-    keys = list(LOSS_METRICS)
-    tot = all_reduce_numbers([loss_total] + [sums.get(key, 0.0) for key in keys], "sum", info)
-    loss_total, red = tot[0], dict(zip(keys, tot[1:]))
-    n = max(red["num_tokens"], 1.0)
-    return loss_total, {key: (v / n if key != "num_tokens" else v) for key, v in red.items()}
-
-
-# =============================================================================== metrics
-# How each key of a step's metrics record is reduced across ranks (docs/distributed.md):
-#   ("sum",)            sum over ranks
-#   ("mean", W)         mean weighted by the local count W of local_weights() (ranks with W = 0 add nothing)
-#   ("max",) ("min",)   over ranks (the times: the slowest rank is the step's wall time)
-#   ("std", M, W)       pooled sample std from each rank's (W, mean M, std) - exact
-#   ("same",)           already global (computed from all-reduced numbers): rank 0's value
-#   ("main",)           computed on rank 0 only (held-out evaluation): rank 0's value
-# Keys of no entry (and no prefix rule) get the unweighted mean over the ranks that have them.
-REDUCTIONS: dict[str, tuple] = {
-    **{k: ("sum",) for k in ("reward_errors", "gen_tokens", "rollouts", "anchors", "prompts_skipped",
-                             "groups_kept", "groups_drawn")},
-    **{k: ("mean", "rollouts") for k in ("reward_multi", "acc_multi", "format_multi", "response_length",
-                                         "truncated_frac", "adv_mean", "adv_abs_mean")},
-    **{k: ("mean", "anchors") for k in ("reward_mono", "acc_mono", "anchor_response_length")},
-    **{k: ("mean", "groups") for k in ("pooled_std", "frac_zero_std", "frac_zero_std_multi")},
-    "gain": ("mean", "gain_groups"),
-    "adv_abs_mean_equal_groups": ("mean", "equal_group_rollouts"),
-    "rollout_logp_diff": ("mean", "logp_rows"),
-    **{k: ("mean", "trained_tokens") for k in ("rollout_is_mean", "rollout_is_clipped_frac")},
-    "adv_std": ("std", "adv_mean", "rollouts"),
-    **{k: ("max",) for k in ("response_length_max", "adv_max", "elapsed", "warmup_time_s")},
-    "adv_min": ("min",),
-    **{k: ("same",) for k in ("step", "loss", "clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl",
-                              "ref_kl", "grad_norm", "lr", "optimizer_steps", "gen_batches")},
-}
-PREFIX_REDUCTIONS = (("time_", ("max",)), ("eval_", ("main",)))
-
-
-def local_weights(batch, trained, stats=None, old_logp=None) -> dict[str, int]:
-    """The local counts behind the means of ``loop.step_metrics(batch, trained, adv, stats,
-    old_logp, cfg)``: rollouts (trained rows), anchors, groups (prompts of the advantage
-    stats), gain_groups (groups with a finite gain), equal_group_rollouts (rollouts of
-    groups whose rewards are all equal), logp_rows (rows with engine log-probs and >= 1
-    token), trained_tokens (tokens of the trained rows: loss.rollout_is's metrics). Pass it
-    to :func:`reduce_metrics` as ``weights``."""
-    by_group: dict[str, set] = {}
-    for r in trained:
-        by_group.setdefault(r.group, set()).add(r.reward)
-    w = {"rollouts": len(trained), "anchors": sum(bool(r.anchor) for r in batch),
-         "groups": 0, "gain_groups": 0,
-         "equal_group_rollouts": sum(len(by_group[r.group]) == 1 for r in trained),
-         "logp_rows": sum(r.completion.logprobs is not None and len(lp) > 0
-                          for r, lp in zip(trained, old_logp or [])),
-         "trained_tokens": sum(len(lp) for lp in old_logp or [])}
-    if stats is not None:
-        w["groups"] = int(stats.std.numel())
-        w["gain_groups"] = sum(not math.isnan(g) for g in stats.gain.tolist())
-    return w
-
-
-def _reduce_key(key: str, vals: list, weights: list[dict], recs: list[dict]):
-    rule = REDUCTIONS.get(key)
-    if rule is None:
-        rule = next((r for p, r in PREFIX_REDUCTIONS if key.startswith(p)), ("unweighted",))
-    present = [(i, v) for i, v in enumerate(vals) if v is not None]
-    kind = rule[0]
-    if kind in ("same", "main"):
-        return vals[0] if vals[0] is not None or kind == "main" else (present[0][1] if present else None)
-    if not present:
-        return None
-    if kind == "sum":
-        s = sum(v for _, v in present)
-        return int(s) if all(isinstance(v, int) and not isinstance(v, bool) for _, v in present) else s
-    if kind == "max":
-        return max(v for _, v in present)
-    if kind == "min":
-        return min(v for _, v in present)
-    if kind == "mean":
-        ws = [(weights[i].get(rule[1], 0), v) for i, v in present]
-        total = sum(w for w, _ in ws)
-        return vals[0] if total == 0 else sum(w * v for w, v in ws) / total
-    if kind == "std":
-        mkey, wkey = rule[1], rule[2]
-        parts = [(weights[i].get(wkey, 0), recs[i].get(mkey), v) for i, v in present]
-        parts = [(n, m, s) for n, m, s in parts if n > 0 and m is not None]
-        N = sum(n for n, _, _ in parts)
-        if N <= 1:
-            return 0.0 if N == 1 else vals[0]
-        M = sum(n * m for n, m, _ in parts) / N
-        ss = sum((n - 1) * s * s + n * (m - M) ** 2 for n, m, s in parts)
-        return math.sqrt(max(ss, 0.0) / (N - 1))
-    return sum(v for _, v in present) / len(present)
-
-
-def reduce_metrics(record: dict, info: DistInfo | None = None, weights: dict | None = None, *,
-                   check_same: bool = False) -> dict:
-    """The step's record over all ranks, on every rank (rank 0 logs it): every key reduced
-    as :data:`REDUCTIONS` says, with ``weights`` (:func:`local_weights` of this rank) for the
-    weighted means; ``tokens_per_s`` recomputed as gen_tokens / time_step of the reduced
-    record. One ``all_gather_object`` of the small dicts. Keys present on some ranks only
-    (eval_* on rank 0) are reduced over the ranks that have them. check_same: raise
-    ValueError naming a "same" key whose ranks disagree (a desynchronised run). For one
-    process: a copy of ``record``."""
-    info = info or current()
-    if not info.distributed:
-        return dict(record)
-    recs, ws = zip(*all_gather_objects((dict(record), dict(weights or {})), info))
-    keys = list(dict.fromkeys(k for r in recs for k in r))
-    out = {}
-    for key in keys:
-        vals = [r.get(key) for r in recs]
-        if check_same and REDUCTIONS.get(key) == ("same",):
-            present = [v for v in vals if v is not None]
-            if any(v != present[0] for v in present):
-                raise ValueError(f"metric {key!r} should be equal on every rank but is {vals}")
-        out[key] = _reduce_key(key, vals, list(ws), list(recs))
-    if "tokens_per_s" in out and out.get("gen_tokens") is not None and out.get("time_step"):
-        out["tokens_per_s"] = out["gen_tokens"] / max(out["time_step"], 1e-9)
-    return out
 
 
 # =============================================================================== RNG, resume

@@ -78,8 +78,10 @@ class Interrupted(Exception):
     step (None: abandoned during a step); checkpoint: the checkpoint written on the way
     out (None: none written now); exit_code: 128 + signum."""
 
-    def __init__(self, signum: int, output_dir: str, *, step: int | None = None, checkpoint: str | None = None):
+    def __init__(self, signum: int, output_dir: str, *, step: int | None = None, checkpoint: str | None = None,
+                 newest: str | None = None):
         self.signum, self.output_dir, self.step, self.checkpoint = signum, output_dir, step, checkpoint
+        self.newest = newest
         self.exit_code = 128 + signum
         super().__init__(self._message())
 
@@ -88,12 +90,7 @@ class Interrupted(Exception):
         if self.checkpoint is not None:
             what = f"stopped by {name} after step {self.step}; checkpoint {self.checkpoint}"
         else:
-            from .checkpoint import find_resumable
-
-            try:
-                newest = find_resumable(self.output_dir)
-            except Exception:  # noqa: BLE001 - the message must not fail
-                newest = None
+            newest = self.newest
             where = "during the warm start" if self.step == 0 else "in the middle of a step"
             what = (f"stopped by {name} {where}; " + (f"the newest checkpoint is {newest}" if newest else
                     "no checkpoint was written yet (resuming starts the run over)"))
@@ -106,14 +103,15 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, output_dir: str, *, quiet: bool = False):
+    def __init__(self, output_dir: str, *, quiet: bool = False, newest=None):
         self.output_dir, self.quiet = output_dir, quiet
+        self._newest = newest  # () -> the newest resumable checkpoint or None (named in the message)
         self.requested: int | None = None
         self._previous: dict = {}
 
     def _handler(self, signum, frame):
         if self.requested is not None:  # the second one: abandon the step now
-            raise Interrupted(signum, self.output_dir)
+            raise Interrupted(signum, self.output_dir, newest=self.newest())
         self.requested = signum
         if not self.quiet:
             print(f"\nmars train: {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
@@ -135,7 +133,15 @@ class StopSignals:
         """After step ``step``: if a signal came, ``save()`` (returns the checkpoint
         directory) and raise :class:`Interrupted`."""
         if self.requested is not None:
-            raise Interrupted(self.requested, self.output_dir, step=step, checkpoint=save() if step else None)
+            checkpoint = save() if step else None
+            raise Interrupted(self.requested, self.output_dir, step=step, checkpoint=checkpoint,
+                              newest=None if checkpoint else self.newest())
+
+    def newest(self) -> str | None:
+        try:
+            return self._newest() if self._newest is not None else None
+        except Exception:  # noqa: BLE001 - the message must not fail
+            return None
 
 
 # ----------------------------------------------------------------------------- out of memory

@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "rolling", "truncate_jsonl", "make_summary_writer"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "rolling", "truncate_jsonl", "make_summary_writer", "NullLogger"]
 
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -229,3 +229,27 @@ def plot_metrics(records, path: str, *, title: str = "", source_names=None) -> s
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+class NullLogger:
+    """What ranks > 0 log to: ``MetricsLogger``'s interface (log / sync / plot / close,
+    ``records``, ``path``), writing nothing; only rank 0 writes files."""
+
+    def __init__(self, directory: str, **_):
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self.plot_path = None
+        self.records: list[dict] = []
+
+    def log(self, record: dict) -> dict:
+        rec = _clean(record)
+        self.records.append(rec)
+        return rec
+
+    def sync(self) -> None:
+        pass
+
+    def plot(self):
+        return None
+
+    def close(self) -> None:
+        pass

@@ -13,7 +13,9 @@ and expects ``(advantages, returns)``, both (bs, L). The anchors travel as
 per source, NaN where the prompt has fewer sources than the widest prompt of the batch.
 Every row of a uid carries the same values, so verl's row re-ordering (``_balance_batch``)
 and padding cannot move an anchor to another prompt: anchors are matched by uid, never by
-position (the reference implementation's bug, ../shared/SPEC.md section 6).
+position (the reference implementation matched anchors by the order groups first appear,
+after verl had re-ordered the batch, so most prompts got another prompt's anchors;
+docs/advantage.md, "Labels").
 
 Multi-output agent sessions (verl's v1 trainers): ``compute_advantage_for_multi_trajectories``
 (verl/trainer/ppo/v1/utils.py L148-220) groups a session's outputs (rows keyed

@@ -1,4 +1,4 @@
-"""The fast CPU paths of mars.mono_anchored_advantage (issue 13): the one-op path for int
+"""The fast CPU paths of mars.mono_anchored_advantage (docs/advantage.md, "CPU: one op"): the one-op path for int
 tensor labels (mars::advantage_int_labels: labels factorised and values checked in C++,
 uniform groups in SIMD lanes) and the C++ string factoriser (mars::string_labels). Each
 must give bit for bit what the general path gives (forced by switching the fast path

@@ -67,7 +67,7 @@ def test_nvcc_accepts_the_default_targets(tmp_path):
 
 
 def test_build_record_names_the_targets():
-    """mars/_build_info.py (written by setup.py) records the arch list the CUDA kernels of
+    """mars/_build_info.py (written by setup.py's build_ext beside mars._C) records the arch list the CUDA kernels of
     this install were compiled for (TORCH_CUDA_ARCH_LIST, or the default)."""
     info = pytest.importorskip("mars._build_info")
     if not info.CUDA_BUILT:

@@ -61,8 +61,8 @@ def test_reference_unclamped_k3_is_trls_formula(d):
     assert k5.item() == pytest.approx(min(5.0, math.exp(d) - d - 1), rel=1e-12)
 
 
-def test_the_issue_example_one_token_at_log_ratio_3_5():
-    """Issue 22: one token at d = 3.5 among 8, beta 0.04, A = 0.5, loss_type grpo, no bias
+def test_one_token_at_log_ratio_3_5_trl_vs_verl_clamp():
+    """One token at d = 3.5 among 8, beta 0.04, A = 0.5, loss_type grpo, no bias
     correction, on-policy (the policy term is -A = -0.5): TRL's KL share of the loss 0.143
     and gradient -0.223 there (verl's clamp: 0.050 and -0.0625)."""
     pytest.importorskip("trl")
