@@ -116,3 +116,18 @@ def test_verl_extra_installs_what_verls_trainer_imports():
         assert "verl" in names, extra
         missing = [m for m in VERL_UNDECLARED if m not in names]
         assert not missing, f"the {extra!r} extra lacks {missing}, which verl 0.9.1's trainer imports"
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml takes the version from mars.__version__ (setuptools reads the literal
+    without importing mars), so a release bumps one line."""
+    import re
+
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        text = f.read()
+    assert not re.search(r"(?m)^version\s*=", text.split("[tool.", 1)[0]), "pyproject.toml spells the version"
+    with open(os.path.join(ROOT, "mars", "__init__.py"), encoding="utf-8") as f:
+        ours = re.search(r'(?m)^__version__ = "([^"]+)"$', f.read()).group(1)
+    assert read_configuration(os.path.join(ROOT, "pyproject.toml"), expand=True)["project"]["version"] == ours
