@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from mars_kernels.constants import LOG_RATIO_CLAMP
+
 __all__ = ["compute_policy_loss_mars", "verl_loss_options"]
 
 
@@ -71,7 +73,7 @@ def verl_loss_options(config, loss_agg_mode: str) -> tuple[dict, int]:
         num_tokens=num_tokens if loss_agg_mode == "token-mean" else None,
         num_seqs=num_seqs if loss_agg_mode.startswith("seq-mean") else None,
         loss_scale=loss_scale if loss_agg_mode == "seq-mean-token-sum-norm" else None,
-        log_ratio_clamp=20.0,
+        log_ratio_clamp=LOG_RATIO_CLAMP,  # verl clamps the log-ratio at +-20 as well
     )
     return opts, dp_size
 
