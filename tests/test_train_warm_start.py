@@ -86,3 +86,26 @@ def test_label_noise_one_half_is_a_fair_coin():
     share_no = sum(a == embedded.response_text("no") for a in answers) / len(answers)
     assert set(answers) == {embedded.response_text("yes"), embedded.response_text("no")}
     assert abs(share_no - 0.5) < 0.05  # binomial sd 0.011
+
+
+def test_night_both_shows_the_night_question_with_both_sources_rgb_first(tmp_path, monkeypatch):
+    import mars.train.warm_start as warm
+
+    real, seen = warm.warmup_target, []
+
+    def target(sample, rng, label_noise=0.0):
+        seen.append((sample, label_noise))
+        return real(sample, rng, label_noise)
+
+    monkeypatch.setattr(warm, "warmup_target", target)
+    assert mars_main(["train", f"output_dir={tmp_path / 'w'}", *FAST, "warmup.steps=4",
+                      "warmup.night_share=1", "warmup.night_both=0.5"]) == 0
+    assert len(seen) == 32 and all(s.extra_info["question"] == "night" and noise == 0.0 for s, noise in seen)
+    both = [s for s, _ in seen if len(s.image_refs) == 2]
+    assert 6 <= len(both) <= 26  # binomial(32, 0.5): mean 16, sd 2.8
+    for s in both:
+        assert s.question == embedded.NIGHT_QUESTION_BOTH and "source" not in s.extra_info
+        night = embedded.CATEGORIES[s.extra_info["category"]][0] == "night"
+        rgb_mean = sum(s.image_refs[0].convert("L").getdata()) / (56 * 56 * 255)
+        assert (rgb_mean < 0.2) == night == (s.ground_truth == "yes")  # image 1 is the RGB one
+    assert all(s.question == embedded.NIGHT_QUESTION for s, _ in seen if len(s.image_refs) == 1)

@@ -197,6 +197,9 @@ class WarmupConfig:
     night_share: float = F(0.2, "embedded task: share of warm-start prompts showing the RGB image alone and asking "
                                 "'is it night ?' (answered with the truth): a cold start that tells day from night "
                                 "before RL, as a pretrained VLM does")
+    night_both: float = F(0.0, "embedded task: share of the night questions (warmup.night_share) shown with both "
+                               "sources, the RGB image first as in the task's prompts (the model learns to read "
+                               "the RGB slot of a two-source prompt)")
     unsure: list = F([], "embedded task: scene categories also shown with both sources in the warm start, "
                          "answered yes or no at random (a cold start unsure where the sources disagree)",
                      value_type=str)
@@ -604,6 +607,7 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     need(not bad, "warmup.unsure", f"unknown categories {bad}; known: {', '.join(CATEGORIES)}")
     need(0 <= w.single_share <= 1, "warmup.single_share", f"must be in [0, 1], got {w.single_share}")
     need(0 <= w.night_share <= 1, "warmup.night_share", f"must be in [0, 1], got {w.night_share}")
+    need(0 <= w.night_both <= 1, "warmup.night_both", f"must be in [0, 1], got {w.night_both}")
     need(cfg.model.path != "", "model.path", "must not be empty")
     tm = cfg.model.tiny
     need(tm.hidden_size % tm.num_heads == 0 and (tm.hidden_size // tm.num_heads) % 8 == 0,

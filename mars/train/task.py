@@ -50,6 +50,7 @@ CATEGORIES = {  # name: (time of day, object, answer)
 }
 QUESTION = "image 1 is rgb . image 2 is infrared . is there a person ?"
 NIGHT_QUESTION = "image 1 is rgb . is it night ?"
+NIGHT_QUESTION_BOTH = "image 1 is rgb . image 2 is infrared . is it night ?"
 THINK = "look at rgb and infrared"
 ANSWERS = ("yes", "no")
 # every word the prompts and the responses use (the tiny tokenizer's vocabulary)
@@ -137,16 +138,23 @@ class EmbeddedTask:
                       ground_truth=answer, task="vqa", data_source="embedded",
                       extra_info={"category": name, "source": k})
 
-    def night_question(self, sample: Sample) -> Sample:
-        """The RGB image of ``sample`` alone with the question ``is it night ?``, answered
-        with the truth: warm-start data that teaches the tiny model to tell day from night
-        (``warmup.night_share``), the perception a pretrained VLM brings to RL."""
+    def night_question(self, sample: Sample, both: bool = False) -> Sample:
+        """The RGB image of ``sample`` alone (both: the RGB and the infrared image, as in the
+        task's prompts) with the question ``is it night ?``, answered with the truth:
+        warm-start data that teaches the tiny model to tell day from night
+        (``warmup.night_share``; with both sources: to read the RGB slot of a two-source
+        prompt, ``warmup.night_both``), the perception a pretrained VLM brings to RL."""
         name = sample.extra_info["category"]
         answer = "yes" if CATEGORIES[name][0] == "night" else "no"
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": NIGHT_QUESTION}]}]
-        return Sample(id=f"{sample.id}/night", messages=messages, image_refs=[sample.image_refs[0]],
+        if both:
+            content, images, info = ([{"type": "image"}, {"type": "image"},
+                                      {"type": "text", "text": NIGHT_QUESTION_BOTH}], list(sample.image_refs), {})
+        else:
+            content, images, info = ([{"type": "image"}, {"type": "text", "text": NIGHT_QUESTION}],
+                                     [sample.image_refs[0]], {"source": 0})
+        return Sample(id=f"{sample.id}/night", messages=[{"role": "user", "content": content}], image_refs=images,
                       ground_truth=answer, task="vqa", data_source="embedded",
-                      extra_info={"category": name, "source": 0, "question": "night"})
+                      extra_info={"category": name, **info, "question": "night"})
 
     def samples(self, n: int, stream: str = "train", start: int = 0) -> list[Sample]:
         return [self.sample(i, stream) for i in range(start, start + n)]

@@ -42,7 +42,8 @@ def warm_start(policy, encoder, cfg: TrainConfig, task, prompts, device, stop=No
             if cfg.data.train != EMBEDDED:
                 samples.append(prompts.peek_random(1, rng)[0][1])
             elif w.night_share and rng.random() < w.night_share:
-                samples.append(task.night_question(task.sample(step * w.batch_size + i, "warmup-night")))
+                both = bool(w.night_both) and rng.random() < w.night_both
+                samples.append(task.night_question(task.sample(step * w.batch_size + i, "warmup-night"), both))
             elif rng.random() < w.single_share:
                 s = task.sample(step * w.batch_size + i, "warmup-single")
                 samples.append(task.single_source(s, rng.randrange(len(embedded.SOURCES))))
