@@ -24,10 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # learning-rate warm-up that is still rising (the scheduler's state matters), two
 # optimizer steps per RL step (the shuffle generator), evaluation every 2 steps
 # (it draws from the torch RNG too), samples every step, and DAPO's dynamic sampling
-# after a warm start long enough for some groups to agree (a data position that moves by
+# with G = 2 after a warm start long enough for some groups to agree (a data position that moves by
 # a varying number of prompts per step)
 ARGS = ["max_steps=6", "save_every=2", "checkpoint.keep_last=2", "warmup.steps=30", "warmup.batch_size=4",
-        "task.eval_per_category=1", "rollout.n=3", "optim.prompts_per_step=2", "rollout.max_new_tokens=14",
+        "task.eval_per_category=1", "rollout.n=2", "optim.prompts_per_step=2", "rollout.max_new_tokens=14",
         "log.progress=false", "optim.micro_batch_size=4", "optim.mini_batches=2", "eval.every=2",
         "log.plot_every=0", "loss.kl_coef=0.01", "optim.warmup_steps=8", "log.samples_every=1",
         "algorithm.dynamic_sampling=true", "algorithm.max_gen_batches=2"]
