@@ -13,7 +13,6 @@ import torch
 
 import mars
 from mars import reference
-from mars.fused_linear import fused_linear_policy_loss
 from test_loss_is_weights import check_fused_against_reference, run, trl_compute_loss
 from test_policy_loss import KERNELS, assert_close
 
